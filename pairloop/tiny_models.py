@@ -1,0 +1,200 @@
+"""Tiny chat models built offline, in seconds, for tests and deployment smoke tests.
+
+    pairloop tiny-models OUT_DIR            # writes OUT_DIR/tiny-llama and OUT_DIR/tiny-mistral
+
+Each model is a real Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json,
+chat template, generation_config.json) with a byte-level BPE tokenizer trained here on a small
+built-in corpus, so no hub is needed. head_dim is 32 because vLLM's CPU attention rejects 16.
+Weights are initialised wider than the usual 0.02 so that greedy decoding has clear winners:
+random tiny models with near-uniform logits make "vLLM equals transformers" tests flaky on ties.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Arch = Literal["llama", "mistral"]
+ARCHES: tuple[Arch, ...] = ("llama", "mistral")
+
+BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
+
+# ChatML-style template: supports a system turn, and `add_generation_prompt` opens the assistant turn.
+LLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# Mistral-Instruct-v0.2 style: [INST] ... [/INST]; a system turn is folded into the first user turn,
+# as Mistral's own template does; roles must alternate.
+MISTRAL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] + '\n\n' %}{% set messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.first %}{{ '[INST] ' + system + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+CHAT_TEMPLATES: dict[Arch, str] = {"llama": LLAMA_CHAT_TEMPLATE, "mistral": MISTRAL_CHAT_TEMPLATE}
+
+_CORPUS_SEED = """
+Write a short poem about the sea. Explain how a rainbow forms. Give three tips for learning to cook.
+Summarise the plot of a detective story in two sentences. What is the capital of France? Paris.
+Translate good morning into Spanish: buenos dias. List the planets of the solar system in order.
+Describe a healthy breakfast. Why is the sky blue? Because air scatters blue light more than red.
+How do I sort a list in Python? Use sorted(items) or items.sort(). Name a famous painter: Monet.
+The quick brown fox jumps over the lazy dog. A helpful assistant answers clearly and kindly.
+Please write an email asking for a meeting next week. Thank you for your help, have a nice day!
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation: , . ; : ! ? ( ) [ ] { } " ' - _ / \\ @ # % & *
+user assistant system [INST] [/INST] <|user|> <|assistant|> <|system|>
+"""
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of a tiny causal LM. The defaults give about 0.3M parameters."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    intermediate_size: int = 128
+    vocab_size: int = 1024
+    max_position_embeddings: int = 2048
+    init_std: float = 0.25
+
+
+PRESETS: dict[str, TinySpec] = {
+    "tiny": TinySpec(),
+    # ~100M parameters: the benchmarks' "real-ish" size (forward passes dominate, swap moves 400 MB).
+    "100m": TinySpec(
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        intermediate_size=2048,
+        vocab_size=4096,
+        init_std=0.05,
+    ),
+}
+
+
+def _corpus() -> list[str]:
+    lines = [line.strip() for line in _CORPUS_SEED.strip().splitlines() if line.strip()]
+    # Lower- and upper-case variants widen the merges without shipping a data file.
+    return lines + [line.lower() for line in lines] + [line.upper() for line in lines]
+
+
+def build_tokenizer(*, vocab_size: int, chat_template: str):  # -> PreTrainedTokenizerFast
+    """Train a byte-level BPE tokenizer on the built-in corpus (deterministic, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[UNK, BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+def _config(arch: Arch, spec: TinySpec, tokenizer):  # -> PretrainedConfig
+    from transformers import LlamaConfig, MistralConfig
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.hidden_size // spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.init_std,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    return MistralConfig(sliding_window=None, **common)
+
+
+def build_tiny_chat_model(
+    out_dir: str | Path, *, arch: Arch = "llama", preset: str = "tiny", seed: int = 0
+) -> Path:
+    """Write a tiny chat model in Hugging Face format to `out_dir` and return that path.
+
+    The same (arch, preset) always gets the same tokenizer; `seed` changes only the weights, so
+    two seeds give checkpoints with identical names and shapes but different outputs.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if arch not in ARCHES:
+        raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    spec = PRESETS[preset]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer(vocab_size=spec.vocab_size, chat_template=CHAT_TEMPLATES[arch])
+    config = _config(arch, spec, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "pairloop_tiny.json").write_text(
+        json.dumps({"arch": arch, "preset": preset, "seed": seed}, indent=2) + "\n"
+    )
+    return out
+
+
+def build_tiny_models(
+    out_dir: str | Path, *, preset: str = "tiny", seed: int = 0
+) -> dict[str, Path]:
+    """Build every tiny architecture under `out_dir` (tiny-llama, tiny-mistral)."""
+    root = Path(out_dir)
+    return {
+        arch: build_tiny_chat_model(root / f"tiny-{arch}", arch=arch, preset=preset, seed=seed)
+        for arch in ARCHES
+    }
