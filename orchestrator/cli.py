@@ -1,19 +1,28 @@
 """The `pairloop` command line.
 
-    pairloop tiny-models OUT_DIR          # tiny Llama + Mistral chat models, offline, in seconds
-    pairloop tiny-models OUT_DIR --preset 100m
+    pairloop run configs/snorkel-mistral-pairrm.yaml   # create a run from a YAML config and execute it
+    pairloop resume RUN_DIR                            # continue after a crash or cancel; redoes nothing finished
+    pairloop status [RUN_DIR]                          # one run's stages, or every run under ./runs
+    pairloop report RUN_DIR                            # (re)write RUN_DIR/report/report.md and plots
+    pairloop cancel RUN_DIR                            # ask a running run to stop at the next safe point
+    pairloop demo                                      # the whole loop on this machine: tiny models, local services
+    pairloop api                                       # the status API + best-of-n chat completions
+    pairloop tiny-models OUT_DIR                       # tiny Llama/Mistral chat models and a tiny PairRM, offline
 
 Each command is a thin shell over a library function; heavy imports happen inside the command.
+Errors in configs, paths and services print as messages with exit status 2 (bad input) or 1.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(
     name="pairloop",
@@ -28,6 +37,190 @@ console = Console()
 @app.callback()
 def _root() -> None:
     """Iterative DPO with an external ranker."""
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _execute(run_dir: Path) -> None:
+    from orchestrator.config import ConfigError
+    from orchestrator.context import RunCancelledError
+    from orchestrator.loop import RunLockedError, execute_run
+    from pairloop.errors import PairloopError
+
+    console.print(f"run directory: {run_dir}")
+    try:
+        manifest = asyncio.run(execute_run(run_dir, console=console))
+    except (ConfigError, RunLockedError) as exc:
+        raise _fail(str(exc), 2) from None
+    except (RunCancelledError, InterruptedError) as exc:
+        raise _fail(f"{exc}; `pairloop resume {run_dir}` continues it", 1) from None
+    except PairloopError as exc:
+        raise _fail(
+            f"{exc.message}\nthe run stopped; fix the cause, then `pairloop resume {run_dir}`"
+        ) from None
+    print_summary(run_dir, manifest)
+
+
+def print_summary(run_dir: Path, manifest) -> None:  # type: ignore[no-untyped-def]
+    """The per-iteration headline table, as printed at the end of a run."""
+    from orchestrator.report import iteration_rows
+
+    table = Table(title=f"run {manifest.run_id}: {manifest.status}")
+    for col in (
+        "iter",
+        "pairs",
+        "ties",
+        "chosen",
+        "rejected",
+        "DPO loss",
+        "swap s",
+        "win vs base",
+        "LC win vs base",
+        "win vs prev",
+        "mean len",
+    ):
+        table.add_column(col, justify="right")
+
+    def f(v, fmt: str = "{:.3f}") -> str:  # type: ignore[no-untyped-def]
+        return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+    for r in iteration_rows(manifest):
+        table.add_row(
+            str(r["iteration"]),
+            f(r.get("pairs"), "{}"),
+            f(r.get("ties_dropped"), "{}"),
+            f(r.get("mean_chosen_score")),
+            f(r.get("mean_rejected_score")),
+            f(r.get("train_loss"), "{:.4f}"),
+            f(r.get("swap_seconds")),
+            f(r.get("win_rate_vs_base")),
+            f(r.get("lc_win_rate_vs_base")),
+            f(r.get("win_rate_vs_previous")),
+            f(r.get("mean_length"), "{:.1f}"),
+        )
+    console.print(table)
+    report = run_dir / "report" / "report.md"
+    if report.exists():
+        console.print(f"report: {report}")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML run config (see configs/).")],
+    run_id: Annotated[
+        str | None, typer.Option(help="Name of the run (default: config name + time).")
+    ] = None,
+) -> None:
+    """Create a run from CONFIG and execute it."""
+    from orchestrator.config import ConfigError
+    from orchestrator.loop import create_run
+
+    try:
+        run_dir = create_run(config, run_id=run_id)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    _execute(run_dir)
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (holds manifest.json).")],
+) -> None:
+    """Continue a run: finished stages and shards are not redone."""
+    if not (run_dir / "manifest.json").is_file():
+        raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
+    (run_dir / "CANCEL").unlink(missing_ok=True)
+    _execute(run_dir.resolve())
+
+
+@app.command()
+def status(
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="A run directory; omit to list runs.")
+    ] = None,
+    runs_root: Annotated[Path, typer.Option(help="Where to list runs.")] = Path("runs"),
+) -> None:
+    """Show one run's stages, or list the runs under --runs-root."""
+    from orchestrator.manifest import load_manifest
+
+    if run_dir is None:
+        table = Table(title=f"runs under {runs_root}")
+        for col in ("run", "status", "stages done", "updated"):
+            table.add_column(col)
+        for path in sorted(runs_root.glob("*/manifest.json")):
+            m = load_manifest(path.parent)
+            done = sum(1 for s in m.stages.values() if s.state == "done")
+            table.add_row(m.run_id, m.status, f"{done}/{len(m.stages)}", f"{m.updated_at:.0f}")
+        console.print(table)
+        return
+    try:
+        m = load_manifest(run_dir)
+    except FileNotFoundError:
+        raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2) from None
+    table = Table(title=f"run {m.run_id}: {m.status}" + (f" ({m.error})" if m.error else ""))
+    for col in ("stage", "state", "seconds", "attempts", "error"):
+        table.add_column(col)
+    for name, st in m.stages.items():
+        table.add_row(name, st.state, f"{st.seconds:.1f}", str(st.attempts), st.error or "")
+    console.print(table)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """(Re)write the run's report from its manifest."""
+    from orchestrator.manifest import load_manifest
+    from orchestrator.report import write_report
+
+    try:
+        m = load_manifest(run_dir)
+    except FileNotFoundError:
+        raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2) from None
+    console.print(f"report: {write_report(run_dir, m)}")
+
+
+@app.command()
+def cancel(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Ask the process executing RUN_DIR to stop at its next safe point."""
+    if not (run_dir / "manifest.json").is_file():
+        raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
+    (run_dir / "CANCEL").write_text("cancel requested\n")
+    console.print(f"cancel requested for {run_dir}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where models, runs and logs go.")] = Path("demo"),
+    iterations: Annotated[int, typer.Option(min=1, help="DPO iterations.")] = 3,
+) -> None:
+    """The embedded default: the whole loop on this machine with tiny models and local services."""
+    from orchestrator.demo import run_demo
+
+    code = run_demo(workdir.resolve(), iterations=iterations, console=console)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address (default from settings).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default from settings).")] = None,
+) -> None:
+    """Serve the status API (runs: list, show, start, cancel) and best-of-n chat completions."""
+    import uvicorn
+
+    from orchestrator.api.app import create_app
+    from orchestrator.settings import OrchestratorSettings
+
+    settings = OrchestratorSettings()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=settings.log_level.lower(),
+    )
 
 
 @app.command("tiny-models")

@@ -59,7 +59,8 @@ class PreferenceRow(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PreferenceRow:
-        if len(self.all_generated_responses) != len(self.all_rm_scores):
+        # Empty scores are allowed: bubble-mode ranking finds best and worst without scoring all.
+        if self.all_rm_scores and len(self.all_generated_responses) != len(self.all_rm_scores):
             raise ValueError("all_generated_responses and all_rm_scores differ in length")
         for name in ("chosen", "rejected"):
             msgs = getattr(self, name)

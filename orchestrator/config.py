@@ -1,0 +1,232 @@
+"""The run config: one YAML file drives a whole iterative-DPO run, like an alignment-handbook recipe.
+
+    pairloop run configs/demo.yaml
+
+Validated on load; a bad field is named in the error with its YAML path (`sampling.temperature:
+Input should be less than or equal to 2`). Defaults follow the Snorkel-Mistral-PairRM-DPO recipe:
+3 iterations, 20,000 fresh UltraFeedback prompts per iteration, 5 samples per prompt, PairRM full
+ranking, best vs worst pairs with ties dropped, Zephyr DPO hyperparameters. Secrets (the generator's
+admin token) never live here: they come from the orchestrator's settings (environment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pairloop.jobs import DPOHyperparameters, LoraSettings
+
+__all__ = [
+    "ConfigError",
+    "EvaluationConfig",
+    "PairsConfig",
+    "PromptsConfig",
+    "RankerConfig",
+    "RunConfig",
+    "SamplingConfig",
+    "ServicesConfig",
+    "check_paths",
+    "load_run_config",
+]
+
+
+class ConfigError(ValueError):
+    """The run config cannot be used; the message names every bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptsConfig(_Strict):
+    """Where prompts come from and how they are sliced: disjoint, seeded, per iteration."""
+
+    source: str = Field(
+        "HuggingFaceH4/ultrafeedback_binarized",
+        description="a Hugging Face dataset name, or a local .jsonl/.json/.parquet file",
+    )
+    split: str = Field("train_prefs", description="dataset split (hub datasets only)")
+    field: str = Field("prompt", description="column holding the instruction text")
+    id_field: str | None = Field(
+        "prompt_id", description="column with a stable id; None: hashed text"
+    )
+    per_iteration: int = Field(20_000, ge=1)
+    eval_prompts: int = Field(
+        200, ge=1, description="held-out prompts, disjoint from every iteration"
+    )
+    seed: int = 42
+
+
+class SamplingConfig(_Strict):
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(512, ge=1)
+    seed: int = Field(0, description="base seed; each prompt gets its own derived seed")
+
+
+class RankerConfig(_Strict):
+    mode: Literal["full", "bubble"] = "full"
+    batch_prompts: int = Field(32, ge=1, description="prompts per /v1/rank call")
+
+
+class PairsConfig(_Strict):
+    """chosen = best, rejected = worst by ranker score; ties (best == worst) are dropped."""
+
+    rule: Literal["best_vs_worst", "length_penalised"] = "best_vs_worst"
+    length_penalty: float = Field(
+        0.0, ge=0.0, description="length_penalised: score - penalty * (characters / 100)"
+    )
+    min_margin: float = Field(0.0, ge=0.0, description="drop pairs whose score gap is <= this")
+    test_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="share of pairs in test_iteration_k"
+    )
+
+    @model_validator(mode="after")
+    def _penalty(self) -> PairsConfig:
+        if self.rule == "length_penalised" and self.length_penalty <= 0:
+            raise ValueError("rule length_penalised needs length_penalty > 0")
+        return self
+
+
+class EvaluationConfig(_Strict):
+    """Held-out evaluation after every iteration, judged by the ranker."""
+
+    enabled: bool = True
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy, as AlpacaEval runs")
+    max_tokens: int = Field(512, ge=1)
+
+
+class ServicesConfig(_Strict):
+    generator_urls: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000"],
+        min_length=1,
+        description="every generator replica; all are swapped, generation is spread over them",
+    )
+    ranker_url: str = "http://127.0.0.1:8001"
+    redis_url: str | None = Field(None, description="Celery broker; default PAIRLOOP_REDIS_URL")
+    concurrency: int = Field(4, ge=1, description="generation/ranking calls in flight at once")
+    request_timeout_s: float = Field(1800.0, gt=0)
+    retries: int = Field(5, ge=0, description="retries on connection errors and 5xx (never on 4xx)")
+    train_timeout_s: float = Field(7 * 24 * 3600.0, gt=0)
+
+    @field_validator("generator_urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return [u.rstrip("/") for u in v]
+
+    @field_validator("ranker_url")
+    @classmethod
+    def _ranker(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v.rstrip("/")
+
+
+class RunConfig(_Strict):
+    """Everything one run needs. Paths are relative to the config file's directory."""
+
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="default: config name + timestamp",
+    )
+    base_model: str = Field(description="base policy directory, inside model_store")
+    model_store: str = Field(description="the store shared with generator and trainer")
+    iterations: int = Field(3, ge=1, le=100)
+    samples_per_prompt: int = Field(5, ge=2)
+    shard_size: int = Field(
+        64, ge=1, description="prompts per generation/ranking shard (resume unit)"
+    )
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    ranker: RankerConfig = Field(default_factory=RankerConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    reference: Literal["base", "previous"] = Field(
+        "base", description="DPO reference: the base model, or the previous iteration's policy"
+    )
+    dpo: DPOHyperparameters = Field(default_factory=DPOHyperparameters)
+    lora: LoraSettings | None = None
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (a resumed run must keep the same config)."""
+        payload = self.model_dump(exclude={"services"}, mode="json")
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe(exc: pydantic.ValidationError, source: str) -> str:
+    lines = [f"invalid run config {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field (check the spelling; see configs/*.yaml for the schema)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _absolutise(cfg: RunConfig, base_dir: Path) -> RunConfig:
+    def fix(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+    store = fix(cfg.model_store)
+    base = Path(cfg.base_model).expanduser()
+    base_model = str(base if base.is_absolute() else (Path(store) / base).resolve())
+    prompts = cfg.prompts
+    src = Path(prompts.source).expanduser()
+    if src.suffix in {".jsonl", ".json", ".parquet"}:
+        prompts = prompts.model_copy(update={"source": fix(prompts.source)})
+    return cfg.model_copy(
+        update={"model_store": store, "base_model": base_model, "prompts": prompts}
+    )
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config; raise ConfigError naming each bad field."""
+    file = Path(path)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read run config {file}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"run config {file} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"run config {file} must be a YAML mapping of fields")
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_describe(exc, str(file))) from None
+    return _absolutise(cfg, file.resolve().parent)
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail before any work when the store, the base model or a local prompt file is missing."""
+    store = Path(cfg.model_store)
+    problems = []
+    if not store.is_dir():
+        problems.append(f"model_store: {store} is not a directory")
+    base = Path(cfg.base_model)
+    if not (base / "config.json").is_file():
+        problems.append(f"base_model: {base} has no config.json (a Hugging Face model directory)")
+    elif store.is_dir() and store.resolve() not in base.resolve().parents:
+        problems.append(
+            f"base_model: {base} must be inside model_store {store} (the generator swaps from there)"
+        )
+    src = Path(cfg.prompts.source)
+    if src.suffix in {".jsonl", ".json", ".parquet"} and not src.is_file():
+        problems.append(f"prompts.source: {src} does not exist")
+    if cfg.shard_size > cfg.prompts.per_iteration:
+        problems.append("shard_size: larger than prompts.per_iteration")
+    if problems:
+        raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,93 @@
+"""Everything a stage needs, in one object: config, run directory, manifest, clients, progress."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from orchestrator.clients import GeneratorClient, RankerClient, TrainerClient
+from orchestrator.config import RunConfig
+from orchestrator.manifest import Manifest
+
+__all__ = ["CANCEL_FILE", "RunCancelledError", "RunContext", "make_progress"]
+
+CANCEL_FILE = "CANCEL"
+
+
+class RunCancelledError(RuntimeError):
+    """Someone asked the run to stop (`pairloop cancel`, the status API): it stops at a safe point."""
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@dataclass
+class RunContext:
+    run_dir: Path
+    cfg: RunConfig
+    manifest: Manifest
+    generators: list[GeneratorClient]
+    ranker: RankerClient
+    trainer: TrainerClient
+    console: Console
+    progress: Progress
+    _rr: itertools.cycle = field(init=False, repr=False)  # type: ignore[type-arg]
+
+    def __post_init__(self) -> None:
+        self._rr = itertools.cycle(self.generators)
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest.run_id
+
+    def next_generator(self) -> GeneratorClient:
+        """Round-robin over the generator replicas."""
+        return next(self._rr)
+
+    def save(self) -> None:
+        self.manifest.save(self.run_dir)
+
+    def check_cancel(self) -> None:
+        if (self.run_dir / CANCEL_FILE).exists():
+            raise RunCancelledError(f"run {self.run_id} was cancelled")
+
+    def version_label(self, k: int) -> str:
+        """Weight version of policy k (0 = base): what the generator must report for it."""
+        return f"{self.run_id}.policy{k}"
+
+    def policy_path(self, k: int) -> Path:
+        return Path(self.cfg.base_model) if k == 0 else self.run_dir / "checkpoints" / f"policy{k}"
+
+    def iter_dir(self, k: int) -> Path:
+        return self.run_dir / f"iter{k}"
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.run_dir / "dataset"
+
+    def service_seconds(self) -> float:
+        return (
+            sum(g.service_seconds for g in self.generators)
+            + self.ranker.service_seconds
+            + self.trainer.service_seconds
+        )

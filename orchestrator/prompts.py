@@ -1,0 +1,102 @@
+"""Prompt sources and their seeded, disjoint slices: held-out evaluation prompts, then one fresh
+slice per iteration, fixed once when a run is created (a resumed run reads the same slices).
+
+Sources: a Hugging Face dataset (default `HuggingFaceH4/ultrafeedback_binarized`, split
+`train_prefs`, column `prompt`) or a local JSONL/JSON/Parquet file. Prompts are de-duplicated by
+text before slicing, so one instruction never lands in two slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ConfigError, PromptsConfig
+from pairloop.atomic import atomic_write_text
+
+__all__ = ["PromptRecord", "load_prompt_source", "read_prompts", "slice_prompts", "write_prompts"]
+
+PromptRecord = dict[str, str]  # {"prompt_id": ..., "prompt": ...}
+
+_LOCAL = {".jsonl", ".json", ".parquet"}
+
+
+def _rows_from_local(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise ConfigError(f"prompts.source: {path} must hold a JSON list of objects")
+        return data
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _rows_from_hub(name: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except (OSError, ValueError, ConnectionError) as exc:
+        raise ConfigError(
+            f"prompts.source: cannot load dataset {name!r} split {split!r} ({exc}); "
+            "point prompts.source at a local .jsonl/.parquet file when the hub is out of reach"
+        ) from None
+    return ds.to_list()
+
+
+def load_prompt_source(cfg: PromptsConfig) -> list[PromptRecord]:
+    """All usable prompts of the source, de-duplicated, in source order."""
+    path = Path(cfg.source)
+    rows = (
+        _rows_from_local(path) if path.suffix in _LOCAL else _rows_from_hub(cfg.source, cfg.split)
+    )
+    out: list[PromptRecord] = []
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if cfg.field not in row:
+            raise ConfigError(f"prompts.field: row {i} of {cfg.source} has no column {cfg.field!r}")
+        text = row[cfg.field]
+        if not isinstance(text, str) or not text.strip() or text in seen:
+            continue
+        seen.add(text)
+        if cfg.id_field and row.get(cfg.id_field) not in (None, ""):
+            pid = str(row[cfg.id_field])
+        else:
+            pid = hashlib.sha256(text.encode()).hexdigest()[:16]
+        out.append({"prompt_id": pid, "prompt": text})
+    return out
+
+
+def slice_prompts(
+    prompts: list[PromptRecord], cfg: PromptsConfig, iterations: int
+) -> dict[str, list[PromptRecord]]:
+    """`{"eval": [...], "iteration_1": [...], ...}`: disjoint, seeded, eval first."""
+    need = cfg.eval_prompts + cfg.per_iteration * iterations
+    if len(prompts) < need:
+        raise ConfigError(
+            f"prompts: the source has {len(prompts)} distinct prompts but the run needs {need} "
+            f"({cfg.eval_prompts} eval + {iterations} x {cfg.per_iteration}); lower "
+            "prompts.per_iteration or prompts.eval_prompts, or use a larger source"
+        )
+    order = list(prompts)
+    random.Random(cfg.seed).shuffle(order)
+    slices = {"eval": order[: cfg.eval_prompts]}
+    start = cfg.eval_prompts
+    for k in range(1, iterations + 1):
+        slices[f"iteration_{k}"] = order[start : start + cfg.per_iteration]
+        start += cfg.per_iteration
+    return slices
+
+
+def write_prompts(path: str | Path, prompts: list[PromptRecord]) -> None:
+    atomic_write_text(path, "".join(json.dumps(p, sort_keys=True) + "\n" for p in prompts))
+
+
+def read_prompts(path: str | Path) -> list[PromptRecord]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

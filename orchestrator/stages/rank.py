@@ -1,0 +1,76 @@
+"""Ranking stage: every generation shard -> a ranking shard (scores, ranks, best and worst).
+
+Empty responses are not sent (the ranker rejects empty text) and are counted instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from orchestrator.context import RunContext
+from orchestrator.shards import ShardStore, chunk
+from pairloop.contracts.ranker import RankItem, RankRequest
+
+__all__ = ["rank_shards"]
+
+
+async def _rank_records(ctx: RunContext, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cfg = ctx.cfg
+    out: list[dict[str, Any]] = []
+    rankable = []
+    for rec in records:
+        kept = [r for r in rec["responses"] if r.strip()]
+        base = {
+            "prompt_id": rec["prompt_id"],
+            "prompt": rec["prompt"],
+            "candidates": kept,
+            "empty": len(rec["responses"]) - len(kept),
+            "scores": None,
+            "ranks": None,
+            "best_index": 0,
+            "worst_index": 0,
+            "truncated": False,
+        }
+        out.append(base)
+        if len(kept) >= 2:
+            rankable.append(base)
+    for batch in chunk(rankable, cfg.ranker.batch_prompts):
+        ctx.check_cancel()
+        reply = await ctx.ranker.rank(
+            RankRequest(
+                items=[RankItem(prompt=b["prompt"], candidates=b["candidates"]) for b in batch],
+                mode=cfg.ranker.mode,
+            )
+        )
+        for rec, res in zip(batch, reply.results, strict=True):
+            rec.update(
+                scores=res.scores,
+                ranks=res.ranks,
+                best_index=res.best_index,
+                worst_index=res.worst_index,
+                truncated=res.truncated.any,
+            )
+    return out
+
+
+async def rank_shards(
+    ctx: RunContext, *, gen: ShardStore, count: int, out_dir: Path, description: str
+) -> ShardStore:
+    """Rank the missing shards; `count` is the number of generation shards."""
+    store = ShardStore(out_dir)
+    todo = store.missing(count)
+    task = ctx.progress.add_task(description, total=count, completed=count - len(todo))
+    limit = asyncio.Semaphore(ctx.cfg.services.concurrency)
+
+    async def one(index: int) -> None:
+        async with limit:
+            ranked = await _rank_records(ctx, gen.read(index))
+        store.write(index, ranked)
+        ctx.progress.advance(task, 1)
+
+    async with asyncio.TaskGroup() as group:
+        for index in todo:
+            group.create_task(one(index))
+    return store

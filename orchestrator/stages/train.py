@@ -1,0 +1,53 @@
+"""Training stage: the iteration's pairs -> a Celery `train_dpo` job -> new policy weights.
+
+Sent by task name with the shared job schema; the job id is stable per (run, iteration), so a
+resumed run that submits again gets the finished result back instead of a second training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from orchestrator.context import RunContext
+from pairloop.jobs import TrainJob, TrainProgress, TrainResult
+
+__all__ = ["build_job", "train_policy"]
+
+
+def build_job(ctx: RunContext, k: int) -> TrainJob:
+    cfg = ctx.cfg
+    reference = ctx.policy_path(0) if cfg.reference == "base" else ctx.policy_path(k - 1)
+    return TrainJob(
+        run_id=ctx.run_id,
+        iteration=k,
+        policy_path=str(ctx.policy_path(k - 1)),
+        reference_path=str(reference),
+        dataset_path=str(ctx.dataset_dir),
+        output_path=str(ctx.policy_path(k)),
+        hyperparameters=cfg.dpo,
+        lora=cfg.lora,
+    )
+
+
+async def train_policy(ctx: RunContext, k: int) -> TrainResult:
+    job = build_job(ctx, k)
+    task = ctx.progress.add_task(f"iter {k}: DPO training", total=None)
+
+    def on_progress(p: TrainProgress) -> None:
+        ctx.progress.update(
+            task,
+            completed=p.step,
+            total=p.total_steps or None,
+            description=f"iter {k}: DPO {p.phase} loss={p.loss if p.loss is not None else '-'}",
+        )
+
+    ctx.trainer.submit(job)
+    result = await asyncio.to_thread(
+        ctx.trainer.wait,
+        job.job_id,
+        timeout=ctx.cfg.services.train_timeout_s,
+        on_progress=on_progress,
+        should_stop=lambda: (ctx.run_dir / "CANCEL").exists(),
+    )
+    ctx.progress.update(task, completed=result.steps, total=result.steps)
+    return result

@@ -1,0 +1,90 @@
+"""Prompt slicing and pair building: the data decisions of the recipe."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import ConfigError, PairsConfig, PromptsConfig
+from orchestrator.pairs import build_pairs, is_test_prompt
+from orchestrator.prompts import slice_prompts
+
+
+def prompts(n: int) -> list[dict[str, str]]:
+    return [{"prompt_id": f"p{i}", "prompt": f"q{i}"} for i in range(n)]
+
+
+def test_slices_are_disjoint_seeded_and_sized() -> None:
+    cfg = PromptsConfig(source="x.jsonl", per_iteration=10, eval_prompts=5, seed=3)
+    a = slice_prompts(prompts(40), cfg, 3)
+    b = slice_prompts(prompts(40), cfg, 3)
+    assert a == b
+    ids = [p["prompt_id"] for s in a.values() for p in s]
+    assert len(ids) == len(set(ids)) == 35
+    assert [len(a[k]) for k in ("eval", "iteration_1", "iteration_2", "iteration_3")] == [
+        5,
+        10,
+        10,
+        10,
+    ]
+    other = slice_prompts(prompts(40), cfg.model_copy(update={"seed": 4}), 3)
+    assert other["iteration_1"] != a["iteration_1"]
+
+
+def test_too_few_prompts_is_a_config_error() -> None:
+    cfg = PromptsConfig(source="x.jsonl", per_iteration=10, eval_prompts=5)
+    with pytest.raises(ConfigError, match="needs 35"):
+        slice_prompts(prompts(30), cfg, 3)
+
+
+def rec(
+    pid: str, scores: list[float] | None, cands: list[str] | None = None, best=0, worst=1, empty=0
+) -> dict:  # type: ignore[no-untyped-def]
+    cands = cands or [f"answer {i}" for i in range(len(scores or [0, 0]))]
+    return {
+        "prompt_id": pid,
+        "prompt": "q",
+        "candidates": cands,
+        "scores": scores,
+        "best_index": best,
+        "worst_index": worst,
+        "empty": empty,
+    }
+
+
+def test_best_vs_worst_and_ties_dropped() -> None:
+    records = [
+        rec("a", [0.1, 0.9, -0.5]),
+        rec("b", [0.3, 0.3, 0.3]),
+        rec("c", [1.0], ["only"], empty=4),
+    ]
+    train, test, stats = build_pairs(records, PairsConfig(test_fraction=0.0))
+    assert stats.pairs == 1 and stats.ties_dropped == 1 and stats.too_few_responses == 1
+    assert stats.empty_responses == 4
+    row = train[0]
+    assert row["chosen"][1]["content"] == "answer 1" and row["rejected"][1]["content"] == "answer 2"
+    assert row["all_rm_scores"] == [0.1, 0.9, -0.5] and test == []
+
+
+def test_length_penalty_can_flip_the_choice() -> None:
+    records = [rec("a", [1.0, 0.9], ["x" * 1000, "short"])]
+    plain, _, _ = build_pairs(records, PairsConfig(test_fraction=0.0))
+    penalised, _, _ = build_pairs(
+        records, PairsConfig(rule="length_penalised", length_penalty=0.05, test_fraction=0.0)
+    )
+    assert plain[0]["chosen"][1]["content"].startswith("xxx")
+    assert penalised[0]["chosen"][1]["content"] == "short"
+
+
+def test_bubble_mode_uses_best_and_worst_indices() -> None:
+    train, _, stats = build_pairs(
+        [rec("a", None, ["u", "v", "w"], best=2, worst=0)], PairsConfig(test_fraction=0.0)
+    )
+    assert train[0]["chosen"][1]["content"] == "w" and train[0]["rejected"][1]["content"] == "u"
+    assert train[0]["all_rm_scores"] == [] and stats.pairs == 1
+
+
+def test_test_split_is_deterministic_by_prompt_id() -> None:
+    ids = [f"p{i}" for i in range(2000)]
+    chosen = [i for i in ids if is_test_prompt(i, 0.1)]
+    assert chosen == [i for i in ids if is_test_prompt(i, 0.1)]
+    assert 150 < len(chosen) < 250
