@@ -46,7 +46,7 @@ def test_missing_inputs_are_rejected_before_any_work(
 ) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match="base_model"):
         create_run(write_config(base_model="models/nope"))
-    with pytest.raises(ConfigError, match="prompts.source"):
+    with pytest.raises(ConfigError, match=r"prompts\.source"):
         create_run(write_config(prompts={"source": str(tmp_path / "missing.jsonl")}))
     with pytest.raises(ConfigError, match="needs 1006"):
         create_run(write_config(prompts={"per_iteration": 500}))
