@@ -35,8 +35,11 @@ __all__ = [
     "TrainingOutcome",
     "TrainingSpec",
     "checkpoint_dtype",
+    "dpo_config",
+    "dpo_trainer_class",
     "last_complete_checkpoint",
     "prepare_dataset",
+    "progress_callback",
     "train_policy",
 ]
 
@@ -75,6 +78,8 @@ class TrainingSpec(BaseModel):
     staging_dir: str
     device: Literal["cpu", "cuda"]
     save_total_limit: int = 2
+    cpu_threads: int | None = None
+    owner_pid: int | None = None  # launched ranks exit when this process (the task) is gone
 
 
 class TrainingOutcome(BaseModel):
@@ -132,7 +137,7 @@ def _resolve_precision(hp: DPOHyperparameters, device: str) -> tuple[bool, bool]
     return bool(bf16), bool(checkpointing)
 
 
-def _dpo_config(spec: TrainingSpec) -> Any:
+def dpo_config(spec: TrainingSpec) -> Any:
     from trl import DPOConfig
 
     hp = spec.job.hyperparameters
@@ -194,7 +199,7 @@ def _load_causal_lm(path: str, dtype: str, *, what: str) -> Any:
         ) from exc
 
 
-def _dpo_trainer_class() -> type:
+def dpo_trainer_class() -> type:
     from trl import DPOTrainer
 
     class PairloopDPOTrainer(DPOTrainer):  # type: ignore[misc]
@@ -225,7 +230,7 @@ def _dpo_trainer_class() -> type:
     return PairloopDPOTrainer
 
 
-def _progress_callback(report: ProgressReport, resumed_from_step: int) -> Any:
+def progress_callback(report: ProgressReport, resumed_from_step: int) -> Any:
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):  # type: ignore[misc]
@@ -312,6 +317,10 @@ def train_policy(
 
     started = time.monotonic()
     job, hp = spec.job, spec.job.hyperparameters
+    if spec.device == "cpu" and spec.cpu_threads:
+        import torch
+
+        torch.set_num_threads(spec.cpu_threads)
     report(TrainProgress(phase="loading"))
     train_dataset = dataset if dataset is not None else prepare_dataset(spec)
 
@@ -346,13 +355,13 @@ def train_policy(
 
     resume = last_complete_checkpoint(Path(spec.checkpoints_dir))
     resumed_from_step = resume[1] if resume else 0
-    callback = _progress_callback(report, resumed_from_step)
-    trainer_cls = _dpo_trainer_class()
+    callback = progress_callback(report, resumed_from_step)
+    trainer_cls = dpo_trainer_class()
     trainer_cls.max_prompt_length = hp.max_prompt_length
     trainer = trainer_cls(
         model=policy,
         ref_model=ref_model,
-        args=_dpo_config(spec),
+        args=dpo_config(spec),
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,

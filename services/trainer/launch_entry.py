@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +45,23 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_when_gone(owner_pid: int, *, interval: float = 2.0) -> None:
+    """Exit this rank when the worker process that launched it has died (it may be SIGKILLed)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(owner_pid, 0)
+            except ProcessLookupError:
+                log.error("the trainer task (pid %d) is gone; stopping this rank", owner_pid)
+                os._exit(3)
+            except PermissionError:
+                continue  # the pid exists (signalling it is not allowed): still alive
+
+    threading.Thread(target=watch, name="owner-watchdog", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     configure_logging("trainer-rank")
@@ -49,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     spec = TrainingSpec.model_validate_json(args.spec.read_text())
     work = args.spec.parent
+    if spec.owner_pid is not None:
+        _exit_when_gone(spec.owner_pid)
     is_main = PartialState().is_main_process
 
     def report(progress: TrainProgress) -> None:

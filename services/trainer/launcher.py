@@ -7,12 +7,15 @@ The command, which a user can also run by hand on a spec file:
         --num_processes <GPUs> -m services.trainer.launch_entry <work dir>/spec.json
 
 The child runs in its own process group: if the task is cancelled or hits its soft time limit,
-the whole group is stopped, and the job's trainer checkpoints stay for the next submission.
+the whole group is stopped, and the job's trainer checkpoints stay for the next submission. If
+the task's process is killed outright (hard time limit, `kill -9`), every rank notices within
+seconds that its owner is gone and exits, so no orphan keeps the GPUs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +47,9 @@ def accelerate_command(
         # run under torchrun (`--multi_gpu`) with the gloo backend.
         argv += ["--multi_gpu"] if processes > 1 else []
         argv += ["--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
-        argv += ["--num_cpu_threads_per_process", "1"] if device == "cpu" else []
+        if device == "cpu":
+            threads = settings.cpu_threads or 1
+            argv += ["--num_cpu_threads_per_process", str(threads)]
     argv += ["--num_processes", str(processes), "--main_process_port", str(free_port())]
     argv += ["-m", "services.trainer.launch_entry", str(spec_file)]
     return argv
@@ -69,6 +74,7 @@ def train_with_accelerate(
     for name in (PROGRESS_FILE, OUTCOME_FILE, ERROR_FILE):
         (work / name).unlink(missing_ok=True)
     spec_file = work / "spec.json"
+    spec = spec.model_copy(update={"owner_pid": os.getpid()})
     atomic_write_text(spec_file, spec.model_dump_json(indent=2) + "\n")
     argv = accelerate_command(spec_file, settings=settings, processes=processes, device=spec.device)
     proc = ManagedProcess("accelerate", argv, log_path=work / "accelerate.log")

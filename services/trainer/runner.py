@@ -216,6 +216,7 @@ def _training_spec(job: TrainJob, paths: JobPaths, settings: TrainerSettings) ->
         staging_dir=str(staging_dir_for(paths.output, job)),
         device="cpu",  # chosen once the data has been checked (that needs no torch)
         save_total_limit=settings.save_total_limit,
+        cpu_threads=settings.cpu_threads,
     )
 
 

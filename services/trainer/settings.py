@@ -22,6 +22,10 @@ __all__ = ["DEFAULT_ACCELERATE_CONFIG", "TrainerSettings"]
 DEFAULT_ACCELERATE_CONFIG = Path(__file__).with_name("accelerate") / "multi_gpu.yaml"
 
 
+def _shared_redis_url() -> str:
+    return RedisSettings().redis_url
+
+
 class TrainerSettings(BaseSettings):
     """Everything the worker needs that does not come with the job."""
 
@@ -37,7 +41,7 @@ class TrainerSettings(BaseSettings):
         "MODEL_STORE_ROOT/.pairloop-trainer",
     )
     redis_url: str = Field(
-        default_factory=lambda: RedisSettings().redis_url,
+        default_factory=_shared_redis_url,
         description="Celery broker and result backend (default: PAIRLOOP_REDIS_URL)",
     )
     queue: str = Field(TRAIN_QUEUE, description="the Celery queue this worker consumes")
@@ -71,6 +75,12 @@ class TrainerSettings(BaseSettings):
     )
     num_processes: int | None = Field(
         None, ge=1, description="processes for `accelerate launch` (default: visible CUDA devices)"
+    )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per training process on CPU (default: torch's, one per "
+        "core); set it when the host's cores are shared, where idle OpenMP threads spin",
     )
     accelerate_config: Path = Field(
         DEFAULT_ACCELERATE_CONFIG, description="accelerate config file for multi-process training"

@@ -100,6 +100,8 @@ def start_worker(
             "HF_DATASETS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_DISABLE_TELEMETRY": "1",
+            # The test host's two cores are shared: spinning OpenMP threads made steps 10x slower.
+            "PAIRLOOP_TRAINER_CPU_THREADS": "1",
         }
     )
     env.update(env_extra or {})

@@ -145,3 +145,23 @@ def test_client_sends_json_by_task_name_with_the_job_id(redis_url: str) -> None:
         raw.flushdb()
         raw.close()
         client.close()
+
+
+def test_launched_rank_exits_when_its_owner_dies() -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(gone.stdout)
+    code = (
+        "import time\n"
+        "from services.trainer.launch_entry import _exit_when_gone\n"
+        f"_exit_when_gone({dead_pid}, interval=0.1)\n"
+        "time.sleep(60)\n"
+    )
+    rank = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, timeout=30
+    )
+    assert rank.returncode == 3

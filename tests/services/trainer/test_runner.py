@@ -7,6 +7,7 @@ import fcntl
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,15 @@ from .helpers import make_job
 
 
 @pytest.fixture(scope="module")
-def settings(model_store: Path) -> TrainerSettings:
-    return TrainerSettings(model_store_root=model_store, redis_url="redis://unused:1/0")
+def settings(model_store: Path) -> Iterator[TrainerSettings]:
+    """In-process training here sets torch's thread count (cpu_threads); restore it after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield TrainerSettings(
+        model_store_root=model_store, redis_url="redis://unused:1/0", cpu_threads=1
+    )
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +133,15 @@ def test_errors_inside_launched_ranks_keep_their_type_and_message(
     with pytest.raises(ValidationError, match="bf16 is true but the trainer runs on CPU"):
         run_train_job(job, launched)
     assert not (model_store / "out" / "rank-error").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_training_uses_mixed_precision_and_publishes_in_the_policy_dtype(
+    model_store: Path, settings: TrainerSettings
+) -> None:
+    on_gpu = settings.model_copy(update={"device": "cuda", "launcher": "in-process"})
+    job = make_job("cuda")  # bf16 and gradient checkpointing are "auto": on with CUDA
+    result = run_train_job(job, on_gpu)
+    assert result.steps == 8 and math.isfinite(result.metrics["loss"])
+    weights = load_file(str(Path(result.checkpoint_path) / "model.safetensors"))
+    assert {str(w.dtype) for w in weights.values()} == {"float32"}  # the policy's dtype

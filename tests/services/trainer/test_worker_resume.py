@@ -17,7 +17,7 @@ from pairloop.checkpoints import COMPLETE_MARKER, compare_checkpoints, read_mani
 from .helpers import make_job, start_worker, wait_for_task
 
 SAVE_STEPS = 3
-MAX_STEPS = 24
+MAX_STEPS = 40
 
 
 class OutputWatcher(threading.Thread):
