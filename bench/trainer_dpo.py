@@ -9,7 +9,8 @@ Part 1 runs the production training code (`services.trainer.dpo.train_policy`) i
 a random ~100M-parameter Llama (`pairloop.tiny_models`, preset 100m), same data and settings for
 both variants, alternating them `--repeats` times (the host is shared) and keeping the median
 step. A step's time is the gap between two consecutive per-step progress reports (logging_steps
-1), the first step excluded as warm-up. With precomputation the reference forward leaves the step
+1), the first step excluded as warm-up, in wall time and in this process's CPU time (torch runs
+single-threaded here, `--threads 1`, so CPU time is the step's cost even on a busy shared host). With precomputation the reference forward leaves the step
 and runs once, before training, over the whole split: its cost is reported too, as the extra
 load time, and folded into an effective samples/s for one epoch over `--pairs` pairs.
 
@@ -114,7 +115,8 @@ def _hyperparameters(args: argparse.Namespace, *, precompute: bool, steps: int) 
 def run_variant(store: Path, args: argparse.Namespace, *, precompute: bool) -> dict[str, Any]:
     """One in-process training run; per-step wall times from the progress reports."""
     from pairloop.jobs import TrainJob, TrainProgress
-    from services.trainer.dpo import TrainingSpec, train_policy
+    from services.trainer.dpo import train_policy
+    from services.trainer.spec import TrainingSpec
 
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-", dir=store))
     job = TrainJob(
@@ -138,17 +140,23 @@ def run_variant(store: Path, args: argparse.Namespace, *, precompute: bool) -> d
         cpu_threads=args.threads,
     )
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
+    seen = [0]
 
     def report(progress: TrainProgress) -> None:
-        if progress.phase == "training" and progress.loss is not None:
+        # One stamp per new step: the report after a checkpoint save repeats the step.
+        if progress.phase == "training" and progress.loss is not None and progress.step > seen[0]:
+            seen[0] = progress.step
             stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
 
     try:
         outcome = train_policy(spec, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     steps = [b - a for a, b in itertools.pairwise(stamps)]
-    return {"step_seconds": steps, "load_seconds": outcome.timings["load"]}
+    cpu = [b - a for a, b in itertools.pairwise(cpu_stamps)]
+    return {"step_seconds": steps, "step_cpu_seconds": cpu, "load_seconds": outcome.timings["load"]}
 
 
 def step_throughput(store: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -159,13 +167,19 @@ def step_throughput(store: Path, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, rs in runs.items():
         step = statistics.median(s for r in rs for s in r["step_seconds"])
+        cpu = statistics.median(s for r in rs for s in r["step_cpu_seconds"])
         out[name] = {
             "median_step_seconds": step,
             "samples_per_second": args.batch_size / step,
+            # CPU time of this (single-threaded) process: what a step costs, whatever else
+            # the shared host runs at the same time.
+            "median_step_cpu_seconds": cpu,
+            "samples_per_cpu_second": args.batch_size / cpu,
             "load_seconds": statistics.median(r["load_seconds"] for r in rs),
             "runs": rs,
         }
     ref, pre = out["reference_model"], out["precomputed"]
+    out["step_speedup_cpu_time"] = pre["samples_per_cpu_second"] / ref["samples_per_cpu_second"]
     precompute_cost = max(pre["load_seconds"] - ref["load_seconds"], 0.0)
     epoch_ref = args.pairs / ref["samples_per_second"]
     epoch_pre = args.pairs / pre["samples_per_second"] + precompute_cost
@@ -263,11 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("reference_model", "precomputed"):
         s = steps[name]
         print(
-            f"  {name:16s} step {s['median_step_seconds']:.2f}s  "
-            f"{s['samples_per_second']:.2f} samples/s  (load {s['load_seconds']:.1f}s)"
+            f"  {name:16s} step {s['median_step_seconds']:.2f}s wall, "
+            f"{s['median_step_cpu_seconds']:.2f}s CPU  {s['samples_per_second']:.2f} samples/s "
+            f"({s['samples_per_cpu_second']:.2f} per CPU-second)  (load {s['load_seconds']:.1f}s)"
         )
     print(
-        f"  step speed-up with precomputed log-probs: {steps['step_speedup']:.2f}x; precompute "
+        f"  step speed-up with precomputed log-probs: {steps['step_speedup']:.2f}x wall, "
+        f"{steps['step_speedup_cpu_time']:.2f}x CPU time; precompute "
         f"costs {steps['precompute_seconds']:.1f}s for {args.pairs} pairs; one-epoch samples/s "
         f"{steps['epoch_samples_per_second']['reference_model']:.2f} -> "
         f"{steps['epoch_samples_per_second']['precomputed']:.2f}"

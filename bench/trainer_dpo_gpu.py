@@ -93,7 +93,8 @@ def run_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from pairloop.jobs import TrainJob, TrainProgress
     from pairloop.tiny_models import CHAT_TEMPLATES, build_tokenizer
-    from services.trainer.dpo import TrainingSpec, dpo_config, dpo_trainer_class
+    from services.trainer.dpo import dpo_config, dpo_trainer_class, progress_callback
+    from services.trainer.spec import TrainingSpec
 
     shape = dict(SHAPES[name])
     arch = shape.pop("arch")
@@ -146,14 +147,15 @@ def run_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
     )
     stamps: list[float] = []
+    seen = [0]
 
     def report(progress: TrainProgress) -> None:
-        if progress.phase == "training" and progress.loss is not None:
+        # One stamp per new step: the report after a checkpoint save repeats the step.
+        if progress.phase == "training" and progress.loss is not None and progress.step > seen[0]:
+            seen[0] = progress.step
             if args.device == "cuda":
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
-
-    from services.trainer.dpo import progress_callback
 
     config_args = dpo_config(spec)
     config_args.save_strategy = "no"  # the bench measures steps, not checkpoint I/O

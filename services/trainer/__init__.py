@@ -8,7 +8,7 @@ Start a worker (Redis from PAIRLOOP_REDIS_URL, job paths confined to the model s
 
 Send jobs with `pairloop.train_client.submit_train_job` (task `pairloop.train_dpo`, a
 `pairloop.jobs.TrainJob`). Modules: `settings` (PAIRLOOP_TRAINER_*), `celery_app` (config),
-`tasks` (the thin task), `runner` (one job end to end), `data` (dataset checks and conversion),
-`dpo` (the TRL adapter), `publishing` (validate + atomic publish), `launcher` and
-`launch_entry` (multi-GPU through `accelerate launch`).
+`tasks` (the thin task), `runner` (one job end to end), `spec` (what a training process gets
+and gives back), `data` (dataset checks and conversion), `dpo` (the TRL adapter), `publishing`
+(validate + atomic publish), `launcher` and `launch_entry` (multi-GPU via `accelerate launch`).
 """

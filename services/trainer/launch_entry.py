@@ -25,7 +25,8 @@ from pairloop.atomic import atomic_write_json
 from pairloop.errors import PairloopError
 from pairloop.jobs import TrainProgress
 from pairloop.logs import configure_logging
-from services.trainer.dpo import TrainingSpec, train_policy
+from services.trainer.dpo import train_policy
+from services.trainer.spec import TrainingSpec
 
 __all__ = ["ERROR_FILE", "OUTCOME_FILE", "PROGRESS_FILE", "main"]
 

@@ -29,13 +29,7 @@ from pairloop.errors import ConflictError, NotFoundError, ValidationError
 from pairloop.jobs import TrainJob, TrainProgress, TrainResult
 from pairloop.paths import resolve_inside
 from services.trainer.data import dataset_content_hash
-from services.trainer.dpo import (
-    ADAPTER_DIR,
-    TrainingSpec,
-    checkpoint_dtype,
-    prepare_dataset,
-    train_policy,
-)
+from services.trainer.dpo import ADAPTER_DIR, checkpoint_dtype, train_policy
 from services.trainer.publishing import (
     find_published,
     flush_tree,
@@ -45,6 +39,7 @@ from services.trainer.publishing import (
     validate_trained,
 )
 from services.trainer.settings import TrainerSettings
+from services.trainer.spec import TrainingSpec, prepare_dataset
 
 __all__ = ["JobPaths", "resolve_job_paths", "run_train_job"]
 

@@ -12,7 +12,6 @@ from safetensors.numpy import load_file, save_file
 from pairloop.checkpoints import COMPLETE_MARKER
 from pairloop.errors import ConflictError, ServerError
 from pairloop.jobs import TrainResult
-from services.trainer.dpo import last_complete_checkpoint
 from services.trainer.publishing import (
     find_published,
     flush_tree,
@@ -20,6 +19,7 @@ from services.trainer.publishing import (
     staging_dir_for,
     validate_trained,
 )
+from services.trainer.spec import last_complete_checkpoint
 
 from .helpers import make_job
 
