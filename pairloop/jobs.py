@@ -6,15 +6,21 @@ beta 0.01, lr 5e-7, 1 epoch, batch 8 x grad-accum 2, max_length 1024, max_prompt
 warmup 0.1, cosine, adamw_torch, bf16, gradient checkpointing, seed 42. `bf16` and
 `gradient_checkpointing` default to "auto": on where a CUDA device exists, off on CPU, where
 both are slower or unsupported.
+
+The orchestrator sends a job by task name (`TRAIN_TASK_NAME`) to `TRAIN_QUEUE` with the job id as
+the Celery task id (`pairloop.train_client.submit_train_job` does exactly that), and never imports
+the trainer.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "TRAIN_QUEUE",
     "TRAIN_TASK_NAME",
     "DPOHyperparameters",
     "LoraSettings",
@@ -25,6 +31,8 @@ __all__ = [
 
 # Celery task name: the orchestrator sends by name and never imports the trainer.
 TRAIN_TASK_NAME = "pairloop.train_dpo"
+# The queue trainer workers consume (`celery ... worker -Q`); clients send training jobs there.
+TRAIN_QUEUE = "pairloop.trainer"
 
 
 class DPOHyperparameters(BaseModel):
@@ -41,17 +49,26 @@ class DPOHyperparameters(BaseModel):
     gradient_accumulation_steps: int = Field(2, ge=1)
     max_length: int = Field(1024, ge=8)
     max_prompt_length: int = Field(512, ge=4)
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     lr_scheduler_type: str = "cosine"
     optim: str = "adamw_torch"
     bf16: bool | Literal["auto"] = "auto"
     gradient_checkpointing: bool | Literal["auto"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32",
+        description="dtype the policy is loaded and trained in (mixed precision comes from bf16); "
+        "auto: the checkpoint's own. Published weights are cast back to the policy's dtype.",
+    )
     seed: int = 42
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(
         50, ge=1, description="trainer checkpoint interval: resume point after a crash"
     )
-    precompute_ref_log_probs: bool = False
+    precompute_ref_log_probs: bool = Field(
+        False,
+        description="one reference forward pass over the dataset before training, then the "
+        "reference model is freed: less memory and no reference forward in the step",
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> DPOHyperparameters:
@@ -82,7 +99,8 @@ class TrainJob(BaseModel):
     reference_path: str = Field(min_length=1, description="frozen reference model for the DPO loss")
     dataset_path: str = Field(
         min_length=1,
-        description="a directory `datasets.load_dataset` reads (Snorkel columns), or a hub dataset name",
+        description="a directory inside the model store that `datasets.load_dataset` reads "
+        "(Snorkel columns, or TRL's conversational prompt/chosen/rejected)",
     )
     split: str | None = Field(None, description="default: train_iteration_{iteration}")
     output_path: str = Field(min_length=1, description="where the new full weights are published")
@@ -98,6 +116,10 @@ class TrainJob(BaseModel):
         """Stable id: the same run and iteration is the same job (idempotent resubmission)."""
         return f"{self.run_id}-iter{self.iteration}"
 
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the result: a resubmission must match it to be reused."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
 
 class TrainProgress(BaseModel):
     """Task state meta while training (`AsyncResult.info` when state is PROGRESS)."""
@@ -110,6 +132,9 @@ class TrainProgress(BaseModel):
     rewards_accuracies: float | None = None
     epoch: float | None = None
     resumed_from_step: int = 0
+    checkpoint_step: int = Field(
+        0, description="step of the last complete trainer checkpoint: where a crash resumes from"
+    )
 
 
 class TrainResult(BaseModel):
@@ -122,3 +147,11 @@ class TrainResult(BaseModel):
     steps: int
     resumed_from_step: int = 0
     reused: bool = Field(False, description="true when a finished job was submitted again")
+    adapter_path: str | None = Field(
+        None, description="the LoRA adapter, beside the merged weights"
+    )
+    started_at: float | None = Field(None, description="unix time the worker started the task")
+    timings: dict[str, float] = Field(
+        default_factory=dict,
+        description="seconds per phase: load, train, save, validate, publish (and total)",
+    )

@@ -1,0 +1,370 @@
+"""The one module that drives TRL: DPO training of a policy against an explicit reference.
+
+`train_policy(spec, report)` loads the models, trains with `DPOTrainer` (resuming from the job's
+last complete trainer checkpoint), and writes the new full weights (LoRA merged, the adapter
+beside them) into `spec.staging_dir`. Publishing is the caller's business (`publishing.py`).
+It runs in the worker's process, or in every rank of `accelerate launch` (`launch_entry.py`).
+
+TRL 1.16 notes kept here so that churn stays in one place: `processing_class=` (no
+`tokenizer=`); `bf16`/`gradient_checkpointing` default to True, wrong on CPU; with
+`ref_model=None` TRL reloads the reference from `config._name_or_path`, so we always pass the
+reference we mean; `max_prompt_length` is gone from `DPOConfig`, so prompts are truncated here.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pairloop.atomic import atomic_write_text
+from pairloop.checkpoints import COMPLETE_MARKER, read_manifest
+from pairloop.errors import ServerError, ValidationError
+from pairloop.jobs import DPOHyperparameters, TrainProgress
+from services.trainer.spec import (
+    TrainingOutcome,
+    TrainingSpec,
+    last_complete_checkpoint,
+    prepare_dataset,
+)
+
+__all__ = [
+    "ADAPTER_DIR",
+    "checkpoint_dtype",
+    "dpo_config",
+    "dpo_trainer_class",
+    "progress_callback",
+    "train_policy",
+]
+
+log = logging.getLogger(__name__)
+
+ProgressReport = Callable[[TrainProgress], None]
+ADAPTER_DIR = "adapter"
+# Metrics of the last logged step that the result carries (TRL's names).
+_STEP_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+    "learning_rate",
+)
+_TRAINER_STATE = "trainer_state.json"  # transformers' name for it in every checkpoint
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _is_final(checkpoint: Path) -> bool:
+    """True when `checkpoint` was saved at the run's last step."""
+    state = json.loads((checkpoint / _TRAINER_STATE).read_text())
+    return bool(state.get("max_steps")) and state["global_step"] >= state["max_steps"]
+
+
+def _resolve_precision(hp: DPOHyperparameters, device: str) -> tuple[bool, bool]:
+    import torch
+
+    on_cuda = device == "cuda"
+    bf16 = hp.bf16 if hp.bf16 != "auto" else on_cuda and torch.cuda.is_bf16_supported()
+    checkpointing = hp.gradient_checkpointing if hp.gradient_checkpointing != "auto" else on_cuda
+    if bf16 and not on_cuda:
+        raise ValidationError(
+            'hyperparameters.bf16 is true but the trainer runs on CPU; use "auto" or false',
+            param="hyperparameters.bf16",
+        )
+    return bool(bf16), bool(checkpointing)
+
+
+def dpo_config(spec: TrainingSpec) -> Any:
+    from trl import DPOConfig
+
+    hp = spec.job.hyperparameters
+    bf16, checkpointing = _resolve_precision(hp, spec.device)
+    return DPOConfig(
+        output_dir=spec.checkpoints_dir,
+        beta=hp.beta,
+        loss_type=[hp.loss_type],
+        learning_rate=hp.learning_rate,
+        num_train_epochs=hp.num_train_epochs,
+        max_steps=hp.max_steps,
+        per_device_train_batch_size=hp.per_device_train_batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        max_length=hp.max_length,
+        # transformers 5: a float below 1 is the warmup ratio.
+        warmup_steps=hp.warmup_ratio,
+        lr_scheduler_type=hp.lr_scheduler_type,
+        optim=hp.optim,
+        bf16=bf16,
+        gradient_checkpointing=checkpointing,
+        seed=hp.seed,
+        logging_steps=hp.logging_steps,
+        save_strategy="steps",
+        save_steps=hp.save_steps,
+        save_total_limit=spec.save_total_limit,
+        precompute_ref_log_probs=hp.precompute_ref_log_probs,
+        use_cpu=spec.device == "cpu",
+        # Every parameter of a causal LM gets a gradient; the search for unused ones costs a pass.
+        ddp_find_unused_parameters=False,
+        report_to=[],
+        disable_tqdm=True,
+    )
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def checkpoint_dtype(path: str) -> str:
+    """The dtype most of a checkpoint's floating tensors are stored in."""
+    counts: dict[str, int] = {}
+    for info in read_manifest(path).tensors.values():
+        name = _SAFETENSORS_DTYPES.get(info.dtype)
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    return max(counts, key=lambda k: counts[k]) if counts else "float32"
+
+
+def _load_causal_lm(path: str, dtype: str, *, what: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValidationError(
+            f"{what} at {path!r} could not be loaded as a causal LM: {exc}", param=f"{what}_path"
+        ) from exc
+
+
+def dpo_trainer_class() -> type:
+    from trl import DPOTrainer
+
+    class PairloopDPOTrainer(DPOTrainer):  # type: ignore[misc]
+        """DPOTrainer that also caps prompt length, as `max_prompt_length` did before TRL 1.x.
+
+        Long prompts keep their end (the question), as TRL's old default did, so the
+        completions are not crowded out of `max_length`.
+        """
+
+        max_prompt_length: int | None = None
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # type: ignore[no-untyped-def]
+            cap = self.max_prompt_length
+            if cap is None:
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            # TRL drops rows whose prompt fills max_length; truncate the prompt first instead,
+            # so a long question costs its beginning, not the whole pair.
+            max_length, args.max_length = args.max_length, None
+            try:
+                dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            finally:
+                args.max_length = max_length
+            return dataset.map(
+                lambda ex: {"prompt_ids": ex["prompt_ids"][-cap:]},
+                desc=f"Truncating {dataset_name} prompts to {cap} tokens",
+            )
+
+    return PairloopDPOTrainer
+
+
+def progress_callback(report: ProgressReport, resumed_from_step: int) -> Any:
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+        """Forwards step, metrics and the last complete checkpoint to `report` (rank 0 only)."""
+
+        def __init__(self) -> None:
+            self.progress = TrainProgress(phase="training", resumed_from_step=resumed_from_step)
+
+        def _emit(self, state: Any, **changes: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            self.progress = self.progress.model_copy(
+                update={"step": state.global_step, "total_steps": state.max_steps, **changes}
+            )
+            report(self.progress)
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._emit(state, checkpoint_step=resumed_from_step)
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+        ) -> None:
+            logs = logs or {}
+            if "loss" not in logs:
+                return
+            if state.is_world_process_zero:
+                log.info(
+                    "step %d/%d loss %.4f margin %s accuracy %s",
+                    state.global_step,
+                    state.max_steps,
+                    logs["loss"],
+                    logs.get("rewards/margins"),
+                    logs.get("rewards/accuracies"),
+                )
+            self._emit(
+                state,
+                loss=logs.get("loss"),
+                rewards_margins=logs.get("rewards/margins"),
+                rewards_accuracies=logs.get("rewards/accuracies"),
+                epoch=logs.get("epoch"),
+            )
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # Called after the checkpoint's files are all written: only now is it a resume point.
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                atomic_write_text(folder / COMPLETE_MARKER, f"{state.global_step}\n")
+            self._emit(state, checkpoint_step=state.global_step)
+
+    return ProgressCallback()
+
+
+def _last_step_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    for entry in reversed(log_history):
+        if "loss" in entry:
+            return {k: float(entry[k]) for k in _STEP_METRICS if k in entry}
+    return {}
+
+
+def _save_weights(trainer: Any, tokenizer: Any, spec: TrainingSpec, policy_dtype: str) -> bool:
+    """Write full weights (and the LoRA adapter, if any) into the staging directory."""
+    staging = Path(spec.staging_dir)
+    staging.mkdir(parents=True, exist_ok=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    adapter_saved = False
+    if spec.job.lora is not None:
+        model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
+        tokenizer.save_pretrained(staging / ADAPTER_DIR)
+        model = model.merge_and_unload()
+        adapter_saved = True
+    # The generator validates dtype against the running model: publish in the policy's dtype.
+    model = model.to(_torch_dtype(policy_dtype))
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    return adapter_saved
+
+
+def train_policy(
+    spec: TrainingSpec, report: ProgressReport, dataset: Any = None
+) -> TrainingOutcome:
+    """Train `spec.job` and write the new weights to `spec.staging_dir` (on rank 0)."""
+    from transformers import AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback, TrainerState
+
+    started = time.monotonic()
+    job, hp = spec.job, spec.job.hyperparameters
+    if spec.device == "cpu" and spec.cpu_threads:
+        import torch
+
+        torch.set_num_threads(spec.cpu_threads)
+    report(TrainProgress(phase="loading"))
+    train_dataset = dataset if dataset is not None else prepare_dataset(spec)
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.policy_path)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValidationError(
+            f"the policy's tokenizer at {spec.policy_path!r} has no chat template; DPO on "
+            "conversational pairs needs one (set tokenizer.chat_template and save it)",
+            param="policy_path",
+        )
+    policy_dtype = checkpoint_dtype(spec.policy_path)
+    load_dtype = policy_dtype if hp.dtype == "auto" else hp.dtype
+    policy = _load_causal_lm(spec.policy_path, load_dtype, what="policy")
+    # With LoRA and the reference equal to the policy, TRL gets the reference for free by
+    # disabling the adapter; otherwise the reference is an explicit, separately loaded model.
+    same_reference = Path(spec.reference_path) == Path(spec.policy_path)
+    ref_model = None
+    if not (job.lora is not None and same_reference):
+        ref_model = _load_causal_lm(spec.reference_path, load_dtype, what="reference")
+
+    peft_config = None
+    if job.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=job.lora.r,
+            lora_alpha=job.lora.alpha,
+            lora_dropout=job.lora.dropout,
+            target_modules=job.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+    resume = last_complete_checkpoint(Path(spec.checkpoints_dir))
+    resumed_from_step = resume[1] if resume else 0
+    callback = progress_callback(report, resumed_from_step)
+    trainer_cls = dpo_trainer_class()
+    trainer_cls.max_prompt_length = hp.max_prompt_length
+    trainer = trainer_cls(
+        model=policy,
+        ref_model=ref_model,
+        args=dpo_config(spec),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
+    # Our callback logs each step; the default printer would dump dicts on stdout.
+    trainer.remove_callback(PrinterCallback)
+    if hp.precompute_ref_log_probs and ref_model is not None:
+        # Reference log-probs are now columns of the dataset: the model is no longer needed.
+        trainer.ref_model = None
+        del ref_model
+        gc.collect()
+    loaded = time.monotonic()
+
+    train_metrics: dict[str, Any] = {}
+    if resume and _is_final(resume[0]):
+        # Crashed after the last checkpoint, before publishing. `Trainer.train` would run one
+        # step past max_steps here (it checks the limit only after a step): load it instead.
+        log.info("job %s: checkpoint %s is the final one, publishing it", job.job_id, resume[0])
+        trainer._load_from_checkpoint(str(resume[0]))
+        trainer.state = TrainerState.load_from_json(str(resume[0] / _TRAINER_STATE))
+    else:
+        if resume:
+            log.info("job %s resumes from %s", job.job_id, resume[0])
+        output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        train_metrics = output.metrics
+    trained = time.monotonic()
+
+    metrics = _last_step_metrics(trainer.state.log_history)
+    for key in ("train_loss", "train_runtime", "train_samples_per_second", "epoch"):
+        if key in train_metrics:
+            metrics[key] = float(train_metrics[key])
+    loss = metrics.get("loss", metrics.get("train_loss", 0.0))
+    if not math.isfinite(loss):
+        raise ServerError(
+            f"training diverged (loss {loss}); nothing was published. Lower "
+            "hyperparameters.learning_rate or raise beta, then submit the job again"
+        )
+
+    report(
+        callback.progress.model_copy(
+            update={
+                "phase": "saving",
+                "step": trainer.state.global_step,
+                "total_steps": trainer.state.max_steps,
+            }
+        )
+    )
+    adapter_saved = False
+    if trainer.args.should_save:
+        adapter_saved = _save_weights(trainer, tokenizer, spec, policy_dtype)
+    trainer.accelerator.wait_for_everyone()
+    saved = time.monotonic()
+    return TrainingOutcome(
+        steps=trainer.state.global_step,
+        total_steps=trainer.state.max_steps,
+        resumed_from_step=resumed_from_step,
+        metrics=metrics,
+        timings={"load": loaded - started, "train": trained - loaded, "save": saved - trained},
+        adapter_saved=adapter_saved,
+    )

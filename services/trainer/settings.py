@@ -1,0 +1,119 @@
+"""Settings of the DPO trainer worker: environment variables `PAIRLOOP_TRAINER_*` (or flags of
+`python -m services.trainer`), plus the shared `PAIRLOOP_REDIS_URL`.
+
+    PAIRLOOP_TRAINER_MODEL_STORE_ROOT=/models PAIRLOOP_REDIS_URL=redis://redis:6379/0 \\
+        celery -A services.trainer.celery_app worker --pool prefork --concurrency 1 ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings
+
+from pairloop.jobs import TRAIN_QUEUE
+from pairloop.settings import RedisSettings, service_config
+from pairloop.train_client import DEFAULT_VISIBILITY_TIMEOUT
+
+__all__ = ["DEFAULT_ACCELERATE_CONFIG", "TrainerSettings"]
+
+DEFAULT_ACCELERATE_CONFIG = Path(__file__).with_name("accelerate") / "multi_gpu.yaml"
+
+
+def _shared_redis_url() -> str:
+    return RedisSettings().redis_url
+
+
+class TrainerSettings(BaseSettings):
+    """Everything the worker needs that does not come with the job."""
+
+    model_config = service_config("PAIRLOOP_TRAINER_", "python -m services.trainer")
+
+    model_store_root: Path = Field(
+        Path("models"),
+        description="every path in a job must resolve inside this directory (shared volume)",
+    )
+    work_root: Path | None = Field(
+        None,
+        description="trainer checkpoints and caches, one directory per job id; default "
+        "MODEL_STORE_ROOT/.pairloop-trainer",
+    )
+    redis_url: str = Field(
+        default_factory=_shared_redis_url,
+        description="Celery broker and result backend (default: PAIRLOOP_REDIS_URL)",
+    )
+    queue: str = Field(TRAIN_QUEUE, description="the Celery queue this worker consumes")
+    soft_time_limit: int = Field(
+        24 * 3600,
+        ge=1,
+        description="seconds before a job is asked to stop (its checkpoints are kept for resume)",
+    )
+    hard_time_limit: int = Field(
+        24 * 3600 + 600, ge=1, description="seconds before the job's process is killed"
+    )
+    visibility_timeout: int = Field(
+        DEFAULT_VISIBILITY_TIMEOUT,
+        ge=1,
+        description="seconds before Redis redelivers an unacknowledged job; must exceed the hard "
+        "time limit, or a running job is handed to a second worker",
+    )
+    max_tasks_per_child: int = Field(
+        1,
+        ge=0,
+        description="jobs per worker child process before it is replaced (0: unlimited); 1 frees "
+        "all memory and accelerate state between jobs",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when a device is visible, else CPU"
+    )
+    launcher: Literal["auto", "in-process", "accelerate"] = Field(
+        "auto",
+        description="auto: `accelerate launch` when more than one CUDA device is visible, else "
+        "train in the worker's process",
+    )
+    num_processes: int | None = Field(
+        None, ge=1, description="processes for `accelerate launch` (default: visible CUDA devices)"
+    )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per training process on CPU (default: torch's, one per "
+        "core); set it when the host's cores are shared, where idle OpenMP threads spin",
+    )
+    accelerate_config: Path = Field(
+        DEFAULT_ACCELERATE_CONFIG, description="accelerate config file for multi-process training"
+    )
+    save_total_limit: int = Field(
+        2, ge=1, description="trainer checkpoints kept per job (the newest ones)"
+    )
+    keep_checkpoints: bool = Field(
+        False, description="keep the job's trainer checkpoints after publishing (default: delete)"
+    )
+    log_level: str = Field("INFO", description="worker log level")
+
+    @model_validator(mode="after")
+    def _limits(self) -> TrainerSettings:
+        if self.soft_time_limit >= self.hard_time_limit:
+            raise ValueError("soft_time_limit must be smaller than hard_time_limit")
+        if self.visibility_timeout <= self.hard_time_limit:
+            raise ValueError(
+                "visibility_timeout must be longer than hard_time_limit, or Redis hands a running "
+                "job to a second worker"
+            )
+        return self
+
+    @property
+    def store_root(self) -> Path:
+        return self.model_store_root.resolve()
+
+    @property
+    def jobs_root(self) -> Path:
+        """Where each job's work directory (trainer checkpoints, logs) lives."""
+        return (self.work_root or self.store_root / ".pairloop-trainer").resolve()
+
+    @property
+    def datasets_cache(self) -> Path:
+        """`datasets` cache, on the shared volume so precomputed reference log-probs survive."""
+        return self.jobs_root / "hf-datasets-cache"

@@ -1,0 +1,73 @@
+"""What one training process is given and gives back, and where it resumes from.
+
+`TrainingSpec` is a job with its paths resolved inside the model store and its device chosen;
+the worker trains it in-process or writes it to `spec.json` for `accelerate launch` ranks, which
+write a `TrainingOutcome` back. Both are JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from pairloop.checkpoints import COMPLETE_MARKER
+from pairloop.jobs import TrainJob
+from services.trainer.data import load_preference_split, to_conversational
+
+__all__ = ["TrainingOutcome", "TrainingSpec", "last_complete_checkpoint", "prepare_dataset"]
+
+
+class TrainingSpec(BaseModel):
+    """A job with its paths resolved and its device chosen: what one training process needs.
+
+    JSON-serializable, so `accelerate launch` ranks read the same spec from a file.
+    """
+
+    job: TrainJob
+    policy_path: str
+    reference_path: str
+    dataset_path: str
+    dataset_cache: str
+    checkpoints_dir: str
+    staging_dir: str
+    device: Literal["cpu", "cuda"]
+    save_total_limit: int = 2
+    cpu_threads: int | None = None
+    owner_pid: int | None = None  # launched ranks exit when this process (the task) is gone
+
+
+class TrainingOutcome(BaseModel):
+    """What training produced, before validation and publishing."""
+
+    steps: int
+    total_steps: int
+    resumed_from_step: int
+    metrics: dict[str, float]
+    timings: dict[str, float]
+    adapter_saved: bool
+
+
+def prepare_dataset(spec: TrainingSpec) -> Any:
+    """Load and validate the job's split as TRL conversational rows (cached under the job)."""
+    raw = load_preference_split(
+        Path(spec.dataset_path), spec.job.split_name, cache_dir=Path(spec.dataset_cache)
+    )
+    return to_conversational(raw, split=spec.job.split_name)
+
+
+def last_complete_checkpoint(checkpoints_dir: Path) -> tuple[Path, int] | None:
+    """The newest `checkpoint-N` that was fully written (it holds our marker), and N."""
+    best: tuple[Path, int] | None = None
+    if not checkpoints_dir.is_dir():
+        return None
+    for path in checkpoints_dir.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if (
+            step.isdigit()
+            and (path / COMPLETE_MARKER).is_file()
+            and (best is None or int(step) > best[1])
+        ):
+            best = (path, int(step))
+    return best
