@@ -37,10 +37,9 @@ class StackSpec:
 
 def wait_for_worker(redis_url: str, *, timeout: float, alive=lambda: True) -> None:  # type: ignore[no-untyped-def]
     """Wait until a Celery worker on `redis_url` answers a control ping."""
-    from celery import Celery
+    from pairloop.train_client import make_train_client
 
-    app = Celery("pairloop-ping", broker=redis_url, backend=redis_url)
-    app.conf.update(accept_content=["json"], task_serializer="json", result_serializer="json")
+    app = make_train_client(redis_url)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -142,7 +141,8 @@ class LocalStack:
                 f"pairloop-embedded-{gport}@%h",
             ],
             self._env(
-                PAIRLOOP_TRAINER_MODEL_ROOT=str(spec.store),
+                PAIRLOOP_TRAINER_MODEL_STORE_ROOT=str(spec.store),
+                PAIRLOOP_TRAINER_CPU_THREADS=str(spec.cpu_threads),
                 HF_DATASETS_CACHE=str(cache / "datasets"),
             ),
         )

@@ -265,10 +265,7 @@ async def execute_run(
         GeneratorClient(url, admin_token=token, **common) for url in services.generator_urls
     ]
     ranker = RankerClient(services.ranker_url, **common)
-    trainer = TrainerClient(
-        services.redis_url or RedisSettings().redis_url,
-        visibility_timeout=services.train_timeout_s * 1.5,
-    )
+    trainer = TrainerClient(services.redis_url or RedisSettings().redis_url)
     with run_lock(run_path), make_progress(console) as progress:
         ctx = RunContext(
             run_dir=run_path,
