@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +54,9 @@ class RunContext:
     trainer: TrainerClient
     console: Console
     progress: Progress
+    fault_kill_after: str | None = None
     _rr: itertools.cycle = field(init=False, repr=False)  # type: ignore[type-arg]
+    _events: Counter[str] = field(default_factory=Counter, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._rr = itertools.cycle(self.generators)
@@ -63,6 +68,16 @@ class RunContext:
     def next_generator(self) -> GeneratorClient:
         """Round-robin over the generator replicas."""
         return next(self._rr)
+
+    def checkpoint_event(self, stage: str) -> None:
+        """Count a durable step of `stage` (a shard written, a training progress report).
+
+        With `fault_kill_after` = 'STAGE:N' the process SIGKILLs itself at the Nth event: a real
+        crash at a precise point, which is how the resume tests stop it mid-stage.
+        """
+        self._events[stage] += 1
+        if self.fault_kill_after == f"{stage}:{self._events[stage]}":
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def save(self) -> None:
         self.manifest.save(self.run_dir)

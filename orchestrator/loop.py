@@ -149,6 +149,7 @@ async def _generate(ctx: RunContext, k: int) -> dict[str, Any]:
         max_tokens=ctx.cfg.sampling.max_tokens,
         seed_key=f"iter{k}",
         description=f"iter {k}: generate",
+        stage=f"iter{k}.generate",
     )
     return {
         "prompts": len(prompts),
@@ -170,6 +171,7 @@ async def _rank(ctx: RunContext, k: int) -> dict[str, Any]:
         count=_shard_count(ctx, k),
         out_dir=ctx.iter_dir(k) / "rankings",
         description=f"iter {k}: rank",
+        stage=f"iter{k}.rank",
     )
     return {"mode": ctx.cfg.ranker.mode}
 
@@ -276,6 +278,7 @@ async def execute_run(
             trainer=trainer,
             console=console,
             progress=progress,
+            fault_kill_after=settings.fault_kill_after,
         )
         manifest.status, manifest.error = "running", None
         ctx.save()

@@ -34,3 +34,10 @@ class OrchestratorSettings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535)
     max_best_of: int = Field(64, ge=1, description="cap on best_of for best-of-n serving")
     log_level: str = "INFO"
+    fault_kill_after: str | None = Field(
+        None,
+        pattern=r"^iter\d+\.(generate|rank|train):\d+$",
+        description="fault injection for resume tests and drills: 'iter1.rank:2' SIGKILLs this "
+        "process right after it wrote its 2nd ranking shard of iteration 1 (train: after the "
+        "Nth progress report). Never set in production.",
+    )

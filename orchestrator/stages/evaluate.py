@@ -46,6 +46,7 @@ async def generate_eval_outputs(ctx: RunContext, k: int) -> list[dict[str, Any]]
         max_tokens=ev.max_tokens,
         seed_key="eval",
         description=f"policy {k}: eval answers",
+        stage=f"policy{k}.eval",
     )
     outputs = eval_outputs(ctx, k)
     # AlpacaEval's model_outputs.json: the fields its evaluator reads.

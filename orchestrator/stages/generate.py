@@ -55,6 +55,7 @@ async def generate_shards(
     max_tokens: int,
     seed_key: str,
     description: str,
+    stage: str,
 ) -> ShardStore:
     """Generate the missing shards of `prompts` under policy `policy`'s weights into `out_dir`."""
     cfg = ctx.cfg
@@ -104,6 +105,7 @@ async def generate_shards(
             )
         store.write(index, records)
         ctx.progress.advance(task, len(shard))
+        ctx.checkpoint_event(stage)
 
     async with asyncio.TaskGroup() as group:
         for index in todo:

@@ -69,6 +69,7 @@ async def rank_shards(
             ranked = await _rank_records(ctx, gen.read(index))
         store.write(index, ranked)
         ctx.progress.advance(task, 1)
+        ctx.checkpoint_event(stage)
 
     async with asyncio.TaskGroup() as group:
         for index in todo:

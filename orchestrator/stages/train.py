@@ -33,7 +33,12 @@ async def train_policy(ctx: RunContext, k: int) -> TrainResult:
     job = build_job(ctx, k)
     task = ctx.progress.add_task(f"iter {k}: DPO training", total=None)
 
+    last_step = [-1]
+
     def on_progress(p: TrainProgress) -> None:
+        if p.step != last_step[0]:  # one event per new training step seen, not per poll
+            last_step[0] = p.step
+            ctx.checkpoint_event(f"iter{k}.train")
         ctx.progress.update(
             task,
             completed=p.step,
