@@ -56,7 +56,7 @@ async def _rank_records(ctx: RunContext, records: list[dict[str, Any]]) -> list[
 
 
 async def rank_shards(
-    ctx: RunContext, *, gen: ShardStore, count: int, out_dir: Path, description: str
+    ctx: RunContext, *, gen: ShardStore, count: int, out_dir: Path, description: str, stage: str
 ) -> ShardStore:
     """Rank the missing shards; `count` is the number of generation shards."""
     store = ShardStore(out_dir)
