@@ -20,15 +20,21 @@ __all__ = [
     "BatchChatResponse",
     "BatchChatResult",
     "ChatCompletionChoice",
+    "ChatCompletionChunk",
+    "ChatCompletionChunkChoice",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
+    "ChatDelta",
     "ChatMessage",
     "CompletionChoice",
+    "CompletionChunk",
+    "CompletionChunkChoice",
     "CompletionRequest",
     "CompletionResponse",
     "ModelCard",
     "ModelList",
     "SamplingFields",
+    "StreamOptions",
     "Usage",
     "WeightSwapRequest",
     "WeightSwapResponse",
@@ -60,6 +66,12 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(
         None, ge=1, description="new tokens per sample; default: the server's default_max_tokens"
     )
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        description="vLLM extension: EOS and stop strings are ignored until this many tokens "
+        "(min_tokens = max_tokens gives fixed-length samples, as benchmarks want)",
+    )
     seed: int | None = Field(None, description="per-request seed: same seed, same samples")
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -75,8 +87,24 @@ class SamplingFields(BaseModel):
             raise ValueError("at most 16 stop strings")
         return v
 
+    @model_validator(mode="after")
+    def _min_below_max(self) -> SamplingFields:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        return self
+
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`: `include_usage` adds a last chunk with the token counts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
 
 
 class CompletionRequest(SamplingFields):
@@ -85,6 +113,7 @@ class CompletionRequest(SamplingFields):
     model: str | None = None
     prompt: str | list[str] = Field(description="a prompt, or a list of prompts")
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
 
     @field_validator("prompt")
@@ -108,6 +137,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
 
     @model_validator(mode="after")
@@ -154,6 +184,51 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: Usage
+    weight_version: str
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason = None
+    logprobs: None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (`data: {...}`); the stream ends `[DONE]`."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+    weight_version: str
+
+
+class ChatDelta(BaseModel):
+    """What a chat chunk adds: the role once (first chunk of a choice), then content."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion; every chunk carries the version."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
     weight_version: str
 
 

@@ -1,0 +1,72 @@
+"""What routes depend on: the running engine's objects (503 until loaded) and the admin guard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+
+from pairloop.auth import check_bearer
+from pairloop.errors import EngineDeadError, ServiceUnavailableError
+from services.generator.gate import SwapGate
+from services.generator.generation import GenerationService
+from services.generator.settings import GeneratorSettings
+
+if TYPE_CHECKING:
+    from services.generator.engine import VllmEngine
+    from services.generator.swap import WeightSwapper
+
+__all__ = ["AdminDep", "Runtime", "RuntimeDep", "SettingsDep", "get_runtime", "require_admin"]
+
+
+@dataclass
+class Runtime:
+    """Everything that exists once the engine is up; lives on `app.state.runtime`."""
+
+    engine: VllmEngine
+    gate: SwapGate
+    generation: GenerationService
+    # None when the starting checkpoint has no safetensors manifest to validate swaps against.
+    swapper: WeightSwapper | None
+    swap_unavailable_reason: str | None = None
+
+
+def engine_state(request: Request) -> str:
+    """loading | ready | dead | failed"""
+    state = request.app.state
+    if state.runtime is None:
+        return "failed" if state.load_error else "loading"
+    return "dead" if state.runtime.engine.dead_reason else "ready"
+
+
+def get_runtime(request: Request) -> Runtime:
+    state = request.app.state
+    runtime: Runtime | None = state.runtime
+    if runtime is None:
+        if state.load_error:
+            raise EngineDeadError(f"the engine failed to start: {state.load_error}")
+        raise ServiceUnavailableError(
+            "the engine is still loading; retry when GET /ready answers 200"
+        )
+    dead = runtime.engine.dead_reason
+    if dead is not None:
+        raise EngineDeadError(f"engine dead: {dead}; restart the service")
+    return runtime
+
+
+def get_settings(request: Request) -> GeneratorSettings:
+    return request.app.state.settings
+
+
+def require_admin(request: Request) -> None:
+    """Bearer-token check; with no token configured the admin routes are off, never open."""
+    token = request.app.state.settings.admin_token
+    if token is None:
+        raise ServiceUnavailableError("admin disabled: set --admin-token")
+    check_bearer(request.headers.get("authorization"), token.get_secret_value())
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[GeneratorSettings, Depends(get_settings)]
+AdminDep = Annotated[None, Depends(require_admin)]
