@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -194,6 +195,7 @@ class PairRMModel:
         self._source_prefix = str(collator.source_prefix)
         self._candidate_prefix = str(collator.candidate_prefix)
         self.pad_id = int(self.tokenizer.pad_token_id)
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def dtype(self) -> Any:
@@ -208,14 +210,17 @@ class PairRMModel:
         return text
 
     def _encode(self, texts: Sequence[str], limits: Sequence[int]) -> list[TokenIds]:
-        full = self.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
-        out = []
-        for text, ids, limit in zip(texts, full, limits, strict=True):
-            if len(ids) <= limit:
-                out.append(TokenIds(tuple(ids), False))
-            else:  # the tokenizer's own truncation, exactly as the collator calls it
-                cut = self.tokenizer(text, max_length=limit, truncation=True)["input_ids"]
-                out.append(TokenIds(tuple(cut), True))
+        # Calls change the fast tokenizer's truncation state and requests are tokenized on
+        # worker threads: serialise them (older `tokenizers` raised "Already borrowed").
+        with self._tokenizer_lock:
+            full = self.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+            out = []
+            for text, ids, limit in zip(texts, full, limits, strict=True):
+                if len(ids) <= limit:
+                    out.append(TokenIds(tuple(ids), False))
+                else:  # the tokenizer's own truncation, exactly as the collator calls it
+                    cut = self.tokenizer(text, max_length=limit, truncation=True)["input_ids"]
+                    out.append(TokenIds(tuple(cut), True))
         return out
 
     def encode_sources(self, prompts: Sequence[str]) -> list[TokenIds]:

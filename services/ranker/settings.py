@@ -54,8 +54,10 @@ class RankerSettings(BaseSettings):
     # Dynamic batching: pair comparisons (or scored candidates) from concurrent requests are
     # collected for up to batch_wait_ms, sorted by length and cut into forward passes.
     batch_size: int = Field(32, ge=1, description="most sequences in one forward pass")
+    # CPU-sized default: ~27 rows of PairRM's typical 600 tokens. On a GPU raise both (e.g.
+    # --batch-size 128 --max-batch-tokens 262144): the cap is what bounds activation memory.
     max_batch_tokens: int = Field(
-        65536, ge=1, description="most padded tokens (rows x longest) in one forward pass"
+        16384, ge=1, description="most padded tokens (rows x longest) in one forward pass"
     )
     batch_wait_ms: float = Field(
         2.0,

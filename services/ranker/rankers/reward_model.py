@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +60,7 @@ class RewardModelRanker(PointwiseRanker):
         usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < _UNBOUNDED]
         self.max_length = min(usable) if usable else None
         self.pad_id = int(model.config.pad_token_id)
+        self._tokenizer_lock = threading.Lock()
         self.batcher: MicroBatcher[tuple[int, ...], float] = MicroBatcher(
             self._run_batch,
             metrics=metrics,
@@ -119,10 +121,13 @@ class RewardModelRanker(PointwiseRanker):
     def _encode_items(
         self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]
     ) -> list[list[tuple[tuple[int, ...], Truncation]]]:
-        return [
-            [self._encode(p, c) for c in cands]
-            for p, cands in zip(prompts, candidates, strict=True)
-        ]
+        # Calls change the fast tokenizer's truncation state and requests are tokenized on
+        # worker threads: serialise them (older `tokenizers` raised "Already borrowed").
+        with self._tokenizer_lock:
+            return [
+                [self._encode(p, c) for c in cands]
+                for p, cands in zip(prompts, candidates, strict=True)
+            ]
 
     async def score_items(
         self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *, request: int
