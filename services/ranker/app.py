@@ -48,6 +48,10 @@ def create_app(settings: RankerSettings, *, on_fatal: Callable[[], None] | None 
     app.state.service = service
     register_exception_handlers(app)
 
+    # An oversize body is refused before anything reads it; added first, so that the request
+    # counter below sits outside it and counts those 413s too.
+    app.add_middleware(MaxBodySizeMiddleware, max_bytes=settings.max_body_bytes)
+
     @app.middleware("http")
     async def count_requests(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
@@ -61,8 +65,6 @@ def create_app(settings: RankerSettings, *, on_fatal: Callable[[], None] | None 
         metrics.requests.labels(route=route, status=str(response.status_code)).inc()
         return response
 
-    # Outermost, so an oversize body is refused before anything reads it.
-    app.add_middleware(MaxBodySizeMiddleware, max_bytes=settings.max_body_bytes)
     app.include_router(health_router)
     app.include_router(ranking_router)
     return app

@@ -93,7 +93,9 @@ def test_wrong_method_and_route_use_the_error_shape(pairrm_url: str) -> None:
 def test_failed_requests_are_counted_by_status(pairrm_url: str, read_metric: Any) -> None:
     before = httpx.get(f"{pairrm_url}/metrics").text
     httpx.post(f"{pairrm_url}/v1/compare", json={"items": []})
+    httpx.post(f"{pairrm_url}/v1/select", json={"items": [OK_ITEM], "pad": "x" * 70_000})
     after = httpx.get(f"{pairrm_url}/metrics").text
     name = "pairloop_ranker_requests_total"
-    labels = {"route": "compare", "status": "400"}
-    assert read_metric(after, name, **labels) - read_metric(before, name, **labels) == 1
+    for route, status in (("compare", "400"), ("select", "413")):
+        labels = {"route": route, "status": status}
+        assert read_metric(after, name, **labels) - read_metric(before, name, **labels) == 1
