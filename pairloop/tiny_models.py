@@ -1,6 +1,6 @@
 """Tiny chat models built offline, in seconds, for tests and deployment smoke tests.
 
-    pairloop tiny-models OUT_DIR            # writes OUT_DIR/tiny-llama and OUT_DIR/tiny-mistral
+    pairloop tiny-models OUT_DIR            # writes OUT_DIR/tiny-llama, tiny-mistral, tiny-pairrm
 
 Each model is a real Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json,
 chat template, generation_config.json) with a byte-level BPE tokenizer trained here on a small
@@ -192,9 +192,15 @@ def build_tiny_chat_model(
 def build_tiny_models(
     out_dir: str | Path, *, preset: str = "tiny", seed: int = 0
 ) -> dict[str, Path]:
-    """Build every tiny architecture under `out_dir` (tiny-llama, tiny-mistral)."""
+    """Build every tiny model under `out_dir`: tiny-llama, tiny-mistral and tiny-pairrm (the
+    ranker, `pairloop.tiny_ranker`; key "pairrm")."""
+    from pairloop.tiny_ranker import PAIRRM_PRESETS, build_tiny_pairrm
+
     root = Path(out_dir)
-    return {
+    built: dict[str, Path] = {
         arch: build_tiny_chat_model(root / f"tiny-{arch}", arch=arch, preset=preset, seed=seed)
         for arch in ARCHES
     }
+    ranker_preset = preset if preset in PAIRRM_PRESETS else "tiny"
+    built["pairrm"] = build_tiny_pairrm(root / "tiny-pairrm", preset=ranker_preset, seed=seed)
+    return built

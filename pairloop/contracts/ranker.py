@@ -5,8 +5,15 @@
     POST /v1/select   items of {prompt, candidates[]}  -> the best (or worst) candidate's index
 
 Scores are the backend's: for PairRM (full mode) the same numbers as llm-blender's
-`Blender.rank(..., return_scores=True)`; higher is better. Ranks are 1-based, 1 = best.
-Caps on items and candidates depend on deployment and are enforced by the server.
+`Blender.rank(..., return_scores=True)`; higher is better. Ranks are 1-based, 1 = best, ties share
+the better rank. `best_index` / `worst_index` are the first highest / lowest scores; `tie` is true
+when they are the same candidate (all scores equal, or bubble mode found no order), so the item
+yields no chosen/rejected pair. Caps on items and candidates depend on deployment and are enforced
+by the server (HTTP 400 naming the cap).
+
+Compare: `logit` is the comparison's log-odds averaged over both orders (PairRM: the mean of
+L(a, b) and -L(b, a), half of llm-blender's `compare(..., return_logits=True)`; pointwise backends:
+score_a - score_b), and `prob_a_beats_b = sigmoid(logit)`.
 """
 
 from __future__ import annotations
@@ -62,7 +69,8 @@ class RankItem(BaseModel):
 
 
 class Truncation(BaseModel):
-    """Which inputs were cut to the model's limits (tokens kept: source 1224, candidate 412 for PairRM)."""
+    """Which inputs were cut to the model's limits (PairRM: source 1224 tokens, candidate 412 plus
+    half of what the prompt left unused of its 1224, as llm-blender's collator does)."""
 
     prompt: bool = False
     candidates: list[bool] = Field(default_factory=list)
@@ -83,11 +91,14 @@ class RankRequest(BaseModel):
 
 class RankResult(BaseModel):
     scores: list[float] | None = Field(
-        description="per candidate, higher is better; None in bubble mode"
+        description="per candidate, higher is better; None in PairRM's bubble mode"
     )
-    ranks: list[int] | None = Field(description="1 = best; None in bubble mode")
+    ranks: list[int] | None = Field(description="1 = best; None in PairRM's bubble mode")
     best_index: int
     worst_index: int
+    tie: bool = Field(
+        False, description="best and worst are the same candidate: no chosen/rejected pair"
+    )
     truncated: Truncation
 
 
@@ -118,7 +129,10 @@ class CompareRequest(BaseModel):
 
 
 class CompareResult(BaseModel):
-    prob_a_beats_b: float = Field(ge=0.0, le=1.0)
+    prob_a_beats_b: float = Field(ge=0.0, le=1.0, description="sigmoid(logit)")
+    logit: float | None = Field(
+        None, description="log-odds that a beats b, averaged over both orders"
+    )
     truncated: Truncation
 
 
@@ -139,6 +153,7 @@ class SelectRequest(BaseModel):
 class SelectResult(BaseModel):
     index: int
     candidate: str
+    score: float | None = Field(None, description="its score; None in PairRM's bubble mode")
     truncated: Truncation
 
 

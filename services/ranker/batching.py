@@ -1,0 +1,167 @@
+"""Dynamic micro-batching across concurrent requests, length-aware.
+
+Routes submit single sequences (a PairRM comparison, a reward-model input) and await their results.
+One collector task gathers what is queued: it waits up to `max_wait_s` for more work while less than
+a full batch is queued, takes up to `sort_window` sequences, sorts them by length and cuts them into
+forward passes of at most `max_batch_size` rows and `max_batch_tokens` padded tokens. Sorting is
+what makes batching cheap: a pass costs its longest row times its row count, so rows of similar
+length waste little on padding. Passes run one at a time on a single inference thread (the model
+is not shared between threads), while the event loop keeps accepting and tokenizing requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from pairloop.errors import ServerError, ServiceUnavailableError
+from services.ranker.metrics import RankerMetrics
+
+__all__ = ["MicroBatcher", "plan_batches"]
+
+log = logging.getLogger(__name__)
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+@dataclass
+class _Pending(Generic[J, R]):
+    job: J
+    length: int
+    request: int
+    future: asyncio.Future[R] = field(repr=False)
+
+
+def plan_batches(lengths: Sequence[int], *, max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into forward passes: sorted by length, capped in rows and
+    padded tokens (rows x longest). A sequence longer than `max_tokens` runs alone."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Sorted ascending, so the newcomer is the longest row of the pass it joins.
+        if current and (len(current) >= max_rows or (len(current) + 1) * lengths[i] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class MicroBatcher(Generic[J, R]):
+    """Collects jobs from any number of coroutines and runs them in sorted, capped batches.
+
+    `run_batch(jobs)` is called on the inference thread and returns one result per job.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[J]], Sequence[R]],
+        *,
+        metrics: RankerMetrics,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_s: float,
+        sort_window: int,
+    ) -> None:
+        self._run_batch = run_batch
+        self._metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.sort_window = max(sort_window, max_batch_size)
+        self._queue: asyncio.Queue[_Pending[J, R]] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranker-forward")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._closing
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name="micro-batcher")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(ServiceUnavailableError("the ranker is shutting down"))
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, job: J, *, length: int, request: int) -> asyncio.Future[R]:
+        """Queue one job; `length` (tokens) drives bucketing, `request` only feeds the metrics."""
+        if not self.running:
+            raise ServiceUnavailableError("the ranker is not running (starting or shutting down)")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(job, length, request, future))
+        return future
+
+    async def _gather_window(self) -> list[_Pending[J, R]]:
+        window = [await self._queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(window) < self.sort_window:
+            while not self._queue.empty() and len(window) < self.sort_window:
+                window.append(self._queue.get_nowait())
+            if len(window) >= self.max_batch_size:
+                break  # a full pass is ready: waiting longer would only add latency
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                window.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return [p for p in window if not p.future.done()]  # drop work whose caller went away
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            window = await self._gather_window()
+            plan = plan_batches(
+                [p.length for p in window],
+                max_rows=self.max_batch_size,
+                max_tokens=self.max_batch_tokens,
+            )
+            for indices in plan:
+                batch = [window[i] for i in indices]
+                self._observe(batch)
+                started = time.perf_counter()
+                try:
+                    results = await loop.run_in_executor(
+                        self._executor, self._run_batch, [p.job for p in batch]
+                    )
+                except Exception as exc:  # a failed pass fails its callers, not the service
+                    log.exception("forward pass over %d sequences failed", len(batch))
+                    error = ServerError(f"ranking failed: {type(exc).__name__}: {exc}")
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(error)
+                    continue
+                self._metrics.forward_seconds.observe(time.perf_counter() - started)
+                for p, result in zip(batch, results, strict=True):
+                    if not p.future.done():
+                        p.future.set_result(result)
+
+    def _observe(self, batch: list[_Pending[J, R]]) -> None:
+        longest = max(p.length for p in batch)
+        real = sum(p.length for p in batch)
+        m = self._metrics
+        m.batch_size.observe(len(batch))
+        m.batch_requests.observe(len({p.request for p in batch}))
+        m.comparisons.inc(len(batch))
+        m.batch_tokens.labels(kind="real").inc(real)
+        m.batch_tokens.labels(kind="padding").inc(longest * len(batch) - real)

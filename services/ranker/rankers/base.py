@@ -1,0 +1,162 @@
+"""What a ranker backend is: the `Ranker` protocol the routes call, and the shared arithmetic.
+
+Two shapes of backend exist:
+  - pairwise (PairRM): a model that compares two candidates; implements `Ranker` directly;
+  - pointwise (reward models, programmatic scorers): a score per (prompt, candidate); subclass
+    `PointwiseRanker` and implement `score_item`, and ranking, comparing and selecting follow.
+
+Conventions every backend keeps: higher score is better; ranks are 1-based with ties sharing the
+better rank (llm-blender's `get_ranks_from_scores`); best/worst are the first highest / first lowest
+scores; `tie` is true when best and worst are the same candidate, so the item gives no pair.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from pairloop.contracts.ranker import (
+    CompareItem,
+    CompareResult,
+    RankItem,
+    RankMode,
+    RankResult,
+    SelectResult,
+    Truncation,
+)
+
+__all__ = [
+    "Pick",
+    "PointwiseRanker",
+    "Ranker",
+    "ScoredItem",
+    "compare_from_scores",
+    "rank_from_scores",
+    "ranks_from_scores",
+    "sigmoid",
+]
+
+Pick = Literal["best", "worst"]
+
+
+@runtime_checkable
+class Ranker(Protocol):
+    """A ranking backend, as the routes see it. `request` identifies the HTTP request (metrics)."""
+
+    backend: str
+    model: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def rank(
+        self, items: Sequence[RankItem], *, mode: RankMode, request: int
+    ) -> list[RankResult]: ...
+
+    async def compare(
+        self, items: Sequence[CompareItem], *, request: int
+    ) -> list[CompareResult]: ...
+
+    async def select(
+        self, items: Sequence[RankItem], *, pick: Pick, mode: RankMode, request: int
+    ) -> list[SelectResult]: ...
+
+
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def ranks_from_scores(scores: Sequence[float]) -> list[int]:
+    """1-based ranks, ties sharing the better rank: llm-blender's `get_ranks_from_scores`."""
+    ordered = sorted(scores, reverse=True)
+    return [ordered.index(s) + 1 for s in scores]
+
+
+def rank_from_scores(scores: Sequence[float], truncated: Truncation) -> RankResult:
+    values = [float(s) for s in scores]
+    best = max(range(len(values)), key=lambda i: (values[i], -i))
+    worst = min(range(len(values)), key=lambda i: (values[i], i))
+    return RankResult(
+        scores=values,
+        ranks=ranks_from_scores(values),
+        best_index=best,
+        worst_index=worst,
+        tie=best == worst,
+        truncated=truncated,
+    )
+
+
+def compare_from_scores(score_a: float, score_b: float, truncated: Truncation) -> CompareResult:
+    """A pointwise backend's comparison: logit = score_a - score_b, probability = sigmoid(logit)."""
+    logit = float(score_a) - float(score_b)
+    return CompareResult(prob_a_beats_b=sigmoid(logit), logit=logit, truncated=truncated)
+
+
+class ScoredItem(Protocol):
+    scores: list[float]
+    truncated: Truncation
+
+
+class PointwiseRanker:
+    """Base of backends that score each (prompt, candidate) on its own.
+
+    Bubble mode means nothing for them (scores are transitive, every candidate is scored once
+    anyway), so both modes return full scores and ranks.
+    """
+
+    backend = "pointwise"
+    model = ""
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def score_items(
+        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *, request: int
+    ) -> list[tuple[list[float], Truncation]]:
+        """Scores (higher is better) and truncation flags for each prompt's candidates."""
+        raise NotImplementedError
+
+    async def rank(
+        self, items: Sequence[RankItem], *, mode: RankMode, request: int
+    ) -> list[RankResult]:
+        scored = await self.score_items(
+            [i.prompt for i in items], [i.candidates for i in items], request=request
+        )
+        return [rank_from_scores(scores, trunc) for scores, trunc in scored]
+
+    async def compare(self, items: Sequence[CompareItem], *, request: int) -> list[CompareResult]:
+        scored = await self.score_items(
+            [i.prompt for i in items], [[i.a, i.b] for i in items], request=request
+        )
+        return [compare_from_scores(s[0], s[1], trunc) for s, trunc in scored]
+
+    async def select(
+        self, items: Sequence[RankItem], *, pick: Pick, mode: RankMode, request: int
+    ) -> list[SelectResult]:
+        ranked = await self.rank(items, mode=mode, request=request)
+        return [
+            select_from_rank(item, result, pick) for item, result in zip(items, ranked, strict=True)
+        ]
+
+
+def select_from_rank(item: RankItem, result: RankResult, pick: Pick) -> SelectResult:
+    index = result.best_index if pick == "best" else result.worst_index
+    score = result.scores[index] if result.scores is not None else None
+    return SelectResult(
+        index=index, candidate=item.candidates[index], score=score, truncated=result.truncated
+    )

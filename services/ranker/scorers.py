@@ -1,0 +1,60 @@
+"""Programmatic scorers shipped with pairloop: deterministic, documented preferences.
+
+    python -m services.ranker --backend scorer --model services.ranker.scorers:concise_and_on_topic
+    python -m services.ranker --backend scorer --model services.ranker.scorers:length_target
+
+Each is `f(prompt, candidate) -> float`, higher is better, pure Python and deterministic, so a
+loop aligned with it has a known target: the demo can check that the policy moved towards it.
+
+`concise_and_on_topic` encodes "answer the question that was asked, briefly":
+    score = 2 * coverage - max(0, log2((words + 1) / (TARGET_WORDS + 1)))
+where `coverage` is the share of the prompt's content words (lower-cased, 3+ characters, not stop
+words) that the response uses, and `words` the response's word count. Up to TARGET_WORDS (50) words
+length costs nothing; each doubling beyond costs 1, as much as missing half of the prompt's words.
+An on-topic answer of any length up to 50 words scores 2; an off-topic one scores 0 or less.
+
+`length_target` prefers responses of TARGET_WORDS words, nothing else (shorter or longer alike):
+    score = -|log2((words + 1) / (TARGET_WORDS + 1))|
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+__all__ = ["STOP_WORDS", "TARGET_WORDS", "concise_and_on_topic", "length_target", "words"]
+
+TARGET_WORDS = 50
+
+_STOP_WORDS = (
+    "the and for are but not you all any can her was one our out has have had him his how its "
+    "let may now own say she too use who why what when where which will with this that from they "
+    "them then than there these those into your about would could should please give tell write "
+    "explain describe make some more most also just very"
+)
+STOP_WORDS = frozenset(_STOP_WORDS.split())
+
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words (runs of letters and digits)."""
+    return _WORD.findall(text.lower())
+
+
+def _log_length_ratio(n_words: int) -> float:
+    """log2 of the length relative to TARGET_WORDS: +1 per doubling, -1 per halving."""
+    return math.log2((n_words + 1) / (TARGET_WORDS + 1))
+
+
+def length_target(prompt: str, candidate: str) -> float:
+    """Closeness of the response's length to TARGET_WORDS words, on a log scale (0 is best)."""
+    return -abs(_log_length_ratio(len(words(candidate))))
+
+
+def concise_and_on_topic(prompt: str, candidate: str) -> float:
+    """Uses the prompt's content words, at most TARGET_WORDS words long (see module docstring)."""
+    content = {w for w in words(prompt) if len(w) >= 3 and w not in STOP_WORDS}
+    response = words(candidate)
+    coverage = len(content & set(response)) / len(content) if content else 1.0
+    return 2.0 * coverage - max(0.0, _log_length_ratio(len(response)))

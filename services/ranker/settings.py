@@ -1,0 +1,102 @@
+"""Settings of the ranker service: every flag is also a `PAIRLOOP_RANKER_*` environment variable.
+
+    python -m services.ranker --model llm-blender/PairRM --port 8002
+    PAIRLOOP_RANKER_MODEL=/models/tiny-pairrm PAIRLOOP_RANKER_BATCH_WAIT_MS=5 python -m services.ranker
+
+Flags win over environment variables, which win over the defaults below.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings
+
+from pairloop.settings import service_config
+
+__all__ = ["Dtype", "RankerSettings"]
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+class RankerSettings(BaseSettings):
+    """How the ranker service loads its model, batches work and guards its inputs."""
+
+    model_config = service_config("PAIRLOOP_RANKER_", "python -m services.ranker")
+
+    model: str = Field(
+        "llm-blender/PairRM",
+        description="checkpoint directory or hub name; for --backend scorer, the scoring "
+        "function as package.module:function",
+    )
+    backend: str = Field(
+        "pairrm",
+        description="pairrm | reward-model | scorer, or package.module:factory for your own",
+    )
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8002, ge=1, le=65535)
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N or mps")
+    dtype: Dtype = Field(
+        "float32", description="weights' dtype; bfloat16 halves memory and time on GPUs"
+    )
+    cache_dir: str | None = Field(None, description="Hugging Face cache for hub names")
+
+    max_items: int = Field(256, ge=1, description="most items in one request")
+    max_candidates: int = Field(
+        32, ge=2, description="most candidates per item (best-of-16 is the recipe's best)"
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body")
+
+    # Dynamic batching: pair comparisons (or scored candidates) from concurrent requests are
+    # collected for up to batch_wait_ms, sorted by length and cut into forward passes.
+    batch_size: int = Field(32, ge=1, description="most sequences in one forward pass")
+    # CPU-sized default: ~27 rows of PairRM's typical 600 tokens. On a GPU raise both (e.g.
+    # --batch-size 128 --max-batch-tokens 262144): the cap is what bounds activation memory.
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="most padded tokens (rows x longest) in one forward pass"
+    )
+    batch_wait_ms: float = Field(
+        2.0,
+        ge=0.0,
+        description="how long the collector waits for more work before a partial batch runs",
+    )
+    sort_window: int = Field(
+        2048, ge=1, description="queued sequences sorted by length together (length bucketing)"
+    )
+
+    source_max_length: int | None = Field(
+        None, ge=8, description="prompt tokens kept; default: the checkpoint's (PairRM: 1224)"
+    )
+    candidate_max_length: int | None = Field(
+        None, ge=8, description="candidate tokens kept; default: the checkpoint's (PairRM: 412)"
+    )
+    reward_input_format: Literal["auto", "chat", "pair"] = Field(
+        "auto",
+        description="reward-model backend: chat template (auto when the tokenizer has one) "
+        "or a (prompt, candidate) text pair",
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("log level must be DEBUG, INFO, WARNING or ERROR")
+        return v.upper()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RankerSettings:
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError("float16 is not supported on cpu; use float32 or bfloat16")
+        return self
