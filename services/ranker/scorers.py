@@ -15,6 +15,12 @@ An on-topic answer of any length up to 50 words scores 2; an off-topic one score
 
 `length_target` prefers responses of TARGET_WORDS words, nothing else (shorter or longer alike):
     score = -|log2((words + 1) / (TARGET_WORDS + 1))|
+
+`plain_prose` prefers text made of lowercase letters and spaces (no capitals, digits or symbols):
+    score = PROSE_SCALE * (lowercase letters and spaces) / (characters)
+It is independent of length, and a policy can learn it from token frequencies alone, which is why
+`pairloop demo` aligns its 0.2M-parameter model toward it. The scale (10) makes the judge's
+pairwise probability sigmoid(score_a - score_b) move visibly: 10 points of share -> 0.73.
 """
 
 from __future__ import annotations
@@ -22,9 +28,18 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["STOP_WORDS", "TARGET_WORDS", "concise_and_on_topic", "length_target", "words"]
+__all__ = [
+    "PROSE_SCALE",
+    "STOP_WORDS",
+    "TARGET_WORDS",
+    "concise_and_on_topic",
+    "length_target",
+    "plain_prose",
+    "words",
+]
 
 TARGET_WORDS = 50
+PROSE_SCALE = 10.0
 
 _STOP_WORDS = (
     "the and for are but not you all any can her was one our out has have had him his how its "
@@ -58,3 +73,11 @@ def concise_and_on_topic(prompt: str, candidate: str) -> float:
     response = words(candidate)
     coverage = len(content & set(response)) / len(content) if content else 1.0
     return 2.0 * coverage - max(0.0, _log_length_ratio(len(response)))
+
+
+def plain_prose(prompt: str, candidate: str) -> float:
+    """Share of the response's characters that are lowercase ASCII letters or spaces, times 10."""
+    if not candidate:
+        return 0.0
+    plain = sum(1 for ch in candidate if ch == " " or "a" <= ch <= "z")
+    return PROSE_SCALE * plain / len(candidate)

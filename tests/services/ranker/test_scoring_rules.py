@@ -81,3 +81,13 @@ def test_build_ranker_accepts_a_factory_import_path() -> None:
 
     ranker = build_ranker(settings, RankerMetrics())
     assert ranker.backend == "scorer" and ranker.model == "services.ranker.scorers:length_target"
+
+
+def test_plain_prose_rewards_lowercase_prose_whatever_the_length() -> None:
+    from services.ranker.scorers import PROSE_SCALE, plain_prose
+
+    assert plain_prose("q", "plain words only") == PROSE_SCALE
+    assert plain_prose("q", "plain words only " * 20) == PROSE_SCALE
+    assert plain_prose("q", "ALL-CAPS#1!") == 0.0
+    assert plain_prose("q", "mostly plain, Some Caps") < plain_prose("q", "mostly plain some caps")
+    assert plain_prose("q", "") == 0.0
