@@ -301,4 +301,5 @@ async def execute_run(
             trainer.close()
         manifest.status = "completed"
         ctx.save()
+        write_report(run_path, manifest)  # again, now that the header can say "completed"
     return manifest
