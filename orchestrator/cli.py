@@ -136,6 +136,14 @@ def resume(
     _execute(run_dir.resolve())
 
 
+@app.command(hidden=True)
+def execute(run_dir: Annotated[Path, typer.Argument(help="A run directory created by the API.")]) -> None:
+    """Execute a created run as it is (the status API starts runs with this; a pending cancel stays)."""
+    if not (run_dir / "manifest.json").is_file():
+        raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
+    _execute(run_dir.resolve())
+
+
 @app.command()
 def status(
     run_dir: Annotated[

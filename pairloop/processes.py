@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["ManagedProcess", "ProcessFailedError", "free_port", "wait_for_http"]
+__all__ = ["ManagedProcess", "ProcessFailedError", "free_port", "wait_for_http", "wait_until"]
 
 
 class ProcessFailedError(RuntimeError):
@@ -30,6 +30,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], bool], *, timeout: float, interval: float = 0.1, what: str = "condition"
+) -> None:
+    """Poll `predicate` until it is true; raise TimeoutError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout:.0f}s")
+        time.sleep(interval)
 
 
 def wait_for_http(

@@ -49,3 +49,23 @@ def write_config(tmp_path: Path, store: Path, prompts_file: Path):  # type: igno
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], redis_url: str):  # type: ignore[no-untyped-def]
+    """The embedded stack (real generator, ranker with the demo's scorer, Celery worker), once."""
+    from orchestrator.demo import DEMO_RANKER_ARGS
+    from orchestrator.embedded import LocalStack, StackSpec
+
+    work = tmp_path_factory.mktemp("stack")
+    store = work / "store"
+    shutil.copytree(tiny_models["llama"], store / "models" / "base")
+    spec = StackSpec(
+        store=store,
+        base_model=store / "models" / "base",
+        ranker_args=DEMO_RANKER_ARGS,
+        redis_url=redis_url,
+        extra_env={"HF_DATASETS_CACHE": str(work / "hf-datasets")},
+    )
+    with LocalStack(spec, work) as running:
+        yield running

@@ -87,7 +87,7 @@ async def start_run(
         )
     proc = ManagedProcess(
         f"run-{name}",
-        [sys.executable, "-m", "orchestrator", "resume", str(run_dir)],
+        [sys.executable, "-m", "orchestrator", "execute", str(run_dir)],
         log_path=run_dir / "orchestrator.log",
     ).start()
     request.app.state.run_processes[name] = proc
