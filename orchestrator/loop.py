@@ -197,6 +197,7 @@ async def _train(ctx: RunContext, k: int) -> dict[str, Any]:
         "checkpoint": result.checkpoint_path,
         "steps": result.steps,
         "train_seconds": result.seconds,
+        "task_started_at": result.started_at,
         "resumed_from_step": result.resumed_from_step,
         "reused": result.reused,
         **{f"dpo/{key}": value for key, value in result.metrics.items()},
