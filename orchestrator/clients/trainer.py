@@ -43,7 +43,7 @@ class TrainerClient:
         *,
         timeout: float,
         on_progress: Callable[[TrainProgress], None] | None = None,
-        poll_interval: float = 0.2,
+        poll_interval: float = 0.05,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> TrainResult:
         """Follow the task until it succeeds (its result), fails (TrainingFailedError) or times out."""
