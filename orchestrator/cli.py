@@ -137,7 +137,9 @@ def resume(
 
 
 @app.command(hidden=True)
-def execute(run_dir: Annotated[Path, typer.Argument(help="A run directory created by the API.")]) -> None:
+def execute(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory created by the API.")],
+) -> None:
     """Execute a created run as it is (the status API starts runs with this; a pending cancel stays)."""
     if not (run_dir / "manifest.json").is_file():
         raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)

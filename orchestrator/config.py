@@ -108,6 +108,13 @@ class ServicesConfig(_Strict):
         min_length=1,
         description="every generator replica; all are swapped, generation is spread over them",
     )
+    generator_dns: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9.-]+:\d{1,5}$",
+        description="HOST:PORT whose DNS records list every generator replica (a Kubernetes "
+        "headless Service); resolved again before each swap, so scaled-up replicas are found. "
+        "Replaces generator_urls when set.",
+    )
     ranker_url: str = "http://127.0.0.1:8001"
     redis_url: str | None = Field(None, description="Celery broker; default PAIRLOOP_REDIS_URL")
     concurrency: int = Field(4, ge=1, description="generation/ranking calls in flight at once")

@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class RunContext:
     console: Console
     progress: Progress
     fault_kill_after: str | None = None
+    make_generator: Callable[[str], GeneratorClient] | None = None
     _rr: itertools.cycle = field(init=False, repr=False)  # type: ignore[type-arg]
     _events: Counter[str] = field(default_factory=Counter, init=False, repr=False)
 
@@ -78,6 +80,22 @@ class RunContext:
         self._events[stage] += 1
         if self.fault_kill_after == f"{stage}:{self._events[stage]}":
             os.kill(os.getpid(), signal.SIGKILL)
+
+    async def refresh_generators(self) -> None:
+        """Re-resolve the replicas (headless-Service DNS); new ones get clients, gone ones close."""
+        from orchestrator.discovery import generator_urls
+
+        if self.make_generator is None or not self.cfg.services.generator_dns:
+            return
+        urls = generator_urls(self.cfg.services)
+        current = {g.base_url: g for g in self.generators}
+        if list(current) == urls:
+            return
+        for url, client in current.items():
+            if url not in urls:
+                await client.aclose()
+        self.generators = [current.get(url) or self.make_generator(url) for url in urls]
+        self._rr = itertools.cycle(self.generators)
 
     def save(self) -> None:
         self.manifest.save(self.run_dir)

@@ -264,9 +264,14 @@ async def execute_run(
         else None
     )
     common = {"timeout": services.request_timeout_s, "retries": services.retries}
-    generators = [
-        GeneratorClient(url, admin_token=token, **common) for url in services.generator_urls
-    ]
+
+    def make_generator(url: str) -> GeneratorClient:
+        return GeneratorClient(url, admin_token=token, **common)
+
+    # With generator_dns the replicas are resolved inside the run (and again before each swap).
+    generators = (
+        [] if services.generator_dns else [make_generator(u) for u in services.generator_urls]
+    )
     ranker = RankerClient(services.ranker_url, **common)
     trainer = TrainerClient(services.redis_url or RedisSettings().redis_url)
     with run_lock(run_path), make_progress(console) as progress:
@@ -280,10 +285,12 @@ async def execute_run(
             console=console,
             progress=progress,
             fault_kill_after=settings.fault_kill_after,
+            make_generator=make_generator,
         )
         manifest.status, manifest.error = "running", None
         ctx.save()
         try:
+            await ctx.refresh_generators()
             await _preflight(ctx)
             await _run_stages(ctx)
         except BaseException as raw:
@@ -296,7 +303,7 @@ async def execute_run(
                 raise exc from None
             raise
         finally:
-            for g in generators:
+            for g in ctx.generators:
                 await g.aclose()
             await ranker.aclose()
             trainer.close()

@@ -33,6 +33,7 @@ def derive_seed(*parts: object) -> int:
 async def ensure_version(ctx: RunContext, k: int) -> float:
     """Make every generator replica serve policy k; return the slowest swap's seconds (0: none)."""
     label, path = ctx.version_label(k), ctx.policy_path(k)
+    await ctx.refresh_generators()
     slowest = 0.0
     for client in ctx.generators:
         if await client.weight_version() == label:
