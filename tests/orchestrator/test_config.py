@@ -73,3 +73,23 @@ def test_create_run_freezes_prompts_and_refuses_to_overwrite(write_config, store
     ]
     with pytest.raises(ConfigError, match="already exists"):
         create_run(write_config(), run_id="r1")
+
+
+def test_shipped_configs_load(tmp_path: Path) -> None:
+    from orchestrator.demo import demo_config
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = load_run_config(root / "configs" / "snorkel-mistral-pairrm.yaml")
+    assert recipe.prompts.per_iteration == 20_000 and recipe.samples_per_prompt == 5
+    assert recipe.base_model == "/models/models/Mistral-7B-Instruct-v0.2"
+    demo = RunConfig.model_validate(
+        demo_config(
+            store=tmp_path,
+            base_model=tmp_path / "m",
+            generator_url="http://g:1",
+            ranker_url="http://r:2",
+            redis_url="redis://x:6379/0",
+            iterations=3,
+        )
+    )
+    assert demo.iterations == 3 and demo.prompts.source.endswith("prompts.jsonl")
