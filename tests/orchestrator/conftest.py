@@ -52,8 +52,12 @@ def write_config(tmp_path: Path, store: Path, prompts_file: Path):  # type: igno
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], redis_url: str):  # type: ignore[no-untyped-def]
-    """The embedded stack (real generator, ranker with the demo's scorer, Celery worker), once."""
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """The embedded stack (real generator, ranker with the demo's scorer, Celery worker), once.
+
+    It gets a Redis of its own: its worker must not consume the training jobs other tests queue
+    (and theirs must not consume the loop's) on the session's shared Redis.
+    """
     from orchestrator.demo import DEMO_RANKER_ARGS
     from orchestrator.embedded import LocalStack, StackSpec
 
@@ -64,7 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
         store=store,
         base_model=store / "models" / "base",
         ranker_args=DEMO_RANKER_ARGS,
-        redis_url=redis_url,
+        redis_url=None,
         extra_env={"HF_DATASETS_CACHE": str(work / "hf-datasets")},
     )
     with LocalStack(spec, work) as running:
