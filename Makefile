@@ -1,4 +1,5 @@
 # pairloop: every target works on a fresh Linux machine with Python 3.11 and network access to PyPI.
+#   make demo    the main job: `pairloop demo`, 3 iterations of the loop on the embedded stack
 #   make setup   .venv with the exact CPU stack (requirements/lock-cpu.txt) and pairloop itself
 #   make test    lint + the whole test suite (what CI runs)
 #   make lint    ruff
@@ -10,8 +11,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pairloop-installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: setup test lint bench lock clean
+.PHONY: setup demo test lint bench lock clean
 
 setup: $(STAMP)
 
@@ -23,6 +25,9 @@ $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -c "import vllm, transformers, torch; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
+
+demo: setup
+	$(BIN)/pairloop demo $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/ruff check pairloop services orchestrator tests bench

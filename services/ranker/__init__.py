@@ -1,6 +1,6 @@
 """pairloop's ranker service: PairRM (llm-blender) and other rankers behind one HTTP API.
 
-    python -m services.ranker --model llm-blender/PairRM --port 8002
+    python -m services.ranker --model llm-blender/PairRM --port 8001
 
     POST /v1/rank     items {prompt, candidates[]} -> scores, ranks, best/worst index (full|bubble)
     POST /v1/compare  items {prompt, a, b}         -> probability that a beats b (both orders)

@@ -1,6 +1,6 @@
 """Run the ranker service: `python -m services.ranker --model DIR_OR_HF_NAME --port N`.
 
-    python -m services.ranker                                   # llm-blender/PairRM on cpu, :8002
+    python -m services.ranker                                   # llm-blender/PairRM on cpu, :8001
     python -m services.ranker --model /models/tiny-pairrm --port 8102 --batch-wait-ms 5
     python -m services.ranker --device cuda --dtype bfloat16 --batch-size 64
     python -m services.ranker --backend reward-model --model OpenAssistant/reward-model-deberta-v3-large-v2

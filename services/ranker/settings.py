@@ -1,6 +1,6 @@
 """Settings of the ranker service: every flag is also a `PAIRLOOP_RANKER_*` environment variable.
 
-    python -m services.ranker --model llm-blender/PairRM --port 8002
+    python -m services.ranker --model llm-blender/PairRM --port 8001
     PAIRLOOP_RANKER_MODEL=/models/tiny-pairrm PAIRLOOP_RANKER_BATCH_WAIT_MS=5 python -m services.ranker
 
 Flags win over environment variables, which win over the defaults below.
@@ -38,7 +38,7 @@ class RankerSettings(BaseSettings):
         description="pairrm | reward-model | scorer, or package.module:factory for your own",
     )
     host: str = Field("127.0.0.1", description="interface to listen on")
-    port: int = Field(8002, ge=1, le=65535)
+    port: int = Field(8001, ge=1, le=65535)
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N or mps")
     dtype: Dtype = Field(
         "float32", description="weights' dtype; bfloat16 halves memory and time on GPUs"
