@@ -65,6 +65,9 @@ ENV HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1 \
     PAIRLOOP_GENERATOR_HOST=0.0.0.0 \
     PAIRLOOP_GENERATOR_PORT=8000
+# HOME explicitly: Kubernetes runtimes do not all derive it from /etc/passwd for a numeric uid,
+# and vLLM, Hugging Face and torch keep caches under it.
+ENV HOME=/home/pairloop
 USER 10001
 WORKDIR /home/pairloop
 EXPOSE 8000

@@ -32,6 +32,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PAIRLOOP_ORCHESTRATOR_HOST=0.0.0.0 \
     PAIRLOOP_ORCHESTRATOR_PORT=8080
+# HOME explicitly: Kubernetes runtimes do not all derive it from /etc/passwd for a numeric uid,
+# and vLLM, Hugging Face and torch keep caches under it.
+ENV HOME=/home/pairloop
 USER 10001
 WORKDIR /home/pairloop
 EXPOSE 8080

@@ -37,6 +37,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PAIRLOOP_RANKER_HOST=0.0.0.0 \
     PAIRLOOP_RANKER_PORT=8001
+# HOME explicitly: Kubernetes runtimes do not all derive it from /etc/passwd for a numeric uid,
+# and vLLM, Hugging Face and torch keep caches under it.
+ENV HOME=/home/pairloop
 USER 10001
 WORKDIR /home/pairloop
 EXPOSE 8001

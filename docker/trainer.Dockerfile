@@ -37,6 +37,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=0 \
     TOKENIZERS_PARALLELISM=false \
     PYTHONUNBUFFERED=1
+# HOME explicitly: Kubernetes runtimes do not all derive it from /etc/passwd for a numeric uid,
+# and vLLM, Hugging Face and torch keep caches under it.
+ENV HOME=/home/pairloop
 USER 10001
 WORKDIR /home/pairloop
 # No HTTP server: the worker is healthy when it answers a Celery control ping (it names itself
