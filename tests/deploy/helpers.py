@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -469,3 +470,109 @@ def check_pairloop_argv(argv: list[str]) -> None:
         else:
             given.append(token)
     assert len(given) == len(positionals), f"pairloop {sub} takes {positionals}, got {given}"
+
+
+# --- what an image installs ------------------------------------------------------------------
+
+_SELF = {"pairloop", "services", "orchestrator"}
+
+
+def _canon(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def extra_closure(extra: str) -> set[str]:
+    """Distributions `pip install .[extra]` brings in: pyproject's requirements, then each
+    installed distribution's own requirements (markers evaluated for the extras asked of it)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    todo: list[tuple[str, str]] = [(r, "") for r in project["dependencies"]]
+    todo += [(r, "") for r in project["optional-dependencies"][extra]]
+    seen: set[str] = set()
+    while todo:
+        text, asked = todo.pop()
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": asked}):
+            continue
+        name = _canon(req.name)
+        if name == "pairloop":
+            for sub in req.extras:
+                todo += [(r, "") for r in project["optional-dependencies"][sub]]
+            continue
+        extras = sorted(req.extras)
+        key = f"{name}[{','.join(extras)}]"
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue  # not installed here (e.g. vllm for the GPU image): nothing more to follow
+        for sub in requires:
+            for e in ["", *extras]:
+                todo.append((sub, e))
+    return {k.split("[")[0] for k in seen}
+
+
+def allowed_modules(distributions: set[str]) -> set[str]:
+    provided = metadata.packages_distributions()
+    mods = {m for m, dists in provided.items() if any(_canon(d) in distributions for d in dists)}
+    return mods | set(sys.stdlib_module_names) | _SELF
+
+
+_BLOCKER = """
+import importlib.machinery, json, os, sys
+ALLOWED = set(json.loads(os.environ["PAIRLOOP_TEST_ALLOWED_MODULES"]))
+class OnlyTheImage:
+    # sys.path's finder, blind to top-level packages the image does not install: importing one
+    # raises ModuleNotFoundError and find_spec() says None, as in the image.
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        top = name.partition(".")[0]
+        if path is None and top not in ALLOWED and not top.startswith("_"):
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+    @staticmethod
+    def invalidate_caches():
+        importlib.machinery.PathFinder.invalidate_caches()
+    @staticmethod
+    def find_distributions(*args, **kwargs):
+        return importlib.machinery.PathFinder.find_distributions(*args, **kwargs)
+sys.meta_path[:] = [OnlyTheImage if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+from orchestrator.cli import main
+sys.argv[0] = "pairloop"
+sys.exit(main())
+"""
+
+
+def run_pairloop_with_only(
+    extra: str, argv: list[str], *, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """`pairloop ARGV` with imports limited to what `pip install .[extra]` installs."""
+    assert argv[0] == "pairloop"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "PAIRLOOP_TEST_ALLOWED_MODULES": json.dumps(sorted(allowed_modules(extra_closure(extra)))),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCKER, *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def image_extra(dockerfile: Path) -> str:
+    """The pyproject extra the Dockerfile installs (`.[X]` or a wheel's `[X]`)."""
+    df = parse_dockerfile(dockerfile)
+    text = " ".join(i.args for s in df.stages for i in s.all("RUN"))
+    found = re.findall(r"(?:\"?\.|\.whl\))\[([a-z-]+)\]", text)
+    assert found, f"{dockerfile.name}: installs no pyproject extra"
+    return found[-1]

@@ -25,7 +25,9 @@ from .helpers import (
     check_settings_env,
     compose_env,
     compose_model,
+    image_extra,
     parse_dockerfile,
+    run_pairloop_with_only,
     service_env,
 )
 
@@ -358,3 +360,19 @@ def test_commands_are_real_entry_points() -> None:
             check_pairloop_argv([*entry, *svc["command"]])
     # The way the README resumes a run in the stack.
     check_pairloop_argv(["pairloop", "resume", "/models/runs/ID"])
+
+
+def test_models_init_runs_with_only_what_its_image_installs(tmp_path: Path) -> None:
+    """The tiny-model build runs here with imports limited to the image's packages (pyproject
+    extra + the installed dependency closure); the orchestrator's image would lack torch."""
+    svc = compose_model(*CPU)["services"]["models-init"]
+    extra = image_extra(REPO / svc["build"]["context"] / svc["build"]["dockerfile"])
+    argv = shlex.split(svc["entrypoint"][2].split("exec ", 1)[1])
+    argv = [str(tmp_path) + a[len(STORE) :] if a.startswith(STORE + "/") else a for a in argv]
+    proc = run_pairloop_with_only(extra, argv, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "models" / "tiny-llama" / "config.json").is_file()
+    # The same command in the orchestrator's image fails: the check can tell the images apart.
+    other = image_extra(REPO / "docker" / "orchestrator.Dockerfile")
+    proc = run_pairloop_with_only(other, [*argv[:2], str(tmp_path / "other")], cwd=tmp_path)
+    assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr + proc.stdout

@@ -346,6 +346,12 @@ def test_cpu_demo_overlay_needs_no_gpu_and_runs_the_demo_recipe() -> None:
     gen = pod_spec(find(docs, "Deployment", "generator")[0])
     (init,) = gen["initContainers"]
     assert f"test -f {cfg.base_model}/config.json" in init["command"][2]
+    # The image test_compose proves can run that command.
+    compose_init = compose_model("docker-compose.yml", "docker-compose.cpu.yml")["services"][
+        "models-init"
+    ]
+    assert init["image"] == compose_init["image"]
+    assert init["command"] == compose_init["entrypoint"]
     ranker = container_env(pod_spec(find(docs, "Deployment", "ranker")[0])["containers"][0])
     from orchestrator.demo import DEMO_RANKER_ARGS
 
