@@ -376,3 +376,41 @@ def test_models_init_runs_with_only_what_its_image_installs(tmp_path: Path) -> N
     other = image_extra(REPO / "docker" / "orchestrator.Dockerfile")
     proc = run_pairloop_with_only(other, [*argv[:2], str(tmp_path / "other")], cwd=tmp_path)
     assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr + proc.stdout
+
+
+def test_orchestrator_image_runs_the_loop_up_to_the_services(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """`pairloop run` with only the orchestrator image's packages importable creates the run
+    (config, prompts, manifest) and stops at the first service call; `pairloop report` works."""
+    import shutil
+
+    import yaml
+
+    services = compose_model(*CPU)["services"]
+    svc = services["orchestrator"]
+    extra = image_extra(REPO / svc["build"]["context"] / svc["build"]["dockerfile"])
+    store = tmp_path / "store"
+    cfg = yaml.safe_load((REPO / "configs" / "tiny-demo-compose.yaml").read_text())
+    shutil.copytree(tiny_models["llama"], store / cfg["base_model"])
+    cfg["model_store"] = str(store)
+    cfg["prompts"]["source"] = str(REPO / "orchestrator" / "demo" / "prompts.jsonl")
+    # Nothing listens on port 9 (discard): the first service call fails at once.
+    cfg["services"].update(
+        generator_urls=["http://127.0.0.1:9"],
+        ranker_url="http://127.0.0.1:9",
+        redis_url="redis://127.0.0.1:9/0",
+        retries=0,
+    )
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_pairloop_with_only(
+        extra, ["pairloop", "run", "run.yaml", "--run-id", "r1"], cwd=tmp_path
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "No module named" not in out, out
+    assert "generator at http://127.0.0.1:9" in out, out
+    assert (store / "runs" / "r1" / "manifest.json").is_file()
+    proc = run_pairloop_with_only(
+        extra, ["pairloop", "report", str(store / "runs" / "r1")], cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
