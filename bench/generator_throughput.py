@@ -18,6 +18,11 @@ Each repeat uses fresh prompts (a repeat number opens each prompt), so the prefi
 serves a repeated prompt. Throughput is generated tokens / wall seconds, median over
 repeats; the headline is service / in-process. Printed as a table and written to
 bench/results/generator_throughput[_TAG].json.
+
+Reading the figures on a 2-core host: vLLM's EngineCore (a busy loop) and its worker each keep a
+core busy while decoding (measured: ~1 CPU s per wall second each), so whatever the HTTP server
+and the client spend comes straight out of decoding. With the tiny model (steps of ~1 ms) that
+shows; with 100m it is lost in the forward passes.
 """
 
 from __future__ import annotations
