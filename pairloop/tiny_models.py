@@ -12,7 +12,7 @@ random tiny models with near-uniform logits make "vLLM equals transformers" test
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -98,7 +98,9 @@ def _corpus() -> list[str]:
     return lines + [line.lower() for line in lines] + [line.upper() for line in lines]
 
 
-def build_tokenizer(*, vocab_size: int, chat_template: str):  # -> PreTrainedTokenizerFast
+def build_tokenizer(
+    *, vocab_size: int, chat_template: str, model_max_length: int = 2048
+):  # -> PreTrainedTokenizerFast
     """Train a byte-level BPE tokenizer on the built-in corpus (deterministic, offline)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -120,7 +122,7 @@ def build_tokenizer(*, vocab_size: int, chat_template: str):  # -> PreTrainedTok
         eos_token=EOS,
         unk_token=UNK,
         pad_token=PAD,
-        model_max_length=2048,
+        model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = chat_template
@@ -152,12 +154,18 @@ def _config(arch: Arch, spec: TinySpec, tokenizer):  # -> PretrainedConfig
 
 
 def build_tiny_chat_model(
-    out_dir: str | Path, *, arch: Arch = "llama", preset: str = "tiny", seed: int = 0
+    out_dir: str | Path,
+    *,
+    arch: Arch = "llama",
+    preset: str = "tiny",
+    seed: int = 0,
+    max_position_embeddings: int | None = None,
 ) -> Path:
     """Write a tiny chat model in Hugging Face format to `out_dir` and return that path.
 
     The same (arch, preset) always gets the same tokenizer; `seed` changes only the weights, so
     two seeds give checkpoints with identical names and shapes but different outputs.
+    `max_position_embeddings` overrides the preset's context (RoPE: no weight depends on it).
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -167,10 +175,16 @@ def build_tiny_chat_model(
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     spec = PRESETS[preset]
+    if max_position_embeddings is not None:
+        spec = replace(spec, max_position_embeddings=max_position_embeddings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tokenizer(vocab_size=spec.vocab_size, chat_template=CHAT_TEMPLATES[arch])
+    tokenizer = build_tokenizer(
+        vocab_size=spec.vocab_size,
+        chat_template=CHAT_TEMPLATES[arch],
+        model_max_length=spec.max_position_embeddings,
+    )
     config = _config(arch, spec, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

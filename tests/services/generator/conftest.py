@@ -29,7 +29,10 @@ MAX_N = 4
 MAX_TOKENS_LIMIT = 1000
 MAX_BATCH_PROMPTS = 16
 MAX_BODY_BYTES = 256 * 1024
-MAX_MODEL_LEN = 1024
+# Above vLLM's default per-step token budget with chunked prefill (2048), so one prompt can be
+# longer than that budget (test_long_seeded_prompts); the models' own context is 4096.
+MAX_MODEL_LEN = 3072
+MODEL_CONTEXT = 4096
 STARTUP_TIMEOUT_S = 240.0
 
 
@@ -114,8 +117,10 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pairloop.tiny_models import build_tiny_chat_model
 
     root = tmp_path_factory.mktemp("model-store")
-    build_tiny_chat_model(root / "seed0", arch="llama", seed=0)
-    build_tiny_chat_model(root / "seed1", arch="llama", seed=1)
+    for seed in (0, 1):
+        build_tiny_chat_model(
+            root / f"seed{seed}", arch="llama", seed=seed, max_position_embeddings=MODEL_CONTEXT
+        )
     return root
 
 

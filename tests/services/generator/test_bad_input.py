@@ -17,7 +17,7 @@ import pytest
 
 from pairloop.errors import ErrorResponse
 
-from .conftest import MAX_BATCH_PROMPTS, MAX_BODY_BYTES, MAX_N, MAX_TOKENS_LIMIT
+from .conftest import MAX_BATCH_PROMPTS, MAX_BODY_BYTES, MAX_MODEL_LEN, MAX_N, MAX_TOKENS_LIMIT
 
 CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 
@@ -194,7 +194,8 @@ def test_swap_to_the_serving_version_with_other_weights_is_409(generator) -> Non
 
 # --- generation request bodies -------------------------------------------------------------------
 
-LONG_PROMPT = "word " * 1200
+# At least one token per word: longer than the context whatever the tokenizer merges.
+LONG_PROMPT = "word " * (MAX_MODEL_LEN + 1)
 
 
 @pytest.mark.parametrize(
