@@ -101,7 +101,9 @@ def print_summary(run_dir: Path, manifest) -> None:  # type: ignore[no-untyped-d
             f(r.get("win_rate_vs_previous")),
             f(r.get("mean_length"), "{:.1f}"),
         )
-    console.print(table)
+    # Rich assumes 80 columns when output is not a terminal (CI logs, `| tee`), too few for this.
+    out = console if console.is_terminal else Console(width=max(console.width, 120))
+    out.print(table)
     report = run_dir / "report" / "report.md"
     if report.exists():
         console.print(f"report: {report}")
