@@ -90,16 +90,6 @@ class GeneratorService:
         self.record(version, path)
         return dict(r.json())
 
-    @staticmethod
-    def wait_until(predicate, *, timeout: float, what: str, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]
-        """Poll `predicate()` until true; fail naming `what` after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{label="v"}': value}."""
         text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
