@@ -156,10 +156,11 @@ def test_launched_rank_exits_when_its_owner_dies() -> None:
     )
     dead_pid = int(gone.stdout)
     code = (
-        "import time\n"
+        "import threading\n"
         "from services.trainer.launch_entry import _exit_when_gone\n"
         f"_exit_when_gone({dead_pid}, interval=0.1)\n"
-        "time.sleep(60)\n"
+        # Block as a training rank would; only the watchdog's exit can end this process in time.
+        "threading.Event().wait()\n"
     )
     rank = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, timeout=30
