@@ -30,11 +30,11 @@ demo: setup
 	$(BIN)/pairloop demo $(DEMO_ARGS)
 
 test: setup
-	$(BIN)/ruff check pairloop services orchestrator tests bench
+	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check pairloop services orchestrator tests bench
+	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench
 
 bench: setup
 	$(BIN)/python -m bench

@@ -16,8 +16,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from pairloop.processes import ManagedProcess, ProcessFailedError, free_port
-from pairloop.tiny_models import build_tiny_chat_model
+from pairloop_local.processes import ManagedProcess, ProcessFailedError, free_port
+from pairloop_local.tiny_models import build_tiny_chat_model
 
 __all__ = [
     "ADMIN_TOKEN",

@@ -3,7 +3,7 @@
     python -m bench.generator_swap                         # tiny and 100m presets, 3 restarts each
     python -m bench.generator_swap --presets tiny --restarts 2 --swaps 4
 
-Per preset, two checkpoints of the same shape (`pairloop.tiny_models`, weight seeds 0 and 1) in a
+Per preset, two checkpoints of the same shape (`pairloop_local.tiny_models`, weight seeds 0 and 1) in a
 model store. Each repeat cold-starts the real service (`python -m services.generator`) and times
 
     restart -> ready   spawn -> GET /ready answers 200 (imports, engine build, weights loaded)

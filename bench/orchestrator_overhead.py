@@ -40,7 +40,7 @@ from orchestrator.embedded import LocalStack, StackSpec
 from orchestrator.loop import create_run, execute_run
 from orchestrator.manifest import Manifest
 from orchestrator.settings import OrchestratorSettings
-from pairloop.tiny_models import build_tiny_chat_model
+from pairloop_local.tiny_models import build_tiny_chat_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("generate", "rank", "pairs", "train", "swap", "evaluate")

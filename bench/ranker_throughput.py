@@ -5,7 +5,7 @@
     python -m bench.ranker_throughput --device cuda --dtype bfloat16 --preset large \\
         --prompts 1000 --batch-size 128 --max-batch-tokens 262144 --tag gpu     # GPU host
 
-Same random PairRM checkpoint (`pairloop.tiny_ranker` preset), same inputs, same device and dtype
+Same random PairRM checkpoint (`pairloop_local.tiny_ranker` preset), same inputs, same device and dtype
 for both sides. Inputs have realistic lengths: prompt and response token counts are log-normal
 (medians 120 and 220 tokens, sigma 0.6, clipped to 800 and 400: UltraFeedback-like spread within
 PairRM's limits), so padding is what it is in real use.
@@ -39,8 +39,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from pairloop.processes import ManagedProcess, free_port
-from pairloop.tiny_ranker import PAIRRM_PRESETS, build_tiny_pairrm
+from pairloop_local.processes import ManagedProcess, free_port
+from pairloop_local.tiny_ranker import PAIRRM_PRESETS, build_tiny_pairrm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROJECT_PROMPTS = 20_000

@@ -6,7 +6,7 @@ side, and the whole Celery task's overhead as a share of its wall time.
     python -m bench.trainer_dpo --skip-task              # step throughput only
 
 Part 1 runs the production training code (`services.trainer.dpo.train_policy`) in this process on
-a random ~100M-parameter Llama (`pairloop.tiny_models`, preset 100m), same data and settings for
+a random ~100M-parameter Llama (`pairloop_local.tiny_models`, preset 100m), same data and settings for
 both variants, alternating them `--repeats` times (the host is shared) and keeping the median
 step. A step's time is the gap between two consecutive per-step progress reports (logging_steps
 1), the first step excluded as warm-up, in wall time and in this process's CPU time (torch runs
@@ -48,7 +48,7 @@ _WORDS = _VOCABULARY.split()
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="100m", help="pairloop.tiny_models preset")
+    p.add_argument("--preset", default="100m", help="pairloop_local.tiny_models preset")
     p.add_argument("--store", type=Path, help="model store to reuse (the model is built once)")
     p.add_argument("--pairs", type=int, default=64, help="pairs in the split")
     p.add_argument("--prompt-words", type=int, default=24)
@@ -77,7 +77,7 @@ def _text(i: int, n: int) -> str:
 def build_store(root: Path, args: argparse.Namespace) -> Path:
     """The policy (= reference) model and a preference split, built once per store."""
     from pairloop.preference_data import make_preference_row, write_preference_split
-    from pairloop.tiny_models import build_tiny_chat_model
+    from pairloop_local.tiny_models import build_tiny_chat_model
 
     if not (root / "policy" / "config.json").is_file():
         build_tiny_chat_model(root / "policy", preset=args.preset)
@@ -195,9 +195,9 @@ def step_throughput(store: Path, args: argparse.Namespace) -> dict[str, Any]:
 def task_overhead(store: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One job through a real worker; where the client's wall time went."""
     from pairloop.jobs import TrainJob, TrainResult
-    from pairloop.processes import ManagedProcess
-    from pairloop.redis_server import start_redis
     from pairloop.train_client import make_train_client, read_train_state, submit_train_job
+    from pairloop_local.processes import ManagedProcess
+    from pairloop_local.redis_server import start_redis
 
     redis = start_redis(Path(tempfile.mkdtemp(prefix="dpo-bench-redis-")))
     env = dict(os.environ)

@@ -92,7 +92,7 @@ def run_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     from pairloop.jobs import TrainJob, TrainProgress
-    from pairloop.tiny_models import CHAT_TEMPLATES, build_tokenizer
+    from pairloop_local.tiny_models import CHAT_TEMPLATES, build_tokenizer
     from services.trainer.dpo import dpo_config, dpo_trainer_class, progress_callback
     from services.trainer.spec import TrainingSpec
 

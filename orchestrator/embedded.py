@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pairloop.processes import ManagedProcess, ProcessFailedError, free_port
-from pairloop.redis_server import RedisHandle, ensure_redis
+from pairloop_local.processes import ManagedProcess, ProcessFailedError, free_port
+from pairloop_local.redis_server import RedisHandle, ensure_redis
 
 __all__ = ["LocalStack", "StackSpec", "wait_for_worker"]
 

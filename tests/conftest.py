@@ -1,6 +1,6 @@
 """Session-wide fixtures: tiny models built once, a private Redis, offline hub settings.
 
-Integration tests start real processes on free loopback ports through `pairloop.processes` and
+Integration tests start real processes on free loopback ports through `pairloop_local.processes` and
 stop them in fixture teardown, whatever the outcome.
 """
 
@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`pairloop tiny-models` output (arch -> model dir), built once per session, seed 0."""
-    from pairloop.tiny_models import build_tiny_models
+    from pairloop_local.tiny_models import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
@@ -46,7 +46,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private, real redis-server on a free loopback port, for this test session only."""
-    from pairloop.redis_server import start_redis
+    from pairloop_local.redis_server import start_redis
 
     handle = start_redis(tmp_path_factory.mktemp("redis"))
     try:

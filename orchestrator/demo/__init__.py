@@ -65,9 +65,9 @@ def run_demo(workdir: Path, *, iterations: int = 3, console: Console | None = No
     from orchestrator.config import ConfigError
     from orchestrator.embedded import StackSpec
     from pairloop.errors import PairloopError
-    from pairloop.processes import ProcessFailedError
     from pairloop.settings import RedisSettings
-    from pairloop.tiny_models import build_tiny_chat_model
+    from pairloop_local.processes import ProcessFailedError
+    from pairloop_local.tiny_models import build_tiny_chat_model
 
     console = console or Console()
     started = time.monotonic()

@@ -12,10 +12,11 @@ from orchestrator.evaluation import win_rate
 from orchestrator.prompts import read_prompts
 from orchestrator.shards import ShardStore, chunk
 from orchestrator.stages.generate import generate_shards
+from orchestrator.stages.swap import ensure_version
 from pairloop.atomic import atomic_write_json
 from pairloop.contracts.ranker import CompareItem, CompareRequest
 
-__all__ = ["eval_outputs", "evaluate_policy", "generate_eval_outputs"]
+__all__ = ["eval_outputs", "evaluate_policy", "generate_eval_outputs", "run", "run_base"]
 
 
 def _out_dir(ctx: RunContext, k: int) -> Path:
@@ -115,3 +116,17 @@ async def evaluate_policy(ctx: RunContext, k: int) -> dict[str, Any]:
             ],
         )
     return metrics
+
+
+async def run_base(ctx: RunContext) -> dict[str, Any]:
+    """policy0.evaluate: the base model's answers, which every later policy is judged against."""
+    await ensure_version(ctx, 0)
+    outputs = await generate_eval_outputs(ctx, 0)
+    lengths = [len(o["output"]) for o in outputs]
+    return {"mean_length": sum(lengths) / len(lengths), "eval_prompts": len(outputs)}
+
+
+async def run(ctx: RunContext, k: int) -> dict[str, Any]:
+    """iter{k}.evaluate: policy k against the base and against policy k-1."""
+    await ensure_version(ctx, k)
+    return await evaluate_policy(ctx, k)

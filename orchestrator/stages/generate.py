@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from orchestrator.context import RunContext
-from orchestrator.prompts import PromptRecord
+from orchestrator.prompts import PromptRecord, read_prompts
 from orchestrator.shards import ShardStore, chunk
-from pairloop.contracts.generator import BatchChatRequest, ChatMessage, WeightSwapRequest
+from orchestrator.stages.swap import ensure_version
+from pairloop.contracts.generator import BatchChatRequest, ChatMessage
 from pairloop.errors import ServerError
 
-__all__ = ["VersionMismatchError", "derive_seed", "ensure_version", "generate_shards"]
+__all__ = ["VersionMismatchError", "derive_seed", "generate_shards", "run"]
 
 
 class VersionMismatchError(ServerError):
@@ -28,21 +30,6 @@ class VersionMismatchError(ServerError):
 def derive_seed(*parts: object) -> int:
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).hexdigest()
     return int(digest[:8], 16)
-
-
-async def ensure_version(ctx: RunContext, k: int) -> float:
-    """Make every generator replica serve policy k; return the slowest swap's seconds (0: none)."""
-    label, path = ctx.version_label(k), ctx.policy_path(k)
-    await ctx.refresh_generators()
-    slowest = 0.0
-    for client in ctx.generators:
-        if await client.weight_version() == label:
-            continue
-        reply = await client.swap_weights(WeightSwapRequest(path=str(path), version=label))
-        slowest = max(slowest, reply.seconds)
-    ctx.manifest.current_version = label
-    ctx.save()
-    return slowest
 
 
 async def generate_shards(
@@ -112,3 +99,26 @@ async def generate_shards(
         for index in todo:
             group.create_task(one(index))
     return store
+
+
+async def run(ctx: RunContext, k: int) -> dict[str, Any]:
+    """iter{k}.generate: policy k-1 answers the iteration's prompts n times (swapped to first)."""
+    swap_seconds = await ensure_version(ctx, k - 1)
+    prompts = read_prompts(ctx.run_dir / "prompts" / f"iteration_{k}.jsonl")
+    await generate_shards(
+        ctx,
+        prompts=prompts,
+        out_dir=ctx.iter_dir(k) / "generations",
+        policy=k - 1,
+        n=ctx.cfg.samples_per_prompt,
+        temperature=ctx.cfg.sampling.temperature,
+        max_tokens=ctx.cfg.sampling.max_tokens,
+        seed_key=f"iter{k}",
+        description=f"iter {k}: generate",
+        stage=f"iter{k}.generate",
+    )
+    return {
+        "prompts": len(prompts),
+        "version": ctx.version_label(k - 1),
+        "preswap_seconds": swap_seconds,
+    }

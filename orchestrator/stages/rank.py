@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.context import RunContext
+from orchestrator.prompts import read_prompts
 from orchestrator.shards import ShardStore, chunk
 from pairloop.contracts.ranker import RankItem, RankRequest
 
-__all__ = ["rank_shards"]
+__all__ = ["rank_shards", "run", "shard_count"]
 
 
 async def _rank_records(ctx: RunContext, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -75,3 +76,22 @@ async def rank_shards(
         for index in todo:
             group.create_task(one(index))
     return store
+
+
+def shard_count(ctx: RunContext, k: int) -> int:
+    """How many shards iteration k's prompts make (generation and ranking use the same split)."""
+    prompts = read_prompts(ctx.run_dir / "prompts" / f"iteration_{k}.jsonl")
+    return len(chunk(prompts, ctx.cfg.shard_size))
+
+
+async def run(ctx: RunContext, k: int) -> dict[str, Any]:
+    """iter{k}.rank: the ranker scores every answer of iteration k."""
+    await rank_shards(
+        ctx,
+        gen=ShardStore(ctx.iter_dir(k) / "generations"),
+        count=shard_count(ctx, k),
+        out_dir=ctx.iter_dir(k) / "rankings",
+        description=f"iter {k}: rank",
+        stage=f"iter{k}.rank",
+    )
+    return {"mode": ctx.cfg.ranker.mode}

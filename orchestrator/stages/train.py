@@ -7,11 +7,12 @@ resumed run that submits again gets the finished result back instead of a second
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from orchestrator.context import RunContext
 from pairloop.jobs import TrainJob, TrainProgress, TrainResult
 
-__all__ = ["build_job", "train_policy"]
+__all__ = ["build_job", "run", "run_training_job"]
 
 
 def build_job(ctx: RunContext, k: int) -> TrainJob:
@@ -29,7 +30,8 @@ def build_job(ctx: RunContext, k: int) -> TrainJob:
     )
 
 
-async def train_policy(ctx: RunContext, k: int) -> TrainResult:
+async def run_training_job(ctx: RunContext, k: int) -> TrainResult:
+    """Submit iteration k's job (or find it finished) and follow it to its result."""
     job = build_job(ctx, k)
     task = ctx.progress.add_task(f"iter {k}: DPO training", total=None)
 
@@ -56,3 +58,17 @@ async def train_policy(ctx: RunContext, k: int) -> TrainResult:
     )
     ctx.progress.update(task, completed=result.steps, total=result.steps)
     return result
+
+
+async def run(ctx: RunContext, k: int) -> dict[str, Any]:
+    """iter{k}.train: DPO on iteration k's pairs -> checkpoints/policy{k}."""
+    result = await run_training_job(ctx, k)
+    return {
+        "checkpoint": result.checkpoint_path,
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+        "task_started_at": result.started_at,
+        "resumed_from_step": result.resumed_from_step,
+        "reused": result.reused,
+        **{f"dpo/{key}": value for key, value in result.metrics.items()},
+    }

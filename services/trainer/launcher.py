@@ -25,7 +25,7 @@ import pairloop.errors as errors
 from pairloop.atomic import atomic_write_text
 from pairloop.errors import PairloopError, ServerError
 from pairloop.jobs import TrainProgress
-from pairloop.processes import ManagedProcess, free_port
+from pairloop_local.processes import ManagedProcess, free_port
 from services.trainer.launch_entry import ERROR_FILE, OUTCOME_FILE, PROGRESS_FILE
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import TrainingOutcome, TrainingSpec

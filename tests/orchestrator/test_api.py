@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from orchestrator.demo import demo_config
-from pairloop.processes import ManagedProcess, free_port, wait_until
+from pairloop_local.processes import ManagedProcess, free_port, wait_until
 
 TOKEN = "api-secret"
 

@@ -8,7 +8,7 @@ import pytest
 from orchestrator.clients import RankerClient, ServiceUnreachableError
 from pairloop.contracts.ranker import RankItem, RankRequest
 from pairloop.errors import ClientError
-from pairloop.processes import free_port
+from pairloop_local.processes import free_port
 
 REQUEST = RankRequest(items=[RankItem(prompt="q", candidates=["a", "b"])])
 OK = {

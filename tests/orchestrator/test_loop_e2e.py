@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from orchestrator.demo import demo_config
 from orchestrator.manifest import load_manifest
 from pairloop.preference_data import PREFERENCE_COLUMNS, load_rows, read_split_names, split_path
-from pairloop.processes import free_port
+from pairloop_local.processes import free_port
 
 pytestmark = pytest.mark.timeout(900)
 

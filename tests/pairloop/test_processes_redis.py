@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from pairloop.processes import ManagedProcess, ProcessFailedError, free_port
-from pairloop.redis_server import ensure_redis, redis_answers
+from pairloop_local.processes import ManagedProcess, ProcessFailedError, free_port
+from pairloop_local.redis_server import ensure_redis, redis_answers
 
 
 def test_private_redis_session_fixture_answers(redis_url: str) -> None:

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from orchestrator.cli import main
 from pairloop.checkpoints import compare_checkpoints, read_manifest
-from pairloop.tiny_models import build_tiny_chat_model
+from pairloop_local.tiny_models import build_tiny_chat_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])

@@ -19,7 +19,7 @@ from pairloop.atomic import atomic_write_text
 from pairloop.errors import ConflictError, NotFoundError, ValidationError
 from pairloop.http import error_responses
 from pairloop.paths import resolve_inside
-from pairloop.processes import ManagedProcess
+from pairloop_local.processes import ManagedProcess
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pairloop.processes import ManagedProcess, ProcessFailedError, free_port
+from pairloop_local.processes import ManagedProcess, ProcessFailedError, free_port
 
 ADMIN_TOKEN = "test-admin-token"
 MAX_N = 4
@@ -104,7 +104,7 @@ class GeneratorService:
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model store root with seed0 and seed1 tiny Llama checkpoints (same shapes and names)."""
-    from pairloop.tiny_models import build_tiny_chat_model
+    from pairloop_local.tiny_models import build_tiny_chat_model
 
     root = tmp_path_factory.mktemp("model-store")
     for seed in (0, 1):

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pairloop.processes import ManagedProcess, free_port
+from pairloop_local.processes import ManagedProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from pairloop.processes import free_port
+from pairloop_local.processes import free_port
 from services.ranker import scorers
 
 ITEMS = [

@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from orchestrator.cli import main
-from pairloop.tiny_ranker import PAIRRM_PREFIX_TOKENS, build_tiny_pairrm
+from pairloop_local.tiny_ranker import PAIRRM_PREFIX_TOKENS, build_tiny_pairrm
 
 
 def test_checkpoint_layout(pairrm_dir: Path) -> None:

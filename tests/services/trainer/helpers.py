@@ -1,7 +1,7 @@
 """Helpers for the trainer tests: jobs on the test model store, real workers, waiting on tasks.
 
 Workers are real `celery -A services.trainer.celery_app worker` processes started through
-`pairloop.processes.ManagedProcess`; waiting is polling a task's state with a deadline.
+`pairloop_local.processes.ManagedProcess`; waiting is polling a task's state with a deadline.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 from pairloop.jobs import TrainJob, TrainProgress
 from pairloop.preference_data import make_preference_row
-from pairloop.processes import ManagedProcess, ProcessFailedError
 from pairloop.train_client import make_train_client, read_train_state, submit_train_job
+from pairloop_local.processes import ManagedProcess, ProcessFailedError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 # Small enough to train in seconds on two shared cores, big enough for a few real steps.

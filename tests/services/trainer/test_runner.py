@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from pairloop.checkpoints import COMPLETE_MARKER
 from pairloop.errors import ConflictError, ValidationError
 from pairloop.jobs import TrainProgress, TrainResult
-from pairloop.tiny_models import build_tiny_chat_model
+from pairloop_local.tiny_models import build_tiny_chat_model
 from services.trainer.runner import run_train_job
 from services.trainer.settings import TrainerSettings
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from pairloop_local.corpus import training_corpus
+
 Arch = Literal["llama", "mistral"]
 ARCHES: tuple[Arch, ...] = ("llama", "mistral")
 
@@ -50,18 +52,6 @@ MISTRAL_CHAT_TEMPLATE = (
 
 CHAT_TEMPLATES: dict[Arch, str] = {"llama": LLAMA_CHAT_TEMPLATE, "mistral": MISTRAL_CHAT_TEMPLATE}
 
-_CORPUS_SEED = """
-Write a short poem about the sea. Explain how a rainbow forms. Give three tips for learning to cook.
-Summarise the plot of a detective story in two sentences. What is the capital of France? Paris.
-Translate good morning into Spanish: buenos dias. List the planets of the solar system in order.
-Describe a healthy breakfast. Why is the sky blue? Because air scatters blue light more than red.
-How do I sort a list in Python? Use sorted(items) or items.sort(). Name a famous painter: Monet.
-The quick brown fox jumps over the lazy dog. A helpful assistant answers clearly and kindly.
-Please write an email asking for a meeting next week. Thank you for your help, have a nice day!
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation: , . ; : ! ? ( ) [ ] { } " ' - _ / \\ @ # % & *
-user assistant system [INST] [/INST] <|user|> <|assistant|> <|system|>
-"""
-
 
 @dataclass(frozen=True)
 class TinySpec:
@@ -92,12 +82,6 @@ PRESETS: dict[str, TinySpec] = {
 }
 
 
-def _corpus() -> list[str]:
-    lines = [line.strip() for line in _CORPUS_SEED.strip().splitlines() if line.strip()]
-    # Lower- and upper-case variants widen the merges without shipping a data file.
-    return lines + [line.lower() for line in lines] + [line.upper() for line in lines]
-
-
 def build_tokenizer(
     *, vocab_size: int, chat_template: str, model_max_length: int = 2048
 ):  # -> PreTrainedTokenizerFast
@@ -115,7 +99,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(training_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -207,8 +191,8 @@ def build_tiny_models(
     out_dir: str | Path, *, preset: str = "tiny", seed: int = 0
 ) -> dict[str, Path]:
     """Build every tiny model under `out_dir`: tiny-llama, tiny-mistral and tiny-pairrm (the
-    ranker, `pairloop.tiny_ranker`; key "pairrm")."""
-    from pairloop.tiny_ranker import PAIRRM_PRESETS, build_tiny_pairrm
+    ranker, `pairloop_local.tiny_ranker`; key "pairrm")."""
+    from pairloop_local.tiny_ranker import PAIRRM_PRESETS, build_tiny_pairrm
 
     root = Path(out_dir)
     built: dict[str, Path] = {

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pairloop.tiny_models import _corpus
+from pairloop_local.corpus import training_corpus
 
 __all__ = ["PAIRRM_PREFIX_TOKENS", "PAIRRM_PRESETS", "PairRMSpec", "build_tiny_pairrm"]
 
@@ -96,7 +96,7 @@ def _train_sentencepiece(vocab_size: int) -> bytes:
     import sentencepiece as spm
 
     extra = [line.strip() for line in _EXTRA_CORPUS.strip().splitlines()]
-    corpus = _corpus() + extra + [line.lower() for line in extra]
+    corpus = training_corpus() + extra + [line.lower() for line in extra]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus),

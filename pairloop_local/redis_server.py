@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pairloop.processes import ManagedProcess, ProcessFailedError, free_port
+from pairloop_local.processes import ManagedProcess, ProcessFailedError, free_port
 
 __all__ = ["RedisHandle", "ensure_redis", "redis_answers", "redis_server_binary", "start_redis"]
 

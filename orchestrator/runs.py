@@ -1,0 +1,79 @@
+"""Runs on disk: create a run directory from a config, load it back, and lock it while it executes.
+
+    run_dir = create_run("configs/demo.yaml")      # validates everything before any work
+    cfg, manifest = load_run(run_dir)              # the frozen config and the manifest
+    with run_lock(run_dir): ...                    # one executing process per run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from orchestrator.config import ConfigError, RunConfig, check_paths, load_run_config
+from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
+from orchestrator.prompts import load_prompt_source, slice_prompts, write_prompts
+from pairloop.atomic import atomic_write_text
+
+__all__ = ["FROZEN_CONFIG", "RunLockedError", "create_run", "load_run", "run_lock"]
+
+FROZEN_CONFIG = "config.yaml"
+
+
+class RunLockedError(RuntimeError):
+    """Another orchestrator process is executing this run."""
+
+
+def create_run(config_path: str | Path, *, run_id: str | None = None) -> Path:
+    """Validate the config and its inputs, then create the run directory (no service is touched).
+
+    Raises ConfigError for anything wrong with the config, before a single file is written.
+    """
+    cfg = load_run_config(config_path)
+    if run_id is not None:
+        cfg = RunConfig.model_validate({**cfg.model_dump(), "run_id": run_id})
+    check_paths(cfg)
+    slices = slice_prompts(load_prompt_source(cfg.prompts), cfg.prompts, cfg.iterations)
+    rid = cfg.run_id or f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = cfg.model_copy(update={"run_id": rid})
+    run_dir = Path(cfg.model_store) / "runs" / rid
+    if (run_dir / MANIFEST_NAME).exists():
+        raise ConfigError(f"run {rid} already exists at {run_dir}; use `pairloop resume {run_dir}`")
+    for name, prompts in slices.items():
+        write_prompts(run_dir / "prompts" / f"{name}.jsonl", prompts)
+    atomic_write_text(
+        run_dir / FROZEN_CONFIG, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    )
+    manifest = Manifest(run_id=rid, config_fingerprint=cfg.fingerprint(), iterations=cfg.iterations)
+    manifest.stage("setup").state = "done"
+    manifest.stage("setup").metrics = {name: len(p) for name, p in slices.items()}
+    manifest.save(run_dir)
+    return run_dir
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive flock on RUN_DIR/.lock; the kernel drops it if the process dies."""
+    with open(run_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(f"run {run_dir} is being executed by another process") from None
+        yield
+
+
+def load_run(run_dir: Path) -> tuple[RunConfig, Manifest]:
+    """The frozen config and the manifest of RUN_DIR; refuses a config edited after the start."""
+    cfg = RunConfig.model_validate(yaml.safe_load((run_dir / FROZEN_CONFIG).read_text()))
+    manifest = load_manifest(run_dir)
+    if manifest.config_fingerprint != cfg.fingerprint():
+        raise ConfigError(
+            f"{run_dir / FROZEN_CONFIG} was edited after the run started (fingerprint differs); "
+            "results would mix two configs. Start a new run instead."
+        )
+    return cfg, manifest

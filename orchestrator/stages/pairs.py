@@ -1,0 +1,34 @@
+"""Pairs stage: ranked answers -> chosen/rejected pairs -> dataset splits of iteration k.
+
+The rule (best vs worst, ties dropped, test fraction) is `orchestrator.pairs.build_pairs`; this
+stage reads the ranking shards and writes `train_iteration_{k}` / `test_iteration_{k}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.context import RunContext
+from orchestrator.pairs import build_pairs
+from orchestrator.shards import ShardStore
+from orchestrator.stages.rank import shard_count
+from pairloop.errors import PairloopError
+from pairloop.preference_data import write_preference_split
+
+__all__ = ["run"]
+
+
+async def run(ctx: RunContext, k: int) -> dict[str, Any]:
+    """iter{k}.pairs: build and write iteration k's preference dataset splits."""
+    ranked = ShardStore(ctx.iter_dir(k) / "rankings").read_all(shard_count(ctx, k))
+    train, test, stats = build_pairs(ranked, ctx.cfg.pairs)
+    if not train:
+        raise PairloopError(
+            f"iteration {k}: no training pairs ({stats.ties_dropped} ties, "
+            f"{stats.too_few_responses} prompts with <2 non-empty responses); raise sampling.temperature "
+            "or max_tokens, or use more prompts"
+        )
+    write_preference_split(ctx.dataset_dir, f"train_iteration_{k}", train)
+    if test:
+        write_preference_split(ctx.dataset_dir, f"test_iteration_{k}", test)
+    return {**stats.summary(), "train_pairs": len(train), "test_pairs": len(test)}
