@@ -5,6 +5,8 @@
 #   make lint    ruff
 #   make bench   the benchmarks in bench/ (figures printed and written to bench/results/)
 #   make lock    re-resolve requirements/lock-cpu.txt from pyproject.toml in a scratch venv
+#   make compose-test  build the CPU images and run the compose stack end to end (needs Docker;
+#                in CI, CI=true as root, it sets up Docker, Compose and a local base image itself)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,7 +15,7 @@ STAMP  := $(VENV)/.pairloop-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lint bench lock clean
+.PHONY: setup demo test lint bench lock clean compose-test image-requirements
 
 setup: $(STAMP)
 
@@ -30,14 +32,21 @@ demo: setup
 	$(BIN)/pairloop demo $(DEMO_ARGS)
 
 test: setup
-	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench
+	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench deploy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench
+	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench deploy
 
 bench: setup
 	$(BIN)/python -m bench
+
+compose-test: setup
+	$(BIN)/python deploy/compose_test.py
+
+# requirements/images/*.txt: each image's cut of the lock (tests/deploy checks they are current).
+image-requirements: setup
+	$(BIN)/python deploy/image_requirements.py
 
 lock:
 	rm -rf /tmp/pairloop-lock-venv
@@ -48,6 +57,7 @@ lock:
 	{ sed -n '/^#/p' requirements/lock-cpu.txt; /tmp/pairloop-lock-venv/bin/pip freeze --all --exclude-editable \
 	  | grep -vE "^(pairloop|pip)==" | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/'; } > requirements/lock-cpu.txt.new
 	mv requirements/lock-cpu.txt.new requirements/lock-cpu.txt
+	$(BIN)/python deploy/image_requirements.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
