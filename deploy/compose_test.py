@@ -129,6 +129,21 @@ class Stack:
         )
         return {r["Service"]: r for r in rows}
 
+    def restarts(self) -> dict[str, int]:
+        """Service -> how often Docker restarted its container (a crash loop shows here first)."""
+        ids = self("ps", "-aq", timeout=60).stdout.split()
+        if not ids:
+            return {}
+        fmt = '{{index .Config.Labels "com.docker.compose.service"}} {{.RestartCount}}'
+        out = subprocess.run(
+            ["docker", "inspect", "--format", fmt, *ids],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.env,
+        ).stdout
+        return {name: int(n) for name, n in (line.split() for line in out.splitlines() if line)}
+
     def logs(self, service: str, tail: int) -> str:
         return self(
             "logs", "--no-color", "--tail", str(tail), service, timeout=60, check=False
@@ -138,8 +153,14 @@ class Stack:
 def wait_healthy(stack: Stack, services: list[str], within: float) -> dict[str, float]:
     """Seconds until each service is healthy; fails at once when a container exits or is unhealthy."""
     start, ready = time.monotonic(), {}
+    polls = 0
     while True:
+        polls += 1
         ps = stack.ps()
+        if polls % 5 == 0:
+            crashed = {n: c for n, c in stack.restarts().items() if c and n in services}
+            if crashed:
+                raise Failed(f"restarted by Docker (crashed): {crashed}", list(crashed))
         for name in services:
             row = ps.get(name)
             if row is None or name in ready:
@@ -454,7 +475,8 @@ def main() -> int:
         stack("down", "-v", "--remove-orphans", timeout=300)  # what a previous failed run left
 
         t = time.monotonic()
-        stack.stream("build", timeout=1800)
+        # api and models-init run the orchestrator's and the ranker's images: built once, here.
+        stack.stream("build", "generator", "ranker", "trainer", "orchestrator", timeout=1800)
         timings["build"] = time.monotonic() - t
         sizes = image_sizes(env)
 

