@@ -7,8 +7,8 @@ With `docker compose -f docker-compose.yml -f docker-compose.cpu.yml` (project p
 so a user's own `pairloop` stack is left alone), it checks:
 1. a missing token fails `docker compose config` with a message naming it;
 2. `build`, then `up`: every service becomes healthy, in compose's start order;
-3. the orchestrator's run (2 iterations of the tiny demo) completes, while the trainer container is
-   restarted during training and the Redis container is restarted after it;
+3. the orchestrator's run (2 iterations of the tiny demo) completes, with the trainer container and
+   then the Redis container restarted while iteration 1 trains (faults_during_training);
 4. the run directory on the volume holds the datasets (loaded with `datasets.load_dataset`) and the
    report; the API, on its published port, lists the run and answers a best-of-n chat completion;
 5. `down` (volumes kept) then `up`: the orchestrator resumes the finished run and redoes nothing;
@@ -48,7 +48,7 @@ IMAGES = [
     "pairloop/orchestrator:0.1.0",
 ]
 HEALTHY_WITHIN = 900.0  # cold start on 2 busy cores: vLLM's engine, PairRM-less ranker, Celery
-RUN_WITHIN = 1200.0
+RUN_WITHIN = 900.0
 RESUME_WITHIN = 600.0
 
 
@@ -217,55 +217,59 @@ def stage_state(run: dict[str, Any] | None, stage: str) -> str:
     return ((run or {}).get("stages") or {}).get(stage, {}).get("state", "pending")
 
 
+def faults_during_training(stack: Stack) -> None:
+    """While iteration 1 trains: restart the trainer container, then the Redis container.
+
+    The orchestrator is paused (cgroup freezer) meanwhile, so that the faults hit the worker and
+    Redis, not a race with the orchestrator's next request: `restart trainer` stops the worker
+    with SIGTERM, Celery's warm shutdown lets the running job finish and store its result, and a
+    fresh worker starts; `restart redis` stops Redis (the result and the queue are in its
+    append-only file) and starts it again. Unpaused, the orchestrator must read the job's result
+    from the restarted Redis and train iteration 2 on the restarted worker.
+    """
+    stack("pause", "orchestrator", timeout=60)
+    try:
+        t = time.monotonic()
+        stack("restart", "trainer", timeout=300)
+        log(f"trainer restarted during iter1.train ({time.monotonic() - t:.0f}s)")
+        t = time.monotonic()
+        stack("restart", "redis", timeout=120)
+        log(f"redis restarted ({time.monotonic() - t:.0f}s)")
+        wait_healthy(stack, ["redis", "trainer"], 300)
+    finally:
+        stack("unpause", "orchestrator", timeout=60, check=False)
+
+
 def run_with_faults(stack: Stack, api: Api) -> dict[str, Any]:
-    """Wait for the run to finish; restart the trainer while it trains, then Redis; return the run."""
+    """Wait for the run to finish, with the faults above while iteration 1 trains; return the run."""
     start = time.monotonic()
-    trainer_restart: threading.Thread | None = None
-    redis_restarted = False
-    errors: list[BaseException] = []
-
-    def restart(service: str) -> None:
-        try:
-            stack("restart", service, timeout=300)
-        except BaseException as exc:  # reported by the main loop
-            errors.append(exc)
-
+    faulted = False
     polls = 0
     while True:
         polls += 1
-        if errors:
-            raise Failed(f"restart failed: {errors[0]}", ["trainer", "redis"])
         run = api.run() if _api_up(api) else None
         status = (run or {}).get("status")
-        if trainer_restart is None:
-            # Iteration 1 only: after the restart the run must still have Redis's restart ahead.
+        if not faulted:
             if stage_state(run, "iter1.train") == "done":
                 raise Failed(
                     "iter1.train finished before it was seen running (polled every 0.5 s)",
                     ["orchestrator"],
                 )
             if stage_state(run, "iter1.train") == "running":
-                log("iter1.train is running: docker compose restart trainer")
-                trainer_restart = threading.Thread(target=restart, args=("trainer",))
-                trainer_restart.start()
-        elif not (redis_restarted or trainer_restart.is_alive()) and status == "running":
-            # After the trainer's restart, with the run still going: Redis restarts under it.
-            log("docker compose restart redis (AOF on its volume)")
-            restart("redis")
-            redis_restarted = True
-        if status == "done" and redis_restarted:
+                log("iter1.train is running: pause orchestrator, restart trainer, restart redis")
+                faults_during_training(stack)
+                faulted = True
+        if status == "done":
+            if not faulted:
+                raise Failed("the run finished before the faults could be made", ["orchestrator"])
             log(f"run {RUN_ID} done after {time.monotonic() - start:.0f}s")
             return run  # type: ignore[return-value]
-        if status == "done":
-            raise Failed(
-                "the run finished before the trainer and Redis restarts could be made during it",
-                ["orchestrator"],
-            )
         orch = stack.ps().get("orchestrator", {}) if polls % 10 == 0 else {}
-        if orch.get("State") == "exited" and status != "done":
+        if orch.get("State") == "exited" or status in ("failed", "cancelled"):
             raise Failed(
-                f"orchestrator exited with code {orch.get('ExitCode')}; run status {status}: {(run or {}).get('error')}",
-                ["orchestrator", "trainer", "generator"],
+                f"orchestrator exited ({orch.get('ExitCode')}); run status {status}: "
+                f"{(run or {}).get('error')}",
+                ["orchestrator", "trainer", "redis", "generator"],
             )
         if time.monotonic() - start > RUN_WITHIN:
             raise Failed(
@@ -291,6 +295,10 @@ def check_run_dir(stack: Stack, run: dict[str, Any]) -> None:
     undone = [name for name, st in run["stages"].items() if st["state"] != "done"]
     if undone:
         raise Failed(f"stages not done: {undone}", ["orchestrator"])
+    # The restarts redid nothing: iteration 1's job ran once, its result came back through Redis.
+    attempts = {name: st["attempts"] for name, st in run["stages"].items() if st["attempts"] > 1}
+    if attempts:
+        raise Failed(f"stages attempted more than once: {attempts}", ["orchestrator"])
     with tempfile.TemporaryDirectory() as tmp:
         stack("cp", f"api:/models/runs/{RUN_ID}", tmp, timeout=120)
         run_dir = Path(tmp) / RUN_ID
