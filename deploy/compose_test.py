@@ -259,7 +259,7 @@ def run_with_faults(stack: Stack, api: Api) -> dict[str, Any]:
                 log("iter1.train is running: pause orchestrator, restart trainer, restart redis")
                 faults_during_training(stack)
                 faulted = True
-        if status == "done":
+        if status == "completed":
             if not faulted:
                 raise Failed("the run finished before the faults could be made", ["orchestrator"])
             log(f"run {RUN_ID} done after {time.monotonic() - start:.0f}s")
@@ -374,7 +374,7 @@ def check_second_up(stack: Stack, api: Api, before: dict[str, Any]) -> None:
     after = api.run()
     assert after is not None
     changed = [name for name, st in before["stages"].items() if after["stages"][name] != st]
-    if after["status"] != "done" or changed:
+    if after["status"] != "completed" or changed:
         raise Failed(
             f"second up redid work: status {after['status']}, changed stages {changed}",
             ["orchestrator"],
