@@ -30,7 +30,7 @@ DEMO_PREFERENCE = (
     "plain prose: the share of an answer's characters that are lowercase letters or spaces "
     "(no capitals, digits or symbols)"
 )
-DEMO_RANKER_ARGS = ["--backend", "scorer", "--model", "services.ranker.scorers:plain_prose"]
+DEMO_RANKER_ARGS = ["--backend", "scorer", "--model", "services.ranker.score_functions:plain_prose"]
 
 
 def _packaged(name: str) -> Path:
