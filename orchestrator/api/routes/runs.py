@@ -6,7 +6,7 @@ import sys
 import time
 
 import yaml
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, status
 
 from orchestrator.api.deps import AdminDep, RunsRootDep
 from orchestrator.api.schemas import RunDetail, RunStartRequest, RunSummary
@@ -64,9 +64,7 @@ async def get_run(run_id: str, runs_root: RunsRootDep) -> dict:
     response_model=RunSummary,
     responses=error_responses(400, 401, 403, 409, 503),
 )
-async def start_run(
-    body: RunStartRequest, request: Request, runs_root: RunsRootDep, _: AdminDep
-) -> dict:
+async def start_run(body: RunStartRequest, runs_root: RunsRootDep, _: AdminDep) -> dict:
     """Validate the config, create the run, and execute it in a child `pairloop resume` process."""
     configs = runs_root / "_configs"
     name = body.run_id or f"api-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -85,12 +83,13 @@ async def start_run(
             f"{runs_root}; set model_store accordingly",
             param="config.model_store",
         )
-    proc = ManagedProcess(
+    # Not kept: the run is its own process (its own session), outlives this API on purpose, and
+    # an unreferenced Popen is reaped by the subprocess module once it exits.
+    ManagedProcess(
         f"run-{name}",
         [sys.executable, "-m", "orchestrator", "execute", str(run_dir)],
         log_path=run_dir / "orchestrator.log",
     ).start()
-    request.app.state.run_processes[name] = proc
     return _summary(load_manifest(run_dir))
 
 
