@@ -84,7 +84,7 @@ async def start_run(body: RunStartRequest, runs_root: RunsRootDep, _: AdminDep) 
             param="config.model_store",
         )
     # Not kept: the run is its own process (its own session), outlives this API on purpose, and
-    # an unreferenced Popen is reaped by the subprocess module once it exits.
+    # an unreferenced Popen that has exited is reaped by the subprocess module at its next start.
     ManagedProcess(
         f"run-{name}",
         [sys.executable, "-m", "orchestrator", "execute", str(run_dir)],
