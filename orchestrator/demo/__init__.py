@@ -131,9 +131,9 @@ def _run_on_stack(spec, workdir: Path, *, iterations: int, console: Console):  #
 
 
 def _print_outcome(run_dir: Path, manifest, *, iterations: int, console: Console) -> None:  # type: ignore[no-untyped-def]
-    from orchestrator.cli import print_summary
+    from orchestrator.summary import print_summary
 
-    print_summary(run_dir, manifest)
+    print_summary(run_dir, manifest, console)
     final = manifest.stages.get(f"iter{iterations}.evaluate")
     vs_base = final.metrics.get("vs_base", {}) if final else {}
     console.print(f"preference: {DEMO_PREFERENCE}")
