@@ -161,10 +161,10 @@ def _load_causal_lm(path: str, dtype: str, *, what: str) -> Any:
         ) from exc
 
 
-def dpo_trainer_class() -> type:
+def dpo_trainer_class() -> type[Any]:
     from trl import DPOTrainer
 
-    class PairloopDPOTrainer(DPOTrainer):  # type: ignore[misc]
+    class PairloopDPOTrainer(DPOTrainer):
         """DPOTrainer that also caps prompt length, as `max_prompt_length` did before TRL 1.x.
 
         Long prompts keep their end (the question), as TRL's old default did, so the
@@ -173,7 +173,7 @@ def dpo_trainer_class() -> type:
 
         max_prompt_length: int | None = None
 
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # type: ignore[no-untyped-def]
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             cap = self.max_prompt_length
             if cap is None:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -195,7 +195,7 @@ def dpo_trainer_class() -> type:
 def progress_callback(report: ProgressReport, resumed_from_step: int) -> Any:
     from transformers import TrainerCallback
 
-    class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+    class ProgressCallback(TrainerCallback):
         """Forwards step, metrics and the last complete checkpoint to `report` (rank 0 only)."""
 
         def __init__(self) -> None:
