@@ -62,7 +62,7 @@ def _execute(run_dir: Path) -> None:
         raise _fail(
             f"{exc.message}\nthe run stopped; fix the cause, then `pairloop resume {run_dir}`"
         ) from None
-    print_summary(run_dir, manifest, console)
+    print_summary(run_dir, manifest, console=console)
 
 
 @app.command()

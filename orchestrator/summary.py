@@ -31,7 +31,7 @@ def _fmt(value: object, fmt: str = "{:.3f}") -> str:
     return fmt.format(value) if isinstance(value, (int, float)) else "-"
 
 
-def print_summary(run_dir: Path, manifest: Manifest, console: Console) -> None:
+def print_summary(run_dir: Path, manifest: Manifest, *, console: Console) -> None:
     """Print the run's per-iteration figures, and where its report is."""
     table = Table(title=f"run {manifest.run_id}: {manifest.status}")
     for col in _COLUMNS:

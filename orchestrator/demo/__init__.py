@@ -140,7 +140,7 @@ def _run_on_stack(
 def _print_outcome(run_dir: Path, manifest: Manifest, *, iterations: int, console: Console) -> None:
     from orchestrator.summary import print_summary
 
-    print_summary(run_dir, manifest, console)
+    print_summary(run_dir, manifest, console=console)
     final = manifest.stages.get(f"iter{iterations}.evaluate")
     vs_base = final.metrics.get("vs_base", {}) if final else {}
     console.print(f"preference: {DEMO_PREFERENCE}")

@@ -13,7 +13,7 @@ from orchestrator.context import RunContext
 from orchestrator.prompts import read_prompts
 from orchestrator.records import GenerationRecord, RankedRecord
 from orchestrator.shards import ShardStore, chunk
-from pairloop.contracts.ranker import RankItem, RankRequest
+from pairloop.contracts.ranker import RankItem, RankRequest, RankResult
 
 __all__ = ["rank_shards", "run", "shard_count"]
 
@@ -43,16 +43,22 @@ async def _rank_records(ctx: RunContext, records: list[GenerationRecord]) -> lis
             )
         )
         for i, res in zip(batch, reply.results, strict=True):
-            out[i] = out[i].model_copy(
-                update={
-                    "scores": res.scores,
-                    "ranks": res.ranks,
-                    "best_index": res.best_index,
-                    "worst_index": res.worst_index,
-                    "truncated": res.truncated.any,
-                }
-            )
+            out[i] = _with_verdict(out[i], res)
     return out
+
+
+def _with_verdict(rec: RankedRecord, res: RankResult) -> RankedRecord:
+    return RankedRecord(
+        prompt_id=rec.prompt_id,
+        prompt=rec.prompt,
+        candidates=rec.candidates,
+        empty=rec.empty,
+        scores=res.scores,
+        ranks=res.ranks,
+        best_index=res.best_index,
+        worst_index=res.worst_index,
+        truncated=res.truncated.any,
+    )
 
 
 async def rank_shards(
