@@ -73,7 +73,9 @@ class Stack:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
-        self.base = ["docker", "compose", "-p", PROJECT, *[a for f in FILES for a in ("-f", f)]]
+        # --env-file /dev/null: a user's .env (their own stack's settings) never leaks in here.
+        files = [a for f in FILES for a in ("-f", f)]
+        self.base = ["docker", "compose", "--env-file", os.devnull, "-p", PROJECT, *files]
 
     def __call__(
         self, *args: str, timeout: float = 600, check: bool = True
