@@ -1,8 +1,8 @@
 """Runs on disk: create a run directory from a config, load it back, and lock it while it executes.
 
-    run_dir = create_run("configs/demo.yaml")      # validates everything before any work
-    cfg, manifest = load_run(run_dir)              # the frozen config and the manifest
-    with run_lock(run_dir): ...                    # one executing process per run
+run_dir = create_run("configs/demo.yaml")      # validates everything before any work
+cfg, manifest = load_run(run_dir)              # the frozen config and the manifest
+with run_lock(run_dir): ...                    # one executing process per run
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ import yaml
 
 from orchestrator.config import ConfigError, RunConfig, check_paths, load_run_config
 from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
-from orchestrator.prompts import load_prompt_source, slice_prompts, write_prompts
+from orchestrator.prompts import (
+    exclude_instructions,
+    load_eval_prompts,
+    load_prompt_source,
+    slice_prompts,
+    write_prompts,
+)
 from pairloop.atomic import atomic_write_text
 
 __all__ = ["FROZEN_CONFIG", "RunLockedError", "create_run", "load_run", "run_lock"]
@@ -38,7 +44,19 @@ def create_run(config_path: str | Path, *, run_id: str | None = None) -> Path:
     if run_id is not None:
         cfg = RunConfig.model_validate({**cfg.model_dump(), "run_id": run_id})
     check_paths(cfg)
-    slices = slice_prompts(load_prompt_source(cfg.prompts), cfg.prompts, cfg.iterations)
+    pool = load_prompt_source(cfg.prompts)
+    eval_source = cfg.evaluation.prompts
+    excluded = 0
+    if eval_source is None:
+        slices = slice_prompts(pool, cfg.prompts, cfg.iterations)
+    else:
+        # The evaluation has instructions of its own: none of them may be trained on.
+        eval_prompts = load_eval_prompts(eval_source)
+        pool, excluded = exclude_instructions(pool, eval_prompts)
+        slices = slice_prompts(
+            pool, cfg.prompts.model_copy(update={"eval_prompts": 0}), cfg.iterations
+        )
+        slices["eval"] = eval_prompts
     rid = cfg.run_id or f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"run_id": rid})
     run_dir = Path(cfg.model_store) / "runs" / rid
@@ -51,7 +69,14 @@ def create_run(config_path: str | Path, *, run_id: str | None = None) -> Path:
     )
     manifest = Manifest(run_id=rid, config_fingerprint=cfg.fingerprint(), iterations=cfg.iterations)
     manifest.stage("setup").state = "done"
-    manifest.stage("setup").metrics = {name: len(p) for name, p in slices.items()}
+    training = [p for name, ps in slices.items() if name != "eval" for p in ps]
+    manifest.stage("setup").metrics = {
+        **{name: len(p) for name, p in slices.items()},
+        "eval_source": eval_source.source if eval_source else "held out of prompts.source",
+        "training_prompts_removed_as_eval": excluded,
+        "eval_instructions_in_training": len(training)
+        - len(exclude_instructions(training, slices["eval"])[0]),
+    }
     manifest.save(run_dir)
     return run_dir
 
