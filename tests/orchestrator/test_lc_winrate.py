@@ -106,3 +106,47 @@ def test_too_few_or_equal_lengths_give_no_lc() -> None:
         a["output_1"], a["output_2"] = "a" * 10, "b" * 10
     lc = length_controlled(same)
     assert lc.win_rate is None and lc.note == "every length difference is the same"
+
+
+def test_leaderboard_glm_is_the_package_function_with_alpaca_eval_indices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """length_controlled_v1 as the package computes it, with a df_gamed.csv of the hub's layout
+    (instruction difficulty per AlpacaEval index, two gamed baselines to regularise toward)."""
+    import alpaca_eval.metrics.glm_winrate as glm
+
+    rng = np.random.default_rng(7)
+    n = 60
+    difficulty = rng.normal(0, 1, n)
+    gamed = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "model": model,
+                    "index": range(n),
+                    "instruction_difficulty": difficulty,
+                    "std_delta_len": rng.normal(sign, 1, n),
+                    "preference": rng.uniform(0, 1, n),
+                    "not_gamed_baseline": False,
+                }
+            )
+            for model, sign in (("verbose", 1.0), ("concise", -1.0))
+        ]
+    )
+    path = tmp_path / "df_gamed.csv"
+    gamed.to_csv(path, index=False)
+    monkeypatch.setattr(glm, "hf_hub_download", lambda **_: str(path))
+    # Our instructions are AlpacaEval rows 60..1 (reversed): the GLM must see those indices.
+    ann = fixed_annotations(n, seed=8, length_effect=0.5)
+    for i, a in enumerate(ann):
+        a["index"] = n - 1 - i
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        frame = pd.DataFrame(ann).set_index("index")
+        theirs = glm.get_length_controlled_winrate(
+            frame, glm_name="length_controlled_v1", save_weights_dir=None
+        )
+    ours = length_controlled(ann, glm="length_controlled_v1")
+    assert ours.glm == "length_controlled_v1" and ours.note is None
+    assert ours.win_rate == pytest.approx(theirs["length_controlled_winrate"] / 100, abs=1e-12)
+    assert ours.length_coef is not None
