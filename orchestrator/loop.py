@@ -120,7 +120,9 @@ async def execute_run(
     ranker = RankerClient(services.ranker_url, **common)
     judge_url = cfg.evaluation.judge
     judge = (
-        RankerClient(judge_url, **common) if judge_url and judge_url != ranker.base_url else None
+        RankerClient(judge_url, timeout=services.request_timeout_s, retries=services.retries)
+        if judge_url and judge_url != ranker.base_url
+        else None
     )
     trainer = TrainerClient(services.redis_url or RedisSettings().redis_url)
     with run_lock(run_path), make_progress(console) as progress:
