@@ -2,10 +2,11 @@
 evaluation instructions come from a local AlpacaEval-format file, with best-of-3, judged by a
 second ranker process (the same plain-prose scorer, so its preference is known).
 
-It proves, in one run: the outputs hold exactly the file's instructions in AlpacaEval's format;
-the training slices and datasets contain none of them; best-of-n's picks are the scorer's argmax
-among the samples drawn and its win rate is at least best-of-1's; the separate judge is the one
-called for every comparison (its /metrics), and the run's ranker for none.
+It proves, in one run and one resume: the outputs hold exactly the file's instructions in
+AlpacaEval's format; the training slices and datasets contain none of them; best-of-n's picks are
+the scorer's argmax among the samples drawn and its win rate is at least best-of-1's; the separate
+judge is the one called for every comparison (its /metrics), and the run's ranker for none; a
+best-of-n shard lost mid-stage is redone on resume, and only it.
 """
 
 from __future__ import annotations
@@ -185,4 +186,18 @@ def test_alpaca_eval_source_best_of_and_separate_judge(stack, judge: str, tmp_pa
     assert f"| 1 | {BEST_OF} |" in report
     for png in ("win_rate_vs_length.png", "length_distribution.png"):
         assert (run_dir / "report" / png).stat().st_size > 1000
-    assert load_manifest(run_dir).status == "completed"
+
+    # Resumable in shards: a best-of-n shard lost mid-stage (samples and pick) is redone on resume,
+    # and only it; the stage's other shards are not rewritten.
+    m = load_manifest(run_dir)
+    m.status, m.stages["iter1.evaluate"].state = "failed", "running"
+    m.save(run_dir)
+    root = run_dir / "eval" / "policy1" / f"best_of_{BEST_OF}"
+    kept = {p: p.stat().st_mtime_ns for p in root.glob("*/shard-00000.jsonl")}
+    lost = [root / "samples" / "shard-00001.jsonl", root / "picks" / "shard-00001.jsonl"]
+    for path in lost:
+        path.unlink()
+    resumed = asyncio.run(execute_run(run_dir, console=Console(quiet=True), settings=settings))
+    assert resumed.status == "completed" and resumed.stages["iter1.evaluate"].attempts == 2
+    assert len(kept) == 2 and all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert all(len(path.read_text().splitlines()) == 8 for path in lost)
