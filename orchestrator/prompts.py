@@ -95,10 +95,13 @@ def load_eval_prompts(cfg: EvalPromptsConfig) -> list[PromptRecord]:
     that row index, and an AlpacaEval-format row's `dataset` is kept for its outputs file.
     """
     path = Path(cfg.source)
-    if path.suffix in _LOCAL:
-        rows = _rows_from_local(path)
-    else:
-        rows = _rows_from_hub(cfg.source, cfg.split, cfg.name)
+    try:
+        if path.suffix in _LOCAL:
+            rows = _rows_from_local(path)
+        else:
+            rows = _rows_from_hub(cfg.source, cfg.split, cfg.name)
+    except ConfigError as exc:  # the loaders name `prompts.source`; this is the evaluation's
+        raise ConfigError(f"evaluation.{exc}") from None
     out: list[PromptRecord] = []
     seen: set[str] = set()
     for i, row in enumerate(rows):

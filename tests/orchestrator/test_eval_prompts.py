@@ -54,6 +54,10 @@ def test_local_alpaca_eval_file_loads_in_order_with_dataset(tmp_path: Path, suff
     assert len(load_eval_prompts(EvalPromptsConfig(source=str(path), limit=2))) == 2
     with pytest.raises(ConfigError, match=r"evaluation\.prompts\.field.*'question'"):
         load_eval_prompts(EvalPromptsConfig(source=str(path), field="question"))
+    if suffix == ".json":
+        path.write_text(json.dumps({"instruction": "not a list"}))
+        with pytest.raises(ConfigError, match=r"^evaluation\.prompts\.source: .* JSON list"):
+            load_eval_prompts(EvalPromptsConfig(source=str(path)))
 
 
 def test_defaults_are_alpaca_eval_2() -> None:
