@@ -55,13 +55,13 @@ class LengthControlled:
 
 def _glm_winrate() -> Any:
     """The package's GLM module (imported lazily: seconds, and scikit-learn)."""
-    from alpaca_eval.metrics import glm_winrate  # type: ignore[import-untyped]  # no type hints
+    from alpaca_eval.metrics import glm_winrate
 
     return glm_winrate
 
 
 def _pandas() -> Any:
-    import pandas  # type: ignore[import-untyped]  # the lock has no pandas-stubs
+    import pandas
 
     return pandas
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestrator.context import RunContext
 from orchestrator.prompts import PromptRecord
+from orchestrator.records import BestOfPick, GenerationRecord
 from orchestrator.shards import ShardStore, chunk
 from orchestrator.stages.generate import generate_shards
 from pairloop.contracts.ranker import RankItem, SelectRequest
@@ -28,38 +29,39 @@ def best_of_dir(ctx: RunContext, k: int, n: int) -> Path:
     return ctx.run_dir / "eval" / f"policy{k}" / f"best_of_{n}"
 
 
-async def _pick(ctx: RunContext, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def _pick(ctx: RunContext, records: list[GenerationRecord]) -> list[BestOfPick]:
     """The ranker's best non-empty sample per record (the ranker rejects empty text)."""
-    picks: list[dict[str, Any]] = []
-    pending: list[tuple[dict[str, Any], list[str], list[int]]] = []
-    for rec in records:
-        kept = [i for i, r in enumerate(rec["responses"]) if r.strip()]
-        pick = {
-            "prompt_id": rec["prompt_id"],
-            "prompt": rec["prompt"],
-            "index": kept[0] if kept else 0,
-            "score": None,
-            "samples": len(rec["responses"]),
-        }
-        picks.append(pick)
+    chosen: list[tuple[int, float | None]] = []
+    pending: list[tuple[int, GenerationRecord, list[int]]] = []
+    for i, rec in enumerate(records):
+        kept = [j for j, r in enumerate(rec.responses) if r.strip()]
+        chosen.append((kept[0] if kept else 0, None))
         if len(kept) >= 2:
-            pending.append((pick, rec["responses"], kept))
+            pending.append((i, rec, kept))
     for batch in chunk(pending, ctx.cfg.ranker.batch_prompts):
         ctx.check_cancel()
         request = SelectRequest(
             items=[
-                RankItem(prompt=p["prompt"], candidates=[responses[i] for i in kept])
-                for p, responses, kept in batch
+                RankItem(prompt=rec.prompt, candidates=[rec.responses[j] for j in kept])
+                for _, rec, kept in batch
             ],
             pick="best",
             mode=ctx.cfg.ranker.mode,
         )
         reply = await ctx.ranker.select(request)
-        for (pick, _, kept), res in zip(batch, reply.results, strict=True):
-            pick.update(index=kept[res.index], score=res.score)
-    for pick, rec in zip(picks, records, strict=True):
-        pick["output"] = rec["responses"][pick["index"]] if rec["responses"] else ""
-    return picks
+        for (i, _, kept), res in zip(batch, reply.results, strict=True):
+            chosen[i] = (kept[res.index], res.score)
+    return [
+        BestOfPick(
+            prompt_id=rec.prompt_id,
+            prompt=rec.prompt,
+            output=rec.responses[index] if rec.responses else "",
+            index=index,
+            score=score,
+            samples=len(rec.responses),
+        )
+        for rec, (index, score) in zip(records, chosen, strict=True)
+    ]
 
 
 async def generate_best_of(
@@ -80,7 +82,7 @@ async def generate_best_of(
         description=f"policy {k}: best-of-{n} samples",
         stage=f"policy{k}.best_of_{n}.generate",
     )
-    picks = ShardStore(root / "picks")
+    picks = ShardStore(root / "picks", BestOfPick)
     count = len(chunk(prompts, ctx.cfg.shard_size))
     todo = picks.missing(count)
     task = ctx.progress.add_task(
@@ -95,4 +97,5 @@ async def generate_best_of(
 
 def best_of_outputs(ctx: RunContext, k: int, n: int, count: int) -> list[dict[str, Any]]:
     """[{prompt_id, prompt, output, index, score, samples}] of the picks, in prompt order."""
-    return list(ShardStore(best_of_dir(ctx, k, n) / "picks").read_all(count))
+    store = ShardStore(best_of_dir(ctx, k, n) / "picks", BestOfPick)
+    return [p.model_dump() for p in store.read_all(count)]

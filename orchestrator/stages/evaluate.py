@@ -18,6 +18,7 @@ from orchestrator.context import RunContext
 from orchestrator.evaluation import alpaca_annotations, win_rate
 from orchestrator.lc_winrate import GLM
 from orchestrator.prompts import PromptRecord, read_prompts
+from orchestrator.records import GenerationRecord
 from orchestrator.shards import ShardStore, chunk
 from orchestrator.stages.best_of import best_of_dir, generate_best_of
 from orchestrator.stages.generate import generate_shards
@@ -39,10 +40,10 @@ def _prompts(ctx: RunContext) -> list[PromptRecord]:
 def eval_outputs(ctx: RunContext, k: int) -> list[dict[str, Any]]:
     """[{prompt_id, prompt, output}] of policy k's plain answers, in instruction order."""
     prompts = _prompts(ctx)
-    store = ShardStore(_out_dir(ctx, k) / "shards")
+    store = ShardStore(_out_dir(ctx, k) / "shards", GenerationRecord)
     count = len(chunk(prompts, ctx.cfg.shard_size))
     return [
-        {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "output": r["responses"][0]}
+        {"prompt_id": r.prompt_id, "prompt": r.prompt, "output": r.responses[0]}
         for r in store.read_all(count)
     ]
 

@@ -83,7 +83,7 @@ def test_exclusion_is_by_normalised_text() -> None:
 
 def test_create_run_uses_the_eval_file_and_trains_on_none_of_it(
     write_config, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     path = tmp_path / "alpaca_eval.json"
     path.write_text(json.dumps(alpaca_rows()))
     run_dir = create_run(
@@ -112,6 +112,6 @@ def test_create_run_uses_the_eval_file_and_trains_on_none_of_it(
         ({"prompts": {"source": "missing.json"}}, r"evaluation\.prompts\.source"),
     ],
 )
-def test_bad_evaluation_fields_are_named(write_config, evaluation: dict, expected: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_evaluation_fields_are_named(write_config, evaluation: dict, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         create_run(write_config(evaluation=evaluation))

@@ -32,7 +32,7 @@ from orchestrator.prompts import normalise_instruction, read_prompts
 from orchestrator.settings import OrchestratorSettings
 from pairloop.preference_data import load_rows, read_split_names, split_path
 from pairloop_local.processes import ManagedProcess, free_port
-from services.ranker.scorers import plain_prose
+from services.ranker.score_functions import plain_prose
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -52,7 +52,7 @@ def items(url: str, route: str) -> float:
 
 
 @pytest.fixture()
-def judge(tmp_path: Path):  # type: ignore[no-untyped-def]
+def judge(tmp_path: Path):
     """A second ranker service: the evaluation's judge."""
     port = free_port()
     proc = ManagedProcess(
@@ -88,7 +88,7 @@ def demo_prompts() -> str:
     return str(_packaged("prompts.jsonl"))
 
 
-def run_config(stack, tmp_path: Path, *, eval_file: Path, judge_url: str) -> Path:  # type: ignore[no-untyped-def]
+def run_config(stack, tmp_path: Path, *, eval_file: Path, judge_url: str) -> Path:
     cfg = demo_config(
         store=stack.spec.store,
         base_model=stack.spec.base_model,
@@ -107,7 +107,7 @@ def run_config(stack, tmp_path: Path, *, eval_file: Path, judge_url: str) -> Pat
     return path
 
 
-def test_alpaca_eval_source_best_of_and_separate_judge(stack, judge: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_alpaca_eval_source_best_of_and_separate_judge(stack, judge: str, tmp_path: Path) -> None:
     rows = alpaca_eval_file(tmp_path / "alpaca_eval.json")
     config = run_config(stack, tmp_path, eval_file=tmp_path / "alpaca_eval.json", judge_url=judge)
     before = {

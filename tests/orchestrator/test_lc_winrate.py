@@ -39,7 +39,7 @@ def fixed_annotations(n: int, *, seed: int, length_effect: float) -> list[dict[s
 
 
 @pytest.fixture()
-def package_glm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def package_glm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import alpaca_eval.metrics.glm_winrate as glm
 
     gamed = tmp_path / "df_gamed.csv"
