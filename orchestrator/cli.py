@@ -178,6 +178,14 @@ def status(
     for name, st in m.stages.items():
         table.add_row(name, st.state, f"{st.seconds:.1f}", str(st.attempts), st.error or "")
     console.print(table)
+    from orchestrator.admission import admission_summary
+
+    setup = m.stages.get("setup")
+    if setup and setup.metrics.get("prompts"):
+        console.print(f"prompts: {admission_summary(setup.metrics['prompts'])}", highlight=False)
+    failed = sum(int(st.metrics.get("failed_prompts", 0)) for st in m.stages.values())
+    if failed:
+        console.print(f"prompts the generator could not answer: {failed}", highlight=False)
 
 
 @app.command()

@@ -34,6 +34,8 @@ async def _rank_records(ctx: RunContext, records: list[dict[str, Any]]) -> list[
             "worst_index": 0,
             "truncated": False,
         }
+        if rec.get("error"):
+            base["error"] = rec["error"]  # no responses: the generator could not answer it
         out.append(base)
         if len(kept) >= 2:
             rankable.append(base)
