@@ -37,9 +37,7 @@ def test_one_overlong_conversation_does_not_fail_the_batch(generator: Any, hf: A
     model_dir = generator.versions[body.weight_version]
     for conv, res in ((short, a), (other, c)):
         assert res.error is None
-        assert [hf.settled(o) for o in res.outputs] == [
-            hf.greedy_chat(model_dir, conv, max_new=10)
-        ]
+        assert [hf.settled(o) for o in res.outputs] == [hf.greedy_chat(model_dir, conv, max_new=10)]
     after = generator.metrics()["pairloop_generator_batch_item_errors_total"]
     assert after - before == 1
 

@@ -127,7 +127,9 @@ def test_engine_args_serve_the_checkpoint_dtype_and_the_model_context(tmp_path: 
     from pairloop_local.tiny_models import build_tiny_chat_model
     from services.generator.engine import engine_args
 
-    model = build_tiny_chat_model(tmp_path / "m", arch="llama", seed=0, max_position_embeddings=8192)
+    model = build_tiny_chat_model(
+        tmp_path / "m", arch="llama", seed=0, max_position_embeddings=8192
+    )
     args = engine_args(GeneratorSettings(model=str(model)))
     assert (args.dtype, args.max_model_len) == ("float32", 8192)
     args = engine_args(GeneratorSettings(model=str(model), max_model_len=1024, dtype="bfloat16"))
