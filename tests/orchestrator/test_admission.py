@@ -130,7 +130,7 @@ def test_truncate_cuts_overlong_prompts_to_fit(
 def test_a_pool_too_small_says_found_needed_why_and_what_to_change(
     tmp_path: Path, write_config: Any
 ) -> None:
-    rows = pool_rows(27, [2, 4]) + [{"prompt_id": "blank", "prompt": "  "}]
+    rows = [*pool_rows(27, [2, 4]), {"prompt_id": "blank", "prompt": "  "}]
     cfg_path = run_config(write_config, write_pool(tmp_path / "pool.jsonl", rows))
     with pytest.raises(ConfigError) as err:
         create_run(cfg_path)
@@ -159,5 +159,5 @@ def test_prompt_limit_takes_the_tightest_of_context_new_tokens_and_trainer(
         dpo={"max_prompt_length": 256, "max_length": 512},
     )
     assert got.tokens == 256 and "dpo.max_prompt_length" in got.reason
-    with pytest.raises(ConfigError, match="lower sampling.max_tokens"):
+    with pytest.raises(ConfigError, match=r"lower sampling\.max_tokens"):
         limit(sampling={"max_tokens": 4096})

@@ -42,7 +42,9 @@ def check(values: list[float], tops: list[list[float]], new: list[int], lsm: Any
         assert abs(values[i] - float(lsm[i, token_id])) < TOL, (i, values[i])
         want = torch.topk(lsm[i], K).values.tolist()
         assert len(tops[i]) == K
-        assert max(abs(a - b) for a, b in zip(sorted(tops[i], reverse=True), want)) < TOL
+        assert (
+            max(abs(a - b) for a, b in zip(sorted(tops[i], reverse=True), want, strict=True)) < TOL
+        )
         # Greedy: the sampled token is the most likely one.
         assert abs(max(tops[i]) - values[i]) < TOL
 
