@@ -3,9 +3,9 @@
 Token caps alone (rows x longest) do not bound a transformer encoder's memory: DeBERTa's attention
 in transformers is eager and materialises [rows x heads, L, L] tensors (the scores, the
 content->position and position->content terms, their sum, the softmax), so a pass grows with L^2.
-At PairRM's shape (DeBERTa-v3-large: 24 heads, hidden 1024) and its longest rows (1224 + 2 x 412 =
-2048 tokens) one row needs ~1 GB of attention in bfloat16: the compose default of 128 rows would
-need ~130 GB, next to a vLLM holding most of the GPU.
+At PairRM's shape (DeBERTa-v3-large: 16 heads, hidden 1024) and its longest rows (1224 + 2 x 412 =
+2048 tokens) one row needs ~0.7 GB in bfloat16 by this estimate: the compose default of 128 rows
+would need ~94 GB, next to a vLLM holding most of the GPU.
 
     cost = PassCost.from_model_config(model.config, dtype_bytes=2)
     budget = MemoryBudget(cost, device="cuda:0", fraction=0.8, cap_bytes=None)
