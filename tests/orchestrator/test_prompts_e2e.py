@@ -39,6 +39,19 @@ def user_prompts(path: Path) -> Path:
     return path
 
 
+def hf_greedy(model_dir: Path, messages: list[dict[str, str]], new: int) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).rstrip("\ufffd")
+
+
 def cli(stack: Any, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.update(
@@ -114,9 +127,24 @@ def test_user_prompts_too_long_for_the_model_are_skipped_and_the_run_completes(
     assert f"skipped: {admission['too_long_skipped']} too long" in status.stdout
     assert "prompts the generator could not answer: 1" in status.stdout
 
-    # The stack's generator was started without --dtype: `auto` served the checkpoint's float32.
+    # The stack's generator was started without --dtype: `auto` served the checkpoint's float32,
+    # so its greedy answer to a long chat prompt is transformers' own, token for token (vLLM's own
+    # `auto` served bfloat16, and the answers parted after a dozen tokens).
     card = httpx.get(f"{stack.generator_url}/v1/models", timeout=30).json()["data"][0]
     assert (card["dtype"], card["max_model_len"]) == ("float32", 2048)
+    assert card["weight_version"] == "user-prompts.policy1"
+    messages = [
+        {"role": "user", "content": "Explain, step by step, " + "why the sky is blue " * 20}
+    ]
+    reply = httpx.post(
+        f"{stack.generator_url}/v1/chat/completions",
+        json={"messages": messages, "temperature": 0, "max_tokens": 48, "min_tokens": 48},
+        timeout=60,
+    ).json()
+    assert reply["usage"]["prompt_tokens"] > 100
+    assert reply["choices"][0]["message"]["content"].rstrip("\ufffd") == hf_greedy(
+        run_dir / "checkpoints" / "policy1", messages, 48
+    )
 
 
 def test_demo_prompts_file_that_does_not_exist_is_a_message(tmp_path: Path) -> None:
