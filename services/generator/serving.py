@@ -313,6 +313,12 @@ async def chat_completion(
 # --- /v1/batch/chat -------------------------------------------------------------------------------
 
 
+def _name(cid: str, conversation: Sequence[ChatMessage]) -> str:
+    """How an error names a conversation: its id and the first characters of its last turn."""
+    text = " ".join(conversation[-1].content.split())
+    return f"{cid!r} ({text[:40] + '...' if len(text) > 40 else text!r})"
+
+
 async def batch_chat(runtime: Runtime, body: BatchChatRequest, served: str) -> JSONResponse:
     """Every conversation answered, or given an error entry; request-wide problems stay a 400."""
     gen = runtime.generation
@@ -328,7 +334,7 @@ async def batch_chat(runtime: Runtime, body: BatchChatRequest, served: str) -> J
             prompt = runtime.engine.render_chat(_messages(conv))
             spec = gen.spec_for(body, len(prompt), index=i, prompt_param="conversations")
         except ValidationError as exc:
-            errors[i] = f"conversation {ids[i]!r}: {exc.message}"
+            errors[i] = f"conversation {_name(ids[i], conv)}: {exc.message}"
             continue
         prompts.append(prompt)
         specs.append(spec)
@@ -342,7 +348,8 @@ async def batch_chat(runtime: Runtime, body: BatchChatRequest, served: str) -> J
     for i, cid in enumerate(ids):
         pr = answered.get(i)
         if pr is None or pr.error is not None:
-            message = errors.get(i) or f"conversation {cid!r}: {pr.error if pr else 'not run'}"
+            reason = pr.error if pr else "not run"
+            message = errors.get(i) or f"conversation {_name(cid, body.conversations[i])}: {reason}"
             results.append(BatchChatResult(id=cid, error=message))
             continue
         results.append(

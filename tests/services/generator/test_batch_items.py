@@ -33,7 +33,8 @@ def test_one_overlong_conversation_does_not_fail_the_batch(generator: Any, hf: A
     a, bad, c = body.results
     assert bad.id == "too-long" and bad.outputs == []
     assert bad.error is not None
-    assert "'too-long'" in bad.error and f"context of {MAX_MODEL_LEN} tokens" in bad.error
+    assert "'too-long' ('word word" in bad.error, "names the id and the first characters"
+    assert f"context of {MAX_MODEL_LEN} tokens" in bad.error, "and the limit it broke"
     model_dir = generator.versions[body.weight_version]
     for conv, res in ((short, a), (other, c)):
         assert res.error is None
