@@ -13,9 +13,9 @@ prompts itself, as TRL's `max_prompt_length` did; they are counted).
 Prompts that do not fit are skipped (`prompts.too_long: skip`, default) or cut to fit
 (`truncate`). Slices are drawn in the seeded order of the whole pool, so a skipped prompt's place
 goes to the next prompt of that order: every slice keeps its size. Only as many prompts as the run
-needs are measured (in chunks), so a 60k-prompt pool costs seconds, not minutes. When the pool runs
-out, the error says how many were found, how many were needed, why the others were refused (with
-examples: id, first characters, tokens, limit) and what to change.
+needs are measured (in chunks): a run of a few hundred prompts does not tokenize a whole pool.
+When the pool runs out, the error says how many were found, how many were needed, why the others
+were refused (with examples: id, first characters, tokens, limit) and what to change.
 """
 
 from __future__ import annotations
