@@ -23,10 +23,15 @@ import asyncio
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import SecretStr
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from orchestrator.embedded import StackSpec
+    from orchestrator.manifest import Manifest
 
 __all__ = ["DEMO_PREFERENCE", "DEMO_RANKER_ARGS", "demo_config", "run_demo"]
 
@@ -35,7 +40,7 @@ DEMO_PREFERENCE = (
     "plain prose: the share of an answer's characters that are lowercase letters or spaces "
     "(no capitals, digits or symbols)"
 )
-DEMO_RANKER_ARGS = ["--backend", "scorer", "--model", "services.ranker.scorers:plain_prose"]
+DEMO_RANKER_ARGS = ["--backend", "scorer", "--model", "services.ranker.score_functions:plain_prose"]
 
 
 def _packaged(name: str) -> Path:
@@ -56,7 +61,7 @@ def _count_prompts(path: Path, field: str) -> int:
     return len(load_prompt_source(cfg).records)
 
 
-def _prompt_source(cfg: dict, iterations: int, prompts_file: Path, field: str) -> None:
+def _prompt_source(cfg: dict[str, Any], iterations: int, prompts_file: Path, field: str) -> None:
     """Point the demo at a user's prompt file, shrinking the slices when the file is small."""
     p = cfg["prompts"]
     p.update(source=str(prompts_file.resolve()), field=field)
@@ -80,10 +85,10 @@ def demo_config(
     iterations: int,
     prompts_file: Path | None = None,
     prompt_field: str = "prompt",
-) -> dict:
+) -> dict[str, Any]:
     """The demo's run config as a dict: the packaged YAML with this machine's paths and URLs;
     `prompts_file` replaces the shipped prompts (its `prompt_field` holds the text)."""
-    cfg = yaml.safe_load(_packaged("demo.yaml").read_text())
+    cfg: dict[str, Any] = yaml.safe_load(_packaged("demo.yaml").read_text())
     cfg.update(
         model_store=str(store),
         base_model=str(base_model),
@@ -153,14 +158,14 @@ def run_demo(
 
 
 def _run_on_stack(
-    spec,
+    spec: StackSpec,
     workdir: Path,
     *,
     iterations: int,
     console: Console,
     prompts_file: Path | None,
     prompt_field: str,
-):  # type: ignore[no-untyped-def]
+) -> tuple[Path, Manifest]:
     """Start the local stack, create and execute the demo run, stop the stack."""
     from orchestrator.embedded import LocalStack
     from orchestrator.loop import create_run, execute_run
@@ -195,10 +200,10 @@ def _run_on_stack(
     return run_dir, manifest
 
 
-def _print_outcome(run_dir: Path, manifest, *, iterations: int, console: Console) -> None:  # type: ignore[no-untyped-def]
-    from orchestrator.cli import print_summary
+def _print_outcome(run_dir: Path, manifest: Manifest, *, iterations: int, console: Console) -> None:
+    from orchestrator.summary import print_summary
 
-    print_summary(run_dir, manifest)
+    print_summary(run_dir, manifest, console=console)
     from orchestrator.admission import admission_summary
 
     setup = manifest.stages.get("setup")

@@ -10,6 +10,7 @@ from typing import Any
 from orchestrator.context import RunContext
 from orchestrator.evaluation import win_rate
 from orchestrator.prompts import read_prompts
+from orchestrator.records import GenerationRecord
 from orchestrator.shards import ShardStore, chunk
 from orchestrator.stages.generate import generate_shards
 from orchestrator.stages.swap import ensure_version
@@ -26,14 +27,14 @@ def _out_dir(ctx: RunContext, k: int) -> Path:
 def eval_outputs(ctx: RunContext, k: int) -> list[dict[str, Any]]:
     """[{prompt_id, prompt, output}] of policy k on the eval prompts, in prompt order."""
     prompts = read_prompts(ctx.run_dir / "prompts" / "eval.jsonl")
-    store = ShardStore(_out_dir(ctx, k) / "shards")
+    store = ShardStore(_out_dir(ctx, k) / "shards", GenerationRecord)
     count = len(chunk(prompts, ctx.cfg.shard_size))
     return [
         {
-            "prompt_id": r["prompt_id"],
-            "prompt": r["prompt"],
+            "prompt_id": r.prompt_id,
+            "prompt": r.prompt,
             # A prompt the generator could not answer has no response: an empty answer loses.
-            "output": r["responses"][0] if r["responses"] else "",
+            "output": r.responses[0] if r.responses else "",
         }
         for r in store.read_all(count)
     ]

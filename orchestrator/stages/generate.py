@@ -19,6 +19,7 @@ from typing import Any
 from orchestrator.admission import describe_prompt
 from orchestrator.context import RunContext
 from orchestrator.prompts import PromptRecord, read_prompts
+from orchestrator.records import GenerationRecord
 from orchestrator.shards import ShardStore, chunk
 from orchestrator.stages.swap import ensure_version
 from pairloop.contracts.generator import BatchChatRequest, ChatMessage
@@ -50,10 +51,10 @@ async def generate_shards(
     seed_key: str,
     description: str,
     stage: str,
-) -> ShardStore:
+) -> ShardStore[GenerationRecord]:
     """Generate the missing shards of `prompts` under policy `policy`'s weights into `out_dir`."""
     cfg = ctx.cfg
-    store = ShardStore(out_dir)
+    store = ShardStore(out_dir, GenerationRecord)
     shards = chunk(prompts, cfg.shard_size)
     todo = store.missing(len(shards))
     expected = ctx.version_label(policy)
@@ -87,18 +88,19 @@ async def generate_shards(
         records = []
         for p in shard:
             res = by_id[p["prompt_id"]]
-            record: dict[str, Any] = {
-                "prompt_id": p["prompt_id"],
-                "prompt": p["prompt"],
-                "responses": res.outputs,
-                "finish_reasons": res.finish_reasons,
-                "completion_tokens": res.completion_tokens,
-                "weight_version": reply.weight_version,
-            }
             if res.error is not None:
                 log.warning("%s: prompt %s got no answer: %s", stage, describe_prompt(p), res.error)
-                record["error"] = res.error
-            records.append(record)
+            records.append(
+                GenerationRecord(
+                    prompt_id=p["prompt_id"],
+                    prompt=p["prompt"],
+                    responses=res.outputs,
+                    finish_reasons=res.finish_reasons,
+                    completion_tokens=res.completion_tokens,
+                    weight_version=reply.weight_version,
+                    error=res.error,
+                )
+            )
         store.write(index, records)
         ctx.progress.advance(task, len(shard))
         ctx.checkpoint_event(stage)
@@ -109,10 +111,12 @@ async def generate_shards(
     return store
 
 
-def count_failed(store: ShardStore, prompts: list[PromptRecord], shard_size: int) -> int:
+def count_failed(
+    store: ShardStore[GenerationRecord], prompts: list[PromptRecord], shard_size: int
+) -> int:
     """Prompts of the finished shards that the generator answered with an error entry."""
     count = len(chunk(prompts, shard_size))
-    return sum(1 for r in store.read_all(count) if r.get("error"))
+    return sum(1 for r in store.read_all(count) if r.error)
 
 
 async def run(ctx: RunContext, k: int) -> dict[str, Any]:

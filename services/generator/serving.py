@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,7 +207,7 @@ async def _serve(
     response = shape.response(
         id=rid,
         model=served,
-        choices=choices,  # type: ignore[arg-type]  # the shape's own choice model
+        choices=choices,
         usage=_usage(result.prompt_tokens, result.completion_tokens),
         weight_version=result.version,
     )
@@ -223,7 +223,7 @@ async def _events(
     rid: str,
     served: str,
     include_usage: bool,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     created = int(time.time())
     n = specs[0].n
 
@@ -233,7 +233,7 @@ async def _events(
                 id=rid,
                 created=created,
                 model=served,
-                choices=choices,  # type: ignore[arg-type]  # the shape's own chunk choice
+                choices=choices,
                 usage=usage,
                 weight_version=lease.version,
             )
@@ -356,7 +356,7 @@ async def batch_chat(runtime: Runtime, body: BatchChatRequest, served: str) -> J
             BatchChatResult(
                 id=cid,
                 outputs=pr.texts,
-                finish_reasons=pr.finish_reasons,  # type: ignore[arg-type]
+                finish_reasons=pr.finish_reasons,
                 completion_tokens=pr.completion_tokens,
                 prompt_tokens=pr.prompt_tokens,
             )
