@@ -22,6 +22,7 @@ import yaml
 
 from orchestrator.demo import demo_config
 from orchestrator.manifest import load_manifest
+from orchestrator.records import GenerationRecord
 from orchestrator.runs import create_run
 from orchestrator.shards import ShardStore
 
@@ -111,12 +112,16 @@ def test_user_prompts_too_long_for_the_model_are_skipped_and_the_run_completes(
 
     generate = m.stages["iter1.generate"].metrics
     assert generate["failed_prompts"] == 1 and generate["prompts"] == 25
-    records = list(ShardStore(run_dir / "iter1" / "generations").read_all(4))
-    (bad,) = [r for r in records if r.get("error")]
-    assert bad["prompt_id"] == "injected-long" and bad["responses"] == []
-    assert "context of 2048 tokens" in bad["error"]
-    neighbours = [r for r in records[:8] if r["prompt_id"] != "injected-long"]
-    assert len(neighbours) == 7 and all(len(r["responses"]) == 5 for r in neighbours)
+    gen_dir = run_dir / "iter1" / "generations"
+    records = list(ShardStore(gen_dir, GenerationRecord).read_all(4))
+    (bad,) = [r for r in records if r.error]
+    assert bad.prompt_id == "injected-long" and bad.responses == []
+    assert "context of 2048 tokens" in (bad.error or "")
+    neighbours = [r for r in records[:8] if r.prompt_id != "injected-long"]
+    assert len(neighbours) == 7 and all(len(r.responses) == 5 for r in neighbours)
+    # Only the failed prompt's line has an "error" key: shards without errors keep their bytes.
+    lines = [x for f in sorted(gen_dir.glob("shard-*.jsonl")) for x in f.read_text().splitlines()]
+    assert sum('"error"' in x for x in lines) == 1
     assert m.stages["iter1.pairs"].metrics["generation_errors"] == 1
 
     report = (run_dir / "report" / "report.md").read_text()
