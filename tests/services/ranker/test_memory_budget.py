@@ -196,3 +196,28 @@ async def test_a_single_row_out_of_memory_fails_its_caller_after_all_splits(
         isinstance(g, ServerError) and "does not fit in device memory" in g.message for g in got
     )
     assert splits(metrics) == 3, "4 -> 2 + 2 -> 1 + 1 + 1 + 1 before giving up"
+
+
+async def test_only_the_row_that_cannot_fit_alone_fails(
+    pairrm_model: Any, items_factory: Any
+) -> None:
+    rows = rows_of(pairrm_model, items_factory, 6)
+    expected = pairrm_model.compare(rows)
+    lengths = sorted({row_length(r) for r in rows})
+    longest = max(range(len(rows)), key=lambda i: row_length(rows[i]))
+    # A device that holds any one row but the longest.
+    forward = OomAbove(pairrm_model, max_rows=6, capacity=PAIRRM.pass_bytes(1, lengths[-2]))
+    batcher = MicroBatcher(
+        forward, metrics=RankerMetrics(), max_batch_size=6, max_batch_tokens=1 << 20,
+        max_wait_s=0.5, sort_window=6,
+    )  # fmt: skip
+    batcher.start()
+    try:
+        got = await run_all(batcher, rows)
+    finally:
+        await batcher.close()
+    assert isinstance(got[longest], ServerError)
+    assert "does not fit in device memory" in got[longest].message
+    for i, value in enumerate(got):
+        if i != longest:
+            assert abs(float(value) - float(expected[i])) < 1e-5
