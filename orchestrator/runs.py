@@ -15,13 +15,13 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.admission import PromptMeter, admit_prompts
 from orchestrator.config import ConfigError, RunConfig, check_paths, load_run_config
 from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
 from orchestrator.prompts import (
     exclude_instructions,
     load_eval_prompts,
     load_prompt_source,
-    slice_prompts,
     write_prompts,
 )
 from pairloop.atomic import atomic_write_text
@@ -35,26 +35,38 @@ class RunLockedError(RuntimeError):
     """Another orchestrator process is executing this run."""
 
 
-def create_run(config_path: str | Path, *, run_id: str | None = None) -> Path:
-    """Validate the config and its inputs, then create the run directory (no service is touched).
+def create_run(
+    config_path: str | Path, *, run_id: str | None = None, meter: PromptMeter | None = None
+) -> Path:
+    """Validate the config and its inputs, admit the prompts, then create the run directory (no
+    service is touched).
 
-    Raises ConfigError for anything wrong with the config, before a single file is written.
+    Prompt admission (`orchestrator.admission`) measures prompts with the base model's tokenizer
+    and chat template (or `meter`); what it skipped is listed in RUN_DIR/prompts/skipped.jsonl and
+    counted in the setup stage's metrics. Raises ConfigError for anything wrong with the config or
+    a pool too small, before a single file is written.
     """
     cfg = load_run_config(config_path)
     if run_id is not None:
         cfg = RunConfig.model_validate({**cfg.model_dump(), "run_id": run_id})
     check_paths(cfg)
+    skipped: list[dict[str, object]] = []
     pool = load_prompt_source(cfg.prompts)
     eval_source = cfg.evaluation.prompts
     excluded = 0
     if eval_source is None:
-        slices = slice_prompts(pool, cfg.prompts, cfg.iterations)
+        slices, admission = admit_prompts(pool, cfg, meter=meter, on_skip=skipped.append)
     else:
-        # The evaluation has instructions of its own: none of them may be trained on.
+        # The evaluation has instructions of its own: none of them may be trained on, and no
+        # training prompt is held out for it.
         eval_prompts = load_eval_prompts(eval_source)
-        pool, excluded = exclude_instructions(pool, eval_prompts)
-        slices = slice_prompts(
-            pool, cfg.prompts.model_copy(update={"eval_prompts": 0}), cfg.iterations
+        pool.records, excluded = exclude_instructions(pool.records, eval_prompts)
+        no_holdout = cfg.prompts.model_copy(update={"eval_prompts": 0})
+        slices, admission = admit_prompts(
+            pool,
+            cfg.model_copy(update={"prompts": no_holdout}),
+            meter=meter,
+            on_skip=skipped.append,
         )
         slices["eval"] = eval_prompts
     rid = cfg.run_id or f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -64,6 +76,7 @@ def create_run(config_path: str | Path, *, run_id: str | None = None) -> Path:
         raise ConfigError(f"run {rid} already exists at {run_dir}; use `pairloop resume {run_dir}`")
     for name, prompts in slices.items():
         write_prompts(run_dir / "prompts" / f"{name}.jsonl", prompts)
+    write_prompts(run_dir / "prompts" / "skipped.jsonl", skipped)
     atomic_write_text(
         run_dir / FROZEN_CONFIG, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     )
@@ -72,11 +85,13 @@ def create_run(config_path: str | Path, *, run_id: str | None = None) -> Path:
     training = [p for name, ps in slices.items() if name != "eval" for p in ps]
     manifest.stage("setup").metrics = {
         **{name: len(p) for name, p in slices.items()},
+        "prompts": admission.metrics(),
         "eval_source": eval_source.source if eval_source else "held out of prompts.source",
         "training_prompts_removed_as_eval": excluded,
         "eval_instructions_in_training": len(training)
         - len(exclude_instructions(training, slices["eval"])[0]),
     }
+    manifest.stage("setup").artifacts = {"skipped_prompts": "prompts/skipped.jsonl"}
     manifest.save(run_dir)
     return run_dir
 
