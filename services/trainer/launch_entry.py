@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from pairloop.atomic import atomic_write_json
@@ -26,6 +27,7 @@ from pairloop.errors import PairloopError
 from pairloop.jobs import TrainProgress
 from pairloop.logs import configure_logging
 from services.trainer.dpo import train_policy
+from services.trainer.sharding import fsdp_on_cpu
 from services.trainer.spec import TrainingSpec
 
 __all__ = ["ERROR_FILE", "OUTCOME_FILE", "PROGRESS_FILE", "main"]
@@ -80,8 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             with (work / PROGRESS_FILE).open("a") as fh:
                 fh.write(progress.model_dump_json() + "\n")
 
+    sharding = fsdp_on_cpu() if spec.device == "cpu" and spec.strategy == "fsdp" else nullcontext()
     try:
-        outcome = train_policy(spec, report)
+        with sharding:
+            outcome = train_policy(spec, report)
     except PairloopError as exc:
         if is_main:
             atomic_write_json(
