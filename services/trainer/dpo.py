@@ -48,6 +48,7 @@ from services.trainer.spec import (
 
 __all__ = [
     "ADAPTER_DIR",
+    "HANDLED_OUTSIDE_DPO_CONFIG",
     "checkpoint_dtype",
     "dpo_config",
     "dpo_trainer_class",
@@ -60,6 +61,17 @@ log = logging.getLogger(__name__)
 
 ProgressReport = Callable[[TrainProgress], None]
 ADAPTER_DIR = "adapter"
+# DPOHyperparameters fields that reach training some other way than a DPOConfig field of the
+# same name (every other field is passed to DPOConfig by name in `dpo_config`).
+HANDLED_OUTSIDE_DPO_CONFIG = {
+    "max_prompt_length": "PairloopDPOTrainer truncates prompts (gone from DPOConfig in TRL 1.x)",
+    "dtype": "the dtype the policy is loaded in (_load_causal_lm)",
+    "warmup_ratio": "DPOConfig.warmup_steps (a float below 1 is a ratio in transformers 5)",
+    "loss_type": "DPOConfig.loss_type, as a one-element list",
+    "global_batch_size": "derives DPOConfig.gradient_accumulation_steps from the world size",
+    "strategy": "the launch: the strategy's accelerate config file (launcher.py)",
+    "cpu_offload": "the launch: fsdp_offload_params / DeepSpeed offload devices (launcher.py)",
+}
 # Metrics of the last logged step that the result carries (TRL's names).
 _STEP_METRICS = (
     "loss",
