@@ -399,8 +399,13 @@ def train_policy(
         # step past max_steps here (it checks the limit only after a step): load it instead.
         log.info("job %s: checkpoint %s is the final one, publishing it", job.job_id, resume[0])
         if spec.strategy == "fsdp":
-            # The shards load into a sharded model: wrap it as `train` would have.
-            trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
+            # The shards load into a sharded model: wrap it as `train` would have. accelerate's
+            # FSDP2 path prepares a model only with its optimizer (AdamW's state stays unbuilt).
+            trainer.create_optimizer()
+            trainer.model, trainer.optimizer = trainer.accelerator.prepare(
+                trainer.model, trainer.optimizer
+            )
+            trainer.model_wrapped = trainer.model
         trainer._load_from_checkpoint(str(resume[0]))
         trainer.state = TrainerState.load_from_json(str(resume[0] / _TRAINER_STATE))
     else:

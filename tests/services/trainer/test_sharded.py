@@ -16,6 +16,7 @@ while training moved the weights by more than 1e-3.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -95,7 +96,9 @@ def single(settings: TrainerSettings) -> TrainResult:
 
 @pytest.fixture(scope="module")
 def sharded(settings: TrainerSettings) -> TrainResult:
-    launched = settings.model_copy(update={"launcher": "accelerate", "num_processes": 2})
+    launched = settings.model_copy(
+        update={"launcher": "accelerate", "num_processes": 2, "keep_checkpoints": True}
+    )
     return run_train_job(_sharded_job("fsdp"), launched)
 
 
@@ -124,6 +127,20 @@ def test_sharded_weights_equal_one_process_with_the_same_global_batch(
     assert _max_diff(a, b) <= TOLERANCE
     assert _max_diff(b, base) > 100 * TOLERANCE  # training really moved the weights
     assert (Path(sharded.checkpoint_path) / COMPLETE_MARKER).is_file()
+
+
+def test_crash_after_the_final_sharded_checkpoint_republishes_it(
+    sharded: TrainResult, settings: TrainerSettings
+) -> None:
+    """Killed between the last checkpoint and the rename: the shards load into a sharded model,
+    and the same weights are published without a step more."""
+    output = Path(sharded.checkpoint_path)
+    before = _weights(sharded)
+    shutil.rmtree(output)
+    launched = settings.model_copy(update={"launcher": "accelerate", "num_processes": 2})
+    again = run_train_job(_sharded_job("fsdp"), launched)
+    assert again.resumed_from_step == again.steps == MAX_STEPS
+    assert _max_diff(_weights(again), before) == 0.0
 
 
 def test_two_machines_meet_at_one_rendezvous_and_publish_bf16_shards(
