@@ -49,9 +49,9 @@ def _job(run_id: str, *, policy: str = "base", **hp: Any) -> TrainJob:
     )
 
 
-def _sharded_job(run_id: str, *, policy: str = "base") -> TrainJob:
+def _sharded_job(run_id: str, *, policy: str = "base", **hp: Any) -> TrainJob:
     # 2 ranks x 2 pairs = the single process's 4 pairs per step (accumulation derived: 1).
-    return _job(run_id, policy=policy, per_device_train_batch_size=2, strategy="fsdp")
+    return _job(run_id, policy=policy, per_device_train_batch_size=2, strategy="fsdp", **hp)
 
 
 def _weights(result: TrainResult) -> dict[str, torch.Tensor]:
@@ -155,7 +155,10 @@ def test_two_machines_meet_at_one_rendezvous_and_publish_bf16_shards(
         "rendezvous_endpoint": endpoint,
         "publish_max_shard_size": "100KB",  # the tiny model's 390 KB in bf16 -> several files
     }
-    job = _sharded_job("two-machines", policy=bf16_policy)
+    # Also FSDP's activation checkpointing, and the reference's log-probs precomputed by the
+    # sharded reference before it is freed: neither changes the math.
+    variant = {"gradient_checkpointing": True, "precompute_ref_log_probs": True}
+    job = _sharded_job("two-machines", policy=bf16_policy, **variant)
     env = {
         **os.environ,
         "PAIRLOOP_TRAINER_MODEL_STORE_ROOT": str(model_store),
@@ -178,6 +181,7 @@ def test_two_machines_meet_at_one_rendezvous_and_publish_bf16_shards(
         joiner.stop()
     assert result.world_size == 2 and len(result.ranks) == 2
     assert all(r.policy_local_numel < r.policy_numel for r in result.ranks)
+    assert all(r.reference_local_numel is None for r in result.ranks)  # freed after precompute
 
     out = Path(result.checkpoint_path)
     files = sorted(out.glob("model-*.safetensors"))
@@ -189,7 +193,7 @@ def test_two_machines_meet_at_one_rendezvous_and_publish_bf16_shards(
 
     # Same as one process on the same bf16 policy, to bf16 rounding (float32 master weights on
     # both sides; a near-tie can round either way: one bf16 step, 2^-8 relative).
-    single = run_train_job(_job("single-bf16", policy=bf16_policy), settings)
+    single = run_train_job(_job("single-bf16", policy=bf16_policy, **variant), settings)
     a, b = _weights(result), _weights(single)
     for name in a:
         gap = (a[name].float() - b[name].float()).abs()
