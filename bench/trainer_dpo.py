@@ -387,8 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_sharded(sharded, args)
         RESULTS.mkdir(parents=True, exist_ok=True)
         name = "trainer_dpo_sharded" + (f"_{args.tag}" if args.tag else "")
-        report = {"bench": name, "machine": machine, "config": config, "parameters": params}
-        (RESULTS / f"{name}.json").write_text(json.dumps({**report, **sharded}, indent=2) + "\n")
+        header = {"bench": name, "machine": machine, "config": config, "parameters": params}
+        (RESULTS / f"{name}.json").write_text(json.dumps({**header, **sharded}, indent=2) + "\n")
         print(f"written: {RESULTS / name}.json")
         if args.store is None:
             shutil.rmtree(store, ignore_errors=True)

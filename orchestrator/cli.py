@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from orchestrator.plan import Plan
 
 app = typer.Typer(
     name="pairloop",
@@ -49,6 +52,7 @@ def _execute(run_dir: Path) -> None:
     from orchestrator.config import ConfigError
     from orchestrator.context import RunCancelledError
     from orchestrator.loop import RunLockedError, execute_run
+    from orchestrator.summary import print_summary
     from pairloop.errors import PairloopError
 
     console.print(f"run directory: {run_dir}")
@@ -62,55 +66,10 @@ def _execute(run_dir: Path) -> None:
         raise _fail(
             f"{exc.message}\nthe run stopped; fix the cause, then `pairloop resume {run_dir}`"
         ) from None
-    print_summary(run_dir, manifest)
+    print_summary(run_dir, manifest, console=console)
 
 
-def print_summary(run_dir: Path, manifest) -> None:  # type: ignore[no-untyped-def]
-    """The per-iteration headline table, as printed at the end of a run."""
-    from orchestrator.report import iteration_rows
-
-    table = Table(title=f"run {manifest.run_id}: {manifest.status}")
-    for col in (
-        "iter",
-        "pairs",
-        "ties",
-        "chosen",
-        "rejected",
-        "DPO loss",
-        "swap s",
-        "win vs base",
-        "LC win vs base",
-        "win vs prev",
-        "mean len",
-    ):
-        table.add_column(col, justify="right")
-
-    def f(v, fmt: str = "{:.3f}") -> str:  # type: ignore[no-untyped-def]
-        return fmt.format(v) if isinstance(v, (int, float)) else "-"
-
-    for r in iteration_rows(manifest):
-        table.add_row(
-            str(r["iteration"]),
-            f(r.get("pairs"), "{}"),
-            f(r.get("ties_dropped"), "{}"),
-            f(r.get("mean_chosen_score")),
-            f(r.get("mean_rejected_score")),
-            f(r.get("train_loss"), "{:.4f}"),
-            f(r.get("swap_seconds")),
-            f(r.get("win_rate_vs_base")),
-            f(r.get("lc_win_rate_vs_base")),
-            f(r.get("win_rate_vs_previous")),
-            f(r.get("mean_length"), "{:.1f}"),
-        )
-    # Rich assumes 80 columns when output is not a terminal (CI logs, `| tee`), too few for this.
-    out = console if console.is_terminal else Console(width=max(console.width, 120))
-    out.print(table)
-    report = run_dir / "report" / "report.md"
-    if report.exists():
-        console.print(f"report: {report}")
-
-
-def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
+def _print_plan(plan: Plan) -> None:
     from orchestrator.plan import GIB
 
     table = Table(title=f"memory per GPU: {plan.gpus} x {plan.gpu_memory_gib:g} GiB")

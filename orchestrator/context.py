@@ -57,7 +57,7 @@ class RunContext:
     progress: Progress
     fault_kill_after: str | None = None
     make_generator: Callable[[str], GeneratorClient] | None = None
-    _rr: itertools.cycle = field(init=False, repr=False)  # type: ignore[type-arg]
+    _rr: itertools.cycle[GeneratorClient] = field(init=False, repr=False)
     _events: Counter[str] = field(default_factory=Counter, init=False, repr=False)
 
     def __post_init__(self) -> None:

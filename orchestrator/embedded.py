@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,9 @@ class StackSpec:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
-def wait_for_worker(redis_url: str, *, timeout: float, alive=lambda: True) -> None:  # type: ignore[no-untyped-def]
+def wait_for_worker(
+    redis_url: str, *, timeout: float, alive: Callable[[], bool] = lambda: True
+) -> None:
     """Wait until a Celery worker on `redis_url` answers a control ping."""
     from pairloop.train_client import make_train_client
 

@@ -18,10 +18,15 @@ import asyncio
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import SecretStr
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from orchestrator.embedded import StackSpec
+    from orchestrator.manifest import Manifest
 
 __all__ = ["DEMO_PREFERENCE", "DEMO_RANKER_ARGS", "demo_config", "run_demo"]
 
@@ -30,7 +35,7 @@ DEMO_PREFERENCE = (
     "plain prose: the share of an answer's characters that are lowercase letters or spaces "
     "(no capitals, digits or symbols)"
 )
-DEMO_RANKER_ARGS = ["--backend", "scorer", "--model", "services.ranker.scorers:plain_prose"]
+DEMO_RANKER_ARGS = ["--backend", "scorer", "--model", "services.ranker.score_functions:plain_prose"]
 
 
 def _packaged(name: str) -> Path:
@@ -45,9 +50,9 @@ def demo_config(
     ranker_url: str,
     redis_url: str,
     iterations: int,
-) -> dict:
+) -> dict[str, Any]:
     """The demo's run config as a dict: the packaged YAML with this machine's paths and URLs."""
-    cfg = yaml.safe_load(_packaged("demo.yaml").read_text())
+    cfg: dict[str, Any] = yaml.safe_load(_packaged("demo.yaml").read_text())
     cfg.update(
         model_store=str(store),
         base_model=str(base_model),
@@ -97,7 +102,9 @@ def run_demo(workdir: Path, *, iterations: int = 3, console: Console | None = No
     return 0
 
 
-def _run_on_stack(spec, workdir: Path, *, iterations: int, console: Console):  # type: ignore[no-untyped-def]
+def _run_on_stack(
+    spec: StackSpec, workdir: Path, *, iterations: int, console: Console
+) -> tuple[Path, Manifest]:
     """Start the local stack, create and execute the demo run, stop the stack."""
     from orchestrator.embedded import LocalStack
     from orchestrator.loop import create_run, execute_run
@@ -130,10 +137,10 @@ def _run_on_stack(spec, workdir: Path, *, iterations: int, console: Console):  #
     return run_dir, manifest
 
 
-def _print_outcome(run_dir: Path, manifest, *, iterations: int, console: Console) -> None:  # type: ignore[no-untyped-def]
-    from orchestrator.cli import print_summary
+def _print_outcome(run_dir: Path, manifest: Manifest, *, iterations: int, console: Console) -> None:
+    from orchestrator.summary import print_summary
 
-    print_summary(run_dir, manifest)
+    print_summary(run_dir, manifest, console=console)
     final = manifest.stages.get(f"iter{iterations}.evaluate")
     vs_base = final.metrics.get("vs_base", {}) if final else {}
     console.print(f"preference: {DEMO_PREFERENCE}")

@@ -48,9 +48,10 @@ from services.trainer.spec import (
 
 __all__ = [
     "ADAPTER_DIR",
-    "HANDLED_OUTSIDE_DPO_CONFIG",
+    "HANDLED_OUTSIDE_DPOCONFIG",
     "checkpoint_dtype",
     "dpo_config",
+    "dpo_config_kwargs",
     "dpo_trainer_class",
     "progress_callback",
     "resolve_precision",
@@ -61,17 +62,6 @@ log = logging.getLogger(__name__)
 
 ProgressReport = Callable[[TrainProgress], None]
 ADAPTER_DIR = "adapter"
-# DPOHyperparameters fields that reach training some other way than a DPOConfig field of the
-# same name (every other field is passed to DPOConfig by name in `dpo_config`).
-HANDLED_OUTSIDE_DPO_CONFIG = {
-    "max_prompt_length": "PairloopDPOTrainer truncates prompts (gone from DPOConfig in TRL 1.x)",
-    "dtype": "the dtype the policy is loaded in (_load_causal_lm)",
-    "warmup_ratio": "DPOConfig.warmup_steps (a float below 1 is a ratio in transformers 5)",
-    "loss_type": "DPOConfig.loss_type, as a one-element list",
-    "global_batch_size": "derives DPOConfig.gradient_accumulation_steps from the world size",
-    "strategy": "the launch: the strategy's accelerate config file (launcher.py)",
-    "cpu_offload": "the launch: fsdp_offload_params / DeepSpeed offload devices (launcher.py)",
-}
 # Metrics of the last logged step that the result carries (TRL's names).
 _STEP_METRICS = (
     "loss",
@@ -109,7 +99,43 @@ def resolve_precision(hp: DPOHyperparameters, device: str) -> tuple[bool, bool]:
     return bool(bf16), bool(checkpointing)
 
 
+# DPOHyperparameters fields that are not DPOConfig fields, and where each one takes effect.
+# Every other field goes to DPOConfig under its own name (or its `_DPOCONFIG_NAMES` name):
+# tests/services/trainer/test_dpo_config.py fails for a field in neither place.
+HANDLED_OUTSIDE_DPOCONFIG: dict[str, str] = {
+    "max_prompt_length": "PairloopDPOTrainer.max_prompt_length, set in train_policy "
+    "(TRL 1.x dropped it from DPOConfig)",
+    "dtype": "the dtype train_policy loads the policy and the reference in (_load_causal_lm)",
+    "global_batch_size": "derives DPOConfig.gradient_accumulation_steps from the world size "
+    "(dpo_config)",
+    "strategy": "the launch: the strategy's accelerate config file (launcher.py)",
+    "cpu_offload": "the launch: fsdp_offload_params / DeepSpeed offload devices (launcher.py)",
+}
+# transformers 5: `warmup_ratio` is gone; a float below 1 in `warmup_steps` is the ratio.
+_DPOCONFIG_NAMES = {"warmup_ratio": "warmup_steps"}
+
+
+def dpo_config_kwargs(
+    hp: DPOHyperparameters, *, bf16: bool, gradient_checkpointing: bool
+) -> dict[str, Any]:
+    """DPOConfig's keyword arguments for `hp`: all its fields but HANDLED_OUTSIDE_DPOCONFIG.
+
+    Built from `hp.model_dump()`, so a new hyperparameter reaches DPOConfig without an edit here
+    (and DPOConfig refuses one it does not know). `bf16`/`gradient_checkpointing` are `hp`'s
+    values with "auto" resolved for the device (`resolve_precision`).
+    """
+    kwargs = {
+        _DPOCONFIG_NAMES.get(name, name): value
+        for name, value in hp.model_dump(exclude=set(HANDLED_OUTSIDE_DPOCONFIG)).items()
+    }
+    kwargs["loss_type"] = [hp.loss_type]  # TRL 1.x takes a list (losses can be combined)
+    kwargs["bf16"] = bf16
+    kwargs["gradient_checkpointing"] = gradient_checkpointing
+    return kwargs
+
+
 def dpo_config(spec: TrainingSpec) -> Any:
+    """TRL's DPOConfig for the job: its hyperparameters plus what the trainer decides itself."""
     from trl import DPOConfig
 
     hp = spec.job.hyperparameters
@@ -122,32 +148,16 @@ def dpo_config(spec: TrainingSpec) -> Any:
         # FSDP's own activation checkpointing (set at launch) replaces the Trainer's, which
         # would all-gather every layer's shards a second time in the backward pass.
         checkpointing = False
+    kwargs = dpo_config_kwargs(hp, bf16=bf16, gradient_checkpointing=checkpointing)
     try:
-        accumulation = hp.gradient_accumulation_for(spec.world_size)
+        kwargs["gradient_accumulation_steps"] = hp.gradient_accumulation_for(spec.world_size)
     except ValueError as exc:
         raise ValidationError(str(exc), param="hyperparameters.global_batch_size") from None
     return DPOConfig(
+        **kwargs,
         output_dir=spec.checkpoints_dir,
-        beta=hp.beta,
-        loss_type=[hp.loss_type],
-        learning_rate=hp.learning_rate,
-        num_train_epochs=hp.num_train_epochs,
-        max_steps=hp.max_steps,
-        per_device_train_batch_size=hp.per_device_train_batch_size,
-        gradient_accumulation_steps=accumulation,
-        max_length=hp.max_length,
-        # transformers 5: a float below 1 is the warmup ratio.
-        warmup_steps=hp.warmup_ratio,
-        lr_scheduler_type=hp.lr_scheduler_type,
-        optim=hp.optim,
-        bf16=bf16,
-        gradient_checkpointing=checkpointing,
-        seed=hp.seed,
-        logging_steps=hp.logging_steps,
         save_strategy="steps",
-        save_steps=hp.save_steps,
         save_total_limit=spec.save_total_limit,
-        precompute_ref_log_probs=hp.precompute_ref_log_probs,
         use_cpu=spec.device == "cpu",
         # Every parameter of a causal LM gets a gradient; the search for unused ones costs a pass.
         ddp_find_unused_parameters=False,
@@ -183,10 +193,10 @@ def _load_causal_lm(path: str, dtype: str, *, what: str) -> Any:
         ) from exc
 
 
-def dpo_trainer_class() -> type:
+def dpo_trainer_class() -> type[Any]:
     from trl import DPOTrainer
 
-    class PairloopDPOTrainer(DPOTrainer):  # type: ignore[misc]
+    class PairloopDPOTrainer(DPOTrainer):
         """DPOTrainer that also caps prompt length, as `max_prompt_length` did before TRL 1.x.
 
         Long prompts keep their end (the question), as TRL's old default did, so the
@@ -195,7 +205,7 @@ def dpo_trainer_class() -> type:
 
         max_prompt_length: int | None = None
 
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # type: ignore[no-untyped-def]
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             cap = self.max_prompt_length
             if cap is None:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -217,7 +227,7 @@ def dpo_trainer_class() -> type:
 def progress_callback(report: ProgressReport, resumed_from_step: int) -> Any:
     from transformers import TrainerCallback
 
-    class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+    class ProgressCallback(TrainerCallback):
         """Forwards step, metrics and the last complete checkpoint to `report` (rank 0 only)."""
 
         def __init__(self) -> None:

@@ -58,11 +58,11 @@ def fsdp_on_cpu() -> Iterator[None]:
             self.fsdp_plugin = fsdp_plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
-    AcceleratorState.__init__ = init  # type: ignore[method-assign]
+    AcceleratorState.__init__ = init
     try:
         yield
     finally:
-        AcceleratorState.__init__ = original  # type: ignore[method-assign]
+        AcceleratorState.__init__ = original
 
 
 def local_numel(module: Any) -> tuple[int, int, int]:

@@ -1,17 +1,15 @@
 """Strategy knobs without training: the accelerate config files (read by accelerate's own loader),
 the launch command per strategy and machine, launch settings validation, the derived accumulation,
-and the DPOHyperparameters fields that do not map to a DPOConfig field by name."""
+and what DPOConfig gets under a sharded strategy."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pydantic
 import pytest
 
 from pairloop.jobs import DPOHyperparameters
-from services.trainer.dpo import HANDLED_OUTSIDE_DPO_CONFIG
 from services.trainer.launcher import accelerate_command
 from services.trainer.settings import ACCELERATE_CONFIGS, TrainerSettings
 from services.trainer.spec import TrainingSpec
@@ -54,6 +52,10 @@ def _spec(strategy: str, world: int, device: str = "cuda", **hp: object) -> Trai
         strategy=strategy,  # type: ignore[arg-type]
         world_size=world,
     )
+
+
+def _settings() -> TrainerSettings:
+    return TrainerSettings(model_store_root=Path("/tmp"), redis_url="redis://x:1/0")
 
 
 def _flags(argv: list[str]) -> dict[str, str]:
@@ -116,11 +118,15 @@ def test_global_batch_is_kept_on_any_rank_count() -> None:
         DPOHyperparameters(per_device_train_batch_size=8, global_batch_size=100)
 
 
-def test_every_hyperparameter_reaches_dpo_config_or_is_accounted_for(tmp_path: Path) -> None:
+def test_dpo_config_derives_accumulation_and_leaves_checkpointing_to_fsdp() -> None:
     from services.trainer.dpo import dpo_config
 
-    config = dpo_config(_spec("single-process", 1, "cpu", global_batch_size=8))
-    fields = {f.name for f in dataclasses.fields(config)}
-    for name in DPOHyperparameters.model_fields:
-        assert name in fields or name in HANDLED_OUTSIDE_DPO_CONFIG, name
-    assert config.gradient_accumulation_steps == 8 // 4  # FAST_HYPERPARAMETERS: 4 per device
+    # FAST_HYPERPARAMETERS: 4 per device; 16 pairs per step over 2 ranks -> accumulation 2.
+    spec = _spec("fsdp", 2, "cpu", global_batch_size=16, gradient_checkpointing=True)
+    config = dpo_config(spec)
+    assert config.gradient_accumulation_steps == 2
+    assert config.gradient_checkpointing is False  # FSDP's own, passed at launch
+    launch = _flags(accelerate_command(Path("s.json"), settings=_settings(), spec=spec))
+    assert launch["--fsdp_activation_checkpointing"] == "true"
+    ddp = dpo_config(_spec("ddp", 2, "cpu", global_batch_size=16, gradient_checkpointing=True))
+    assert ddp.gradient_checkpointing is True
