@@ -48,7 +48,7 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_when_gone(owner_pid: int, *, interval: float = 2.0) -> None:
+def _exit_when_gone(owner_pid: int, *, interval: float = 0.25) -> None:
     """Exit this rank when the worker process that launched it has died (it may be SIGKILLed)."""
 
     def watch() -> None:

@@ -9,8 +9,9 @@ devices); what the GPU adds (bf16 compute under FSDP's MixedPrecisionPolicy, NCC
 DeepSpeed) is covered by the GPU bench, not here.
 
 Equality: a sharded run and a single process with the same global batch and seed publish the
-same weights within 1e-5 (float32; reduction order is the only difference: measured 1.3e-7),
-while training moved the weights by more than 1e-3.
+same weights within 1e-4 (float32; the order of reductions is the only difference, and AdamW
+normalises it up: measured 1.3e-7 after 8 steps, 1.4e-5 after 32 at lr 1e-3), while training
+moved the weights by more than 1e-3.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from services.trainer.settings import TrainerSettings
 
 from .helpers import REPO_ROOT, make_job, start_worker, wait_for_task
 
-MAX_STEPS = 24  # long enough for the kill test to land mid-training
+# Long enough for the kill test to land mid-training: orphaned ranks notice their killed worker
+# within 0.25 s (launch_entry's watchdog), a few tiny steps.
+MAX_STEPS = 32
 SAVE_STEPS = 4
-TOLERANCE = 1e-5
+TOLERANCE = 1e-4
 _SINGLE = {"max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "global_batch_size": 4}
 
 
@@ -125,7 +128,7 @@ def test_sharded_weights_equal_one_process_with_the_same_global_batch(
     base = load_file(str(model_store / "base" / "model.safetensors"))
     a, b = _weights(sharded), _weights(single)
     assert _max_diff(a, b) <= TOLERANCE
-    assert _max_diff(b, base) > 100 * TOLERANCE  # training really moved the weights
+    assert _max_diff(b, base) > 10 * TOLERANCE  # training really moved the weights
     assert (Path(sharded.checkpoint_path) / COMPLETE_MARKER).is_file()
 
 
