@@ -218,6 +218,14 @@ def status(
     for name, st in m.stages.items():
         table.add_row(name, st.state, f"{st.seconds:.1f}", str(st.attempts), st.error or "")
     console.print(table)
+    from orchestrator.admission import admission_summary
+
+    setup = m.stages.get("setup")
+    if setup and setup.metrics.get("prompts"):
+        console.print(f"prompts: {admission_summary(setup.metrics['prompts'])}", highlight=False)
+    failed = sum(int(st.metrics.get("failed_prompts", 0)) for st in m.stages.values())
+    if failed:
+        console.print(f"prompts the generator could not answer: {failed}", highlight=False)
 
 
 @app.command()
@@ -246,11 +254,24 @@ def cancel(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where models, runs and logs go.")] = Path("demo"),
     iterations: Annotated[int, typer.Option(min=1, help="DPO iterations.")] = 3,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="Your own prompts: JSONL (or .json/.parquet) rows with a prompt field."),
+    ] = None,
+    prompt_field: Annotated[str, typer.Option(help="The field of --prompts holding the text.")] = (
+        "prompt"
+    ),
 ) -> None:
     """The embedded default: the whole loop on this machine with tiny models and local services."""
     from orchestrator.demo import run_demo
 
-    code = run_demo(workdir.resolve(), iterations=iterations, console=console)
+    code = run_demo(
+        workdir.resolve(),
+        iterations=iterations,
+        console=console,
+        prompts_file=prompts,
+        prompt_field=prompt_field,
+    )
     if code:
         raise typer.Exit(code)
 

@@ -25,6 +25,7 @@ from pairloop.validation import describe_validation_error
 
 __all__ = [
     "ConfigError",
+    "EvalPromptsConfig",
     "EvaluationConfig",
     "PairsConfig",
     "PromptsConfig",
@@ -35,6 +36,9 @@ __all__ = [
     "check_paths",
     "load_run_config",
 ]
+
+
+_LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
 
 
 class ConfigError(ValueError):
@@ -62,6 +66,16 @@ class PromptsConfig(_Strict):
         200, ge=1, description="held-out prompts, disjoint from every iteration"
     )
     seed: int = 42
+    too_long: Literal["skip", "truncate"] = Field(
+        "skip",
+        description="prompts that cannot fit the generator's context next to sampling.max_tokens: "
+        "skip them (a replacement is drawn from the pool) or truncate them to fit",
+    )
+    enforce_max_prompt_length: bool = Field(
+        False,
+        description="also treat dpo.max_prompt_length as a limit; by default prompts above it are "
+        "admitted and the trainer truncates them, as TRL's max_prompt_length did (counted)",
+    )
 
 
 class SamplingConfig(_Strict):
@@ -69,6 +83,12 @@ class SamplingConfig(_Strict):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(512, ge=1)
     seed: int = Field(0, description="base seed; each prompt gets its own derived seed")
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="the generator's context (prompt + completion tokens), when its "
+        "--max-model-len caps the model's own; default: the base model's max_position_embeddings",
+    )
 
 
 class RankerConfig(_Strict):
@@ -95,12 +115,67 @@ class PairsConfig(_Strict):
         return self
 
 
+class EvalPromptsConfig(_Strict):
+    """The evaluation's own instructions: a hub dataset or a local file, used whole, in order.
+
+    The recipe's is AlpacaEval 2.0 (`tatsu-lab/alpaca_eval`, config `alpaca_eval`, split `eval`,
+    column `instruction`); a local JSON/JSONL in AlpacaEval's format (a list of objects with
+    `instruction`, optionally `dataset`) works the same way. Every one of these instructions is
+    removed from the training pool (compared case- and whitespace-insensitively).
+    """
+
+    source: str = Field(
+        "tatsu-lab/alpaca_eval",
+        description="a Hugging Face dataset name, or a local .jsonl/.json/.parquet file",
+    )
+    name: str | None = Field("alpaca_eval", description="dataset config name (hub datasets only)")
+    split: str = Field("eval", description="dataset split (hub datasets only)")
+    field: str = Field("instruction", description="column holding the instruction text")
+    id_field: str | None = Field(None, description="column with a stable id; None: hashed text")
+    limit: int | None = Field(None, ge=1, description="use only the first N instructions")
+
+
 class EvaluationConfig(_Strict):
-    """Held-out evaluation after every iteration, judged by the ranker."""
+    """Evaluation after every iteration: answers to the evaluation instructions, judged pairwise."""
 
     enabled: bool = True
+    prompts: EvalPromptsConfig | None = Field(
+        None,
+        description="the evaluation's own instructions (AlpacaEval's in the recipe); None: "
+        "prompts.eval_prompts prompts held out of the training source",
+    )
+    judge: str | None = Field(
+        None,
+        description="URL of the ranker service that judges (e.g. a reward model that did not "
+        "make the pairs); None: the run's ranker",
+    )
+    best_of: list[int] = Field(
+        default_factory=lambda: [1],
+        min_length=1,
+        description="1: one greedy answer; n > 1: n samples, the run's ranker picks one "
+        "(the recipe reports best-of-16); each is its own row",
+    )
+    best_of_temperature: float = Field(
+        0.7, gt=0.0, le=2.0, description="sampling temperature of best-of-n's samples"
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy, as AlpacaEval runs")
     max_tokens: int = Field(512, ge=1)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError("every best_of entry must be >= 1")
+        if 1 not in v:
+            raise ValueError("best_of must include 1 (the plain answer every figure is based on)")
+        return sorted(set(v))
+
+    @field_validator("judge")
+    @classmethod
+    def _judge(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v.rstrip("/") if v else v
 
 
 class ServicesConfig(_Strict):
@@ -184,8 +259,19 @@ def _absolutise(cfg: RunConfig, base_dir: Path) -> RunConfig:
     src = Path(prompts.source).expanduser()
     if src.suffix in {".jsonl", ".json", ".parquet"}:
         prompts = prompts.model_copy(update={"source": fix(prompts.source)})
+    evaluation = cfg.evaluation
+    ep = evaluation.prompts
+    if ep is not None and Path(ep.source).expanduser().suffix in _LOCAL_SUFFIXES:
+        evaluation = evaluation.model_copy(
+            update={"prompts": ep.model_copy(update={"source": fix(ep.source)})}
+        )
     return cfg.model_copy(
-        update={"model_store": store, "base_model": base_model, "prompts": prompts}
+        update={
+            "model_store": store,
+            "base_model": base_model,
+            "prompts": prompts,
+            "evaluation": evaluation,
+        }
     )
 
 
@@ -229,6 +315,13 @@ def check_paths(cfg: RunConfig) -> None:
     src = Path(cfg.prompts.source)
     if src.suffix in {".jsonl", ".json", ".parquet"} and not src.is_file():
         problems.append(f"prompts.source: {src} does not exist")
+    ep = cfg.evaluation.prompts
+    if (
+        ep is not None
+        and Path(ep.source).suffix in _LOCAL_SUFFIXES
+        and not Path(ep.source).is_file()
+    ):
+        problems.append(f"evaluation.prompts.source: {ep.source} does not exist")
     if cfg.shard_size > cfg.prompts.per_iteration:
         problems.append("shard_size: larger than prompts.per_iteration")
     if problems:

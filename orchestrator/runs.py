@@ -1,8 +1,8 @@
 """Runs on disk: create a run directory from a config, load it back, and lock it while it executes.
 
-    run_dir = create_run("configs/demo.yaml")      # validates everything before any work
-    cfg, manifest = load_run(run_dir)              # the frozen config and the manifest
-    with run_lock(run_dir): ...                    # one executing process per run
+run_dir = create_run("configs/demo.yaml")      # validates everything before any work
+cfg, manifest = load_run(run_dir)              # the frozen config and the manifest
+with run_lock(run_dir): ...                    # one executing process per run
 """
 
 from __future__ import annotations
@@ -15,9 +15,15 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.admission import PromptMeter, admit_prompts
 from orchestrator.config import ConfigError, RunConfig, check_paths, load_run_config
 from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
-from orchestrator.prompts import load_prompt_source, slice_prompts, write_prompts
+from orchestrator.prompts import (
+    exclude_instructions,
+    load_eval_prompts,
+    load_prompt_source,
+    write_prompts,
+)
 from pairloop.atomic import atomic_write_text
 
 __all__ = ["FROZEN_CONFIG", "RunLockedError", "create_run", "load_run", "run_lock"]
@@ -29,16 +35,40 @@ class RunLockedError(RuntimeError):
     """Another orchestrator process is executing this run."""
 
 
-def create_run(config_path: str | Path, *, run_id: str | None = None) -> Path:
-    """Validate the config and its inputs, then create the run directory (no service is touched).
+def create_run(
+    config_path: str | Path, *, run_id: str | None = None, meter: PromptMeter | None = None
+) -> Path:
+    """Validate the config and its inputs, admit the prompts, then create the run directory (no
+    service is touched).
 
-    Raises ConfigError for anything wrong with the config, before a single file is written.
+    Prompt admission (`orchestrator.admission`) measures prompts with the base model's tokenizer
+    and chat template (or `meter`); what it skipped is listed in RUN_DIR/prompts/skipped.jsonl and
+    counted in the setup stage's metrics. Raises ConfigError for anything wrong with the config or
+    a pool too small, before a single file is written.
     """
     cfg = load_run_config(config_path)
     if run_id is not None:
         cfg = RunConfig.model_validate({**cfg.model_dump(), "run_id": run_id})
     check_paths(cfg)
-    slices = slice_prompts(load_prompt_source(cfg.prompts), cfg.prompts, cfg.iterations)
+    skipped: list[dict[str, object]] = []
+    pool = load_prompt_source(cfg.prompts)
+    eval_source = cfg.evaluation.prompts
+    excluded = 0
+    if eval_source is None:
+        slices, admission = admit_prompts(pool, cfg, meter=meter, on_skip=skipped.append)
+    else:
+        # The evaluation has instructions of its own: none of them may be trained on, and no
+        # training prompt is held out for it.
+        eval_prompts = load_eval_prompts(eval_source)
+        pool.records, excluded = exclude_instructions(pool.records, eval_prompts)
+        no_holdout = cfg.prompts.model_copy(update={"eval_prompts": 0})
+        slices, admission = admit_prompts(
+            pool,
+            cfg.model_copy(update={"prompts": no_holdout}),
+            meter=meter,
+            on_skip=skipped.append,
+        )
+        slices["eval"] = eval_prompts
     rid = cfg.run_id or f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"run_id": rid})
     run_dir = Path(cfg.model_store) / "runs" / rid
@@ -46,12 +76,22 @@ def create_run(config_path: str | Path, *, run_id: str | None = None) -> Path:
         raise ConfigError(f"run {rid} already exists at {run_dir}; use `pairloop resume {run_dir}`")
     for name, prompts in slices.items():
         write_prompts(run_dir / "prompts" / f"{name}.jsonl", prompts)
+    write_prompts(run_dir / "prompts" / "skipped.jsonl", skipped)
     atomic_write_text(
         run_dir / FROZEN_CONFIG, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     )
     manifest = Manifest(run_id=rid, config_fingerprint=cfg.fingerprint(), iterations=cfg.iterations)
     manifest.stage("setup").state = "done"
-    manifest.stage("setup").metrics = {name: len(p) for name, p in slices.items()}
+    training = [p for name, ps in slices.items() if name != "eval" for p in ps]
+    manifest.stage("setup").metrics = {
+        **{name: len(p) for name, p in slices.items()},
+        "prompts": admission.metrics(),
+        "eval_source": eval_source.source if eval_source else "held out of prompts.source",
+        "training_prompts_removed_as_eval": excluded,
+        "eval_instructions_in_training": len(training)
+        - len(exclude_instructions(training, slices["eval"])[0]),
+    }
+    manifest.stage("setup").artifacts = {"skipped_prompts": "prompts/skipped.jsonl"}
     manifest.save(run_dir)
     return run_dir
 
