@@ -4,6 +4,7 @@ side, and the whole Celery task's overhead as a share of its wall time.
     python -m bench.trainer_dpo                          # 100m preset, both parts (~5 min on 2 cores)
     python -m bench.trainer_dpo --steps 3 --repeats 1    # quicker
     python -m bench.trainer_dpo --skip-task              # step throughput only
+    python -m bench.trainer_dpo --sharded                # part 3 only: FSDP vs DDP on 2 CPU ranks
 
 Part 1 runs the production training code (`services.trainer.dpo.train_policy`) in this process on
 a random ~100M-parameter Llama (`pairloop_local.tiny_models`, preset 100m), same data and settings for
@@ -19,6 +20,12 @@ submits one job on the same model, and splits the client's wall time (submit -> 
 queueing (until the task started), the task's own phases (`TrainResult.timings`) and the result's
 trip back. Overhead = everything but the training steps. Figures are printed and written to
 bench/results/trainer_dpo.json.
+
+Part 3 (`--sharded`, its own results file trainer_dpo_sharded.json) runs whole jobs through
+`run_train_job` on 2 CPU ranks (`accelerate launch`, gloo), strategy fsdp (FSDP2 full shard) and
+ddp alternately, same model, data, seed and global batch (2 ranks x batch/2): samples/s from the
+per-step progress reports (first step excluded) and each rank's peak and end-of-training RSS and
+parameter elements held, from the job's own per-rank report.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="torch threads (PAIRLOOP_TRAINER_CPU_THREADS); 1 is steadiest on a shared host",
     )
     p.add_argument("--skip-task", action="store_true", help="skip part 2 (the Celery task)")
+    p.add_argument(
+        "--sharded", action="store_true", help="run only part 3: fsdp vs ddp on 2 CPU ranks"
+    )
     p.add_argument("--tag", default="", help="suffix for the results file")
     return p
 
@@ -260,6 +270,98 @@ def task_overhead(store: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _sharded_job(store: Path, args: argparse.Namespace, strategy: str, i: int) -> dict[str, Any]:
+    """One 2-rank job with `strategy`; step times from its progress reports, RSS from its ranks."""
+    from pairloop.jobs import TrainJob, TrainProgress
+    from services.trainer.runner import run_train_job
+    from services.trainer.settings import TrainerSettings
+
+    hp = _hyperparameters(args, precompute=False, steps=args.steps + 1)
+    hp.update(strategy=strategy, per_device_train_batch_size=args.batch_size // 2)
+    hp.update(global_batch_size=args.batch_size)
+    job = TrainJob(
+        run_id=f"bench-{strategy}-{i}-{int(time.time())}",
+        iteration=1,
+        policy_path="policy",
+        reference_path="policy",
+        dataset_path="data",
+        output_path=f"out-{strategy}-{i}",
+        hyperparameters=hp,
+    )
+    settings = TrainerSettings(
+        model_store_root=store,
+        redis_url="redis://unused:1/0",
+        launcher="accelerate",
+        num_processes=2,
+        cpu_threads=args.threads,
+    )
+    stamps: list[float] = []
+    seen = [0]
+
+    def report(progress: TrainProgress) -> None:
+        if progress.phase == "training" and progress.loss is not None and progress.step > seen[0]:
+            seen[0] = progress.step
+            stamps.append(time.perf_counter())
+
+    result = run_train_job(job, settings, report=report)
+    shutil.rmtree(store / job.output_path, ignore_errors=True)
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    return {
+        "step_seconds": steps,
+        "ranks": [r.model_dump() for r in result.ranks],
+        "global_batch_size": result.global_batch_size,
+        "train_seconds": result.timings.get("train"),
+        "job_seconds": result.seconds,
+    }
+
+
+def sharded_vs_ddp(store: Path, args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"ddp": [], "fsdp": []}
+    for i in range(args.repeats):
+        for strategy in ("ddp", "fsdp"):
+            runs[strategy].append(_sharded_job(store, args, strategy, i))
+    out: dict[str, Any] = {}
+    for name, rs in runs.items():
+        step = statistics.median(s for r in rs for s in r["step_seconds"])
+        ranks = sorted({r["rank"] for run in rs for r in run["ranks"]})
+        out[name] = {
+            "median_step_seconds": step,
+            "samples_per_second": args.batch_size / step,
+            "peak_rss_gib_per_rank": [
+                max(r["peak_rss_bytes"] for run in rs for r in run["ranks"] if r["rank"] == k)
+                / 2**30
+                for k in ranks
+            ],
+            "end_rss_gib_per_rank": [
+                max(r["rss_bytes"] for run in rs for r in run["ranks"] if r["rank"] == k) / 2**30
+                for k in ranks
+            ],
+            "policy_elements_per_rank": [
+                rs[0]["ranks"][k]["policy_local_numel"] for k in range(len(ranks))
+            ],
+            "runs": rs,
+        }
+    out["fsdp_vs_ddp_samples_per_second"] = (
+        out["fsdp"]["samples_per_second"] / out["ddp"]["samples_per_second"]
+    )
+    return out
+
+
+def _print_sharded(result: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"2 CPU ranks, global batch {args.batch_size} ({args.batch_size // 2} per rank):")
+    for name in ("ddp", "fsdp"):
+        r = result[name]
+        peak = ", ".join(f"{x:.2f}" for x in r["peak_rss_gib_per_rank"])
+        end = ", ".join(f"{x:.2f}" for x in r["end_rss_gib_per_rank"])
+        held = ", ".join(f"{x / 1e6:.1f}M" for x in r["policy_elements_per_rank"])
+        print(
+            f"  {name:5s} step {r['median_step_seconds']:.2f}s  {r['samples_per_second']:.2f} "
+            f"samples/s  peak RSS per rank [{peak}] GiB, at the end [{end}] GiB, policy "
+            f"elements held per rank [{held}]"
+        )
+    print(f"  fsdp / ddp samples/s: {result['fsdp_vs_ddp_samples_per_second']:.2f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     import torch
@@ -273,6 +375,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     params = read_manifest(store / "policy").num_parameters
     print(f"model: {args.preset} preset, {params / 1e6:.1f}M parameters; {args.pairs} pairs")
+    machine = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+    }
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    if args.sharded:
+        sharded = sharded_vs_ddp(store, args)
+        _print_sharded(sharded, args)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        name = "trainer_dpo_sharded" + (f"_{args.tag}" if args.tag else "")
+        header = {"bench": name, "machine": machine, "config": config, "parameters": params}
+        (RESULTS / f"{name}.json").write_text(json.dumps({**header, **sharded}, indent=2) + "\n")
+        print(f"written: {RESULTS / name}.json")
+        if args.store is None:
+            shutil.rmtree(store, ignore_errors=True)
+        return 0
     steps = step_throughput(store, args)
     for name in ("reference_model", "precomputed"):
         s = steps[name]

@@ -8,6 +8,7 @@
     pairloop demo                                      # the whole loop on this machine: tiny models, local services
     pairloop api                                       # the status API + best-of-n chat completions
     pairloop tiny-models OUT_DIR                       # tiny Llama/Mistral chat models and a tiny PairRM, offline
+    pairloop plan CONFIG --gpus 8 --gpu-memory 80      # memory per GPU of each stage; non-zero if it cannot fit
 
 Each command is a thin shell over a library function; heavy imports happen inside the command.
 Errors in configs, paths and services print as messages with exit status 2 (bad input) or 1.
@@ -18,11 +19,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from orchestrator.plan import Plan
 
 app = typer.Typer(
     name="pairloop",
@@ -65,17 +69,97 @@ def _execute(run_dir: Path) -> None:
     print_summary(run_dir, manifest, console=console)
 
 
+def _print_plan(plan: Plan) -> None:
+    from orchestrator.plan import GIB
+
+    table = Table(title=f"memory per GPU: {plan.gpus} x {plan.gpu_memory_gib:g} GiB")
+    for col in ("stage", "part", "GiB"):
+        table.add_column(col, justify="right" if col == "GiB" else "left")
+    for stage in plan.stages:
+        for i, (part, size) in enumerate(stage.parts.items()):
+            table.add_row(stage.stage if i == 0 else "", part, f"{size / GIB:.1f}")
+        verdict = "fits" if stage.fits else "[red]does not fit[/red]"
+        table.add_row(
+            "", f"total (limit {stage.budget / GIB:.1f}): {verdict}", f"{stage.total / GIB:.1f}"
+        )
+    out = console if console.is_terminal else Console(width=max(console.width, 120))
+    out.print(table)
+    console.print(f"model: {plan.parameters / 1e9:.2f}B parameters ({plan.shape_source})")
+    accumulation = plan.gradient_accumulation_steps
+    console.print(
+        f"trainer: strategy {plan.strategy}, global batch {plan.global_batch_size}, gradient "
+        f"accumulation {accumulation if accumulation is not None else '-'} on {plan.gpus} GPUs"
+    )
+
+
+def _check_plan(
+    config: Path,
+    gpus: int,
+    gpu_memory: float,
+    model_config: Path | None,
+    strategy: str | None = None,
+) -> None:
+    """Fail (exit 2) before any work when a stage cannot fit the GPUs."""
+    from orchestrator.config import ConfigError, load_run_config
+    from orchestrator.plan import PlanError, load_shape, plan_run
+
+    try:
+        cfg = load_run_config(config)
+        shape, source = load_shape(cfg.base_model, model_config)
+    except (ConfigError, PlanError) as exc:
+        raise _fail(str(exc), 2) from None
+    plan = plan_run(
+        cfg,
+        gpus=gpus,
+        gpu_memory_gib=gpu_memory,
+        shape=shape,
+        shape_source=source,
+        strategy=strategy,  # type: ignore[arg-type]  # typer checked it against the choices
+    )
+    _print_plan(plan)
+    if not plan.fits:
+        raise _fail("this run cannot fit these GPUs:\n  " + "\n  ".join(plan.problems), 2)
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="YAML run config (see configs/).")],
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs the trainer shards over.")] = 8,
+    gpu_memory: Annotated[float, typer.Option(min=1, help="Memory of one GPU, GiB.")] = 80,
+    model_config: Annotated[
+        Path | None, typer.Option(help="The base model's config.json (default: its own).")
+    ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(help="ddp, fsdp or deepspeed-zero3 (default: dpo.strategy, else fsdp)."),
+    ] = None,
+) -> None:
+    """Estimate each stage's memory per GPU; exit 2 naming the knob to turn if one cannot fit."""
+    if strategy not in (None, "ddp", "fsdp", "deepspeed-zero3"):
+        raise typer.BadParameter("choose ddp, fsdp or deepspeed-zero3", param_hint="--strategy")
+    _check_plan(config, gpus, gpu_memory, model_config, strategy)
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML run config (see configs/).")],
     run_id: Annotated[
         str | None, typer.Option(help="Name of the run (default: config name + time).")
     ] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(min=1, help="Trainer GPUs: check the plan (`pairloop plan`) before any work."),
+    ] = None,
+    gpu_memory: Annotated[
+        float, typer.Option(min=1, help="Memory of one GPU, GiB (with --gpus).")
+    ] = 80,
 ) -> None:
     """Create a run from CONFIG and execute it."""
     from orchestrator.config import ConfigError
     from orchestrator.loop import create_run
 
+    if gpus is not None:
+        _check_plan(config, gpus, gpu_memory, None)
     try:
         run_dir = create_run(config, run_id=run_id)
     except ConfigError as exc:

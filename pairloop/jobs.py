@@ -24,6 +24,8 @@ __all__ = [
     "TRAIN_TASK_NAME",
     "DPOHyperparameters",
     "LoraSettings",
+    "RankReport",
+    "Strategy",
     "TrainJob",
     "TrainProgress",
     "TrainResult",
@@ -33,6 +35,11 @@ __all__ = [
 TRAIN_TASK_NAME = "pairloop.train_dpo"
 # The queue trainer workers consume (`celery ... worker -Q`); clients send training jobs there.
 TRAIN_QUEUE = "pairloop.trainer"
+
+# How several training processes split the work. ddp: every rank holds the whole policy, its
+# gradients, AdamW's moments and the reference (about 18 bytes per parameter with a bf16
+# reference). fsdp (FSDP2 full shard) and deepspeed-zero3: all four are sharded over the ranks.
+Strategy = Literal["ddp", "fsdp", "deepspeed-zero3"]
 
 
 class DPOHyperparameters(BaseModel):
@@ -46,7 +53,27 @@ class DPOHyperparameters(BaseModel):
     num_train_epochs: float = Field(1.0, gt=0.0)
     max_steps: int = Field(-1, description="-1: derived from epochs")
     per_device_train_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(
+        2, ge=1, description="ignored when global_batch_size is set (then it is derived)"
+    )
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="pairs per optimizer step over all ranks (Zephyr: 128). When set, "
+        "gradient_accumulation_steps = global_batch_size / (ranks x per_device_train_batch_size), "
+        "which must divide exactly, so the recipe keeps its batch on any GPU count",
+    )
+    strategy: Strategy | None = Field(
+        None,
+        description="multi-process strategy: ddp, fsdp (FSDP2 full shard) or deepspeed-zero3; "
+        "None: the trainer worker's PAIRLOOP_TRAINER_STRATEGY (default fsdp). One process is "
+        "never sharded",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="fsdp / deepspeed-zero3: keep the parameter, gradient and optimizer shards in "
+        "host memory (slower steps, far less GPU memory)",
+    )
     max_length: int = Field(1024, ge=8)
     max_prompt_length: int = Field(512, ge=4)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
@@ -74,7 +101,29 @@ class DPOHyperparameters(BaseModel):
     def _lengths(self) -> DPOHyperparameters:
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
+        if (
+            self.global_batch_size is not None
+            and self.global_batch_size % self.per_device_train_batch_size
+        ):
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"per_device_train_batch_size {self.per_device_train_batch_size}"
+            )
         return self
+
+    def gradient_accumulation_for(self, world_size: int) -> int:
+        """Accumulation steps that keep `global_batch_size` on `world_size` ranks (else as set)."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_step = world_size * self.per_device_train_batch_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of {world_size} "
+                f"ranks x per_device_train_batch_size {self.per_device_train_batch_size} = "
+                f"{per_step}; change per_device_train_batch_size, the number of GPUs or "
+                "global_batch_size"
+            )
+        return self.global_batch_size // per_step
 
 
 class LoraSettings(BaseModel):
@@ -137,6 +186,23 @@ class TrainProgress(BaseModel):
     )
 
 
+class RankReport(BaseModel):
+    """What one training rank held: the proof (and the measure) of sharding, and its peak memory."""
+
+    rank: int
+    policy_local_numel: int = Field(description="policy parameter elements in this rank's memory")
+    policy_numel: int = Field(description="elements of the whole policy")
+    sharded_tensors: int = Field(description="policy parameters held as DTensor shards (FSDP2)")
+    reference_local_numel: int | None = Field(
+        None, description="reference elements in this rank's memory; None: no reference model"
+    )
+    peak_rss_bytes: int = Field(description="the rank process's peak resident memory")
+    rss_bytes: int = Field(description="its resident memory at the end of training")
+    peak_device_bytes: int | None = Field(
+        None, description="torch.cuda.max_memory_allocated on a GPU"
+    )
+
+
 class TrainResult(BaseModel):
     """The task's return value."""
 
@@ -154,4 +220,18 @@ class TrainResult(BaseModel):
     timings: dict[str, float] = Field(
         default_factory=dict,
         description="seconds per phase: load, train, save, validate, publish (and total)",
+    )
+    strategy: str = Field(
+        "single-process", description="what ran: single-process, ddp, fsdp or deepspeed-zero3"
+    )
+    world_size: int = Field(1, ge=1, description="training processes over all machines")
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = Field(
+        None, description="as used: derived from global_batch_size when that is set"
+    )
+    global_batch_size: int | None = Field(
+        None, description="pairs per optimizer step: world x per-device batch x accumulation"
+    )
+    ranks: list[RankReport] = Field(
+        default_factory=list, description="per training rank: what it held, its peak memory"
     )

@@ -70,5 +70,14 @@ async def run(ctx: RunContext, k: int) -> dict[str, Any]:
         "task_started_at": result.started_at,
         "resumed_from_step": result.resumed_from_step,
         "reused": result.reused,
+        # How the batch was made, as the trainer ran it: the global batch stays the recipe's
+        # on any GPU count because the accumulation is derived from the ranks.
+        "strategy": result.strategy,
+        "world_size": result.world_size,
+        "per_device_train_batch_size": result.per_device_train_batch_size,
+        "gradient_accumulation_steps": result.gradient_accumulation_steps,
+        "global_batch_size": result.global_batch_size,
+        "peak_rss_bytes_per_rank": [r.peak_rss_bytes for r in result.ranks],
+        "peak_device_bytes_per_rank": [r.peak_device_bytes for r in result.ranks],
         **{f"dpo/{key}": value for key, value in result.metrics.items()},
     }

@@ -9,6 +9,13 @@ TRL 1.16 notes kept here so that churn stays in one place: `processing_class=` (
 `tokenizer=`); `bf16`/`gradient_checkpointing` default to True, wrong on CPU; with
 `ref_model=None` TRL reloads the reference from `config._name_or_path`, so we always pass the
 reference we mean; `max_prompt_length` is gone from `DPOConfig`, so prompts are truncated here.
+
+Sharded strategies (`sharding.py`): the strategy comes from the launch (accelerate config), so
+`DPOConfig` only learns the derived gradient accumulation and, under FSDP, leaves activation
+checkpointing to FSDP's own (the launcher sets `fsdp_activation_checkpointing`; the Trainer refuses
+both at once). The reference model is sharded alongside the policy (TRL's `prepare_fsdp` /
+`prepare_deepspeed`) unless its log-probs are precomputed, and the final save gathers a full state
+dict with every rank taking part.
 """
 
 from __future__ import annotations
@@ -26,6 +33,12 @@ from pairloop.atomic import atomic_write_text
 from pairloop.checkpoints import COMPLETE_MARKER, read_manifest
 from pairloop.errors import ServerError, ValidationError
 from pairloop.jobs import DPOHyperparameters, TrainProgress
+from services.trainer.sharding import (
+    SHARDED,
+    gather_full_state_dict,
+    rank_reports,
+    write_full_checkpoint,
+)
 from services.trainer.spec import (
     TrainingOutcome,
     TrainingSpec,
@@ -41,6 +54,7 @@ __all__ = [
     "dpo_config_kwargs",
     "dpo_trainer_class",
     "progress_callback",
+    "resolve_precision",
     "train_policy",
 ]
 
@@ -70,7 +84,8 @@ def _is_final(checkpoint: Path) -> bool:
     return bool(state.get("max_steps")) and state["global_step"] >= state["max_steps"]
 
 
-def _resolve_precision(hp: DPOHyperparameters, device: str) -> tuple[bool, bool]:
+def resolve_precision(hp: DPOHyperparameters, device: str) -> tuple[bool, bool]:
+    """(bf16 compute, gradient checkpointing) for `hp` on `device`, "auto" resolved."""
     import torch
 
     on_cuda = device == "cuda"
@@ -91,6 +106,10 @@ HANDLED_OUTSIDE_DPOCONFIG: dict[str, str] = {
     "max_prompt_length": "PairloopDPOTrainer.max_prompt_length, set in train_policy "
     "(TRL 1.x dropped it from DPOConfig)",
     "dtype": "the dtype train_policy loads the policy and the reference in (_load_causal_lm)",
+    "global_batch_size": "derives DPOConfig.gradient_accumulation_steps from the world size "
+    "(dpo_config)",
+    "strategy": "the launch: the strategy's accelerate config file (launcher.py)",
+    "cpu_offload": "the launch: fsdp_offload_params / DeepSpeed offload devices (launcher.py)",
 }
 # transformers 5: `warmup_ratio` is gone; a float below 1 in `warmup_steps` is the ratio.
 _DPOCONFIG_NAMES = {"warmup_ratio": "warmup_steps"}
@@ -103,7 +122,7 @@ def dpo_config_kwargs(
 
     Built from `hp.model_dump()`, so a new hyperparameter reaches DPOConfig without an edit here
     (and DPOConfig refuses one it does not know). `bf16`/`gradient_checkpointing` are `hp`'s
-    values with "auto" resolved for the device (`_resolve_precision`).
+    values with "auto" resolved for the device (`resolve_precision`).
     """
     kwargs = {
         _DPOCONFIG_NAMES.get(name, name): value
@@ -120,9 +139,22 @@ def dpo_config(spec: TrainingSpec) -> Any:
     from trl import DPOConfig
 
     hp = spec.job.hyperparameters
-    bf16, checkpointing = _resolve_precision(hp, spec.device)
+    # bf16 is compute only: weights load in hp.dtype (float32 by default) and stay the master
+    # copy that AdamW updates, with float32 moments. Pure bf16 weights cannot train this recipe:
+    # bf16 keeps 8 significant bits, so near a weight of 0.01 its spacing is ~6e-5, and an
+    # update of lr 5e-7 x O(1) rounds away to nothing.
+    bf16, checkpointing = resolve_precision(hp, spec.device)
+    if spec.strategy == "fsdp":
+        # FSDP's own activation checkpointing (set at launch) replaces the Trainer's, which
+        # would all-gather every layer's shards a second time in the backward pass.
+        checkpointing = False
+    kwargs = dpo_config_kwargs(hp, bf16=bf16, gradient_checkpointing=checkpointing)
+    try:
+        kwargs["gradient_accumulation_steps"] = hp.gradient_accumulation_for(spec.world_size)
+    except ValueError as exc:
+        raise ValidationError(str(exc), param="hyperparameters.global_batch_size") from None
     return DPOConfig(
-        **dpo_config_kwargs(hp, bf16=bf16, gradient_checkpointing=checkpointing),
+        **kwargs,
         output_dir=spec.checkpoints_dir,
         save_strategy="steps",
         save_total_limit=spec.save_total_limit,
@@ -237,6 +269,10 @@ def progress_callback(report: ProgressReport, resumed_from_step: int) -> Any:
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             # Called after the checkpoint's files are all written: only now is it a resume point.
+            # Every rank writes its own files (its shard, its RNG state): wait for all of them.
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 atomic_write_text(folder / COMPLETE_MARKER, f"{state.global_step}\n")
@@ -253,8 +289,27 @@ def _last_step_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _save_weights(trainer: Any, tokenizer: Any, spec: TrainingSpec, policy_dtype: str) -> bool:
-    """Write full weights (and the LoRA adapter, if any) into the staging directory."""
+    """Write full weights (and the LoRA adapter, if any) into the staging directory.
+
+    Called on every rank: under a sharded strategy gathering the weights is a collective.
+    """
     staging = Path(spec.staging_dir)
+    if spec.strategy in SHARDED:
+        state = gather_full_state_dict(trainer, spec.strategy)
+        if trainer.args.should_save:
+            # The generator validates dtype against the running model: the policy's dtype.
+            write_full_checkpoint(
+                state,
+                staging,
+                model=trainer.accelerator.unwrap_model(trainer.model),
+                policy_path=spec.policy_path,
+                dtype=_torch_dtype(policy_dtype),
+                max_shard_size=spec.publish_max_shard_size,
+            )
+            tokenizer.save_pretrained(staging)
+        return False
+    if not trainer.args.should_save:
+        return False
     staging.mkdir(parents=True, exist_ok=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
     adapter_saved = False
@@ -265,7 +320,9 @@ def _save_weights(trainer: Any, tokenizer: Any, spec: TrainingSpec, policy_dtype
         adapter_saved = True
     # The generator validates dtype against the running model: publish in the policy's dtype.
     model = model.to(_torch_dtype(policy_dtype))
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(
+        staging, safe_serialization=True, max_shard_size=spec.publish_max_shard_size
+    )
     tokenizer.save_pretrained(staging)
     return adapter_saved
 
@@ -295,13 +352,21 @@ def train_policy(
         )
     policy_dtype = checkpoint_dtype(spec.policy_path)
     load_dtype = policy_dtype if hp.dtype == "auto" else hp.dtype
+    if job.lora is not None and spec.strategy in SHARDED:
+        raise ValidationError(
+            f"LoRA with strategy {spec.strategy} is not supported: a LoRA policy's trainable "
+            "weights are small, train it with strategy ddp (hyperparameters.strategy)",
+            param="hyperparameters.strategy",
+        )
     policy = _load_causal_lm(spec.policy_path, load_dtype, what="policy")
     # With LoRA and the reference equal to the policy, TRL gets the reference for free by
     # disabling the adapter; otherwise the reference is an explicit, separately loaded model.
     same_reference = Path(spec.reference_path) == Path(spec.policy_path)
     ref_model = None
     if not (job.lora is not None and same_reference):
-        ref_model = _load_causal_lm(spec.reference_path, load_dtype, what="reference")
+        # The reference is frozen: with bf16 compute it needs no float32 copy (half the memory).
+        ref_dtype = "bfloat16" if resolve_precision(hp, spec.device)[0] else load_dtype
+        ref_model = _load_causal_lm(spec.reference_path, ref_dtype, what="reference")
 
     peft_config = None
     if job.lora is not None:
@@ -343,6 +408,14 @@ def train_policy(
         # Crashed after the last checkpoint, before publishing. `Trainer.train` would run one
         # step past max_steps here (it checks the limit only after a step): load it instead.
         log.info("job %s: checkpoint %s is the final one, publishing it", job.job_id, resume[0])
+        if spec.strategy == "fsdp":
+            # The shards load into a sharded model: wrap it as `train` would have. accelerate's
+            # FSDP2 path prepares a model only with its optimizer (AdamW's state stays unbuilt).
+            trainer.create_optimizer()
+            trainer.model, trainer.optimizer = trainer.accelerator.prepare(
+                trainer.model, trainer.optimizer
+            )
+            trainer.model_wrapped = trainer.model
         trainer._load_from_checkpoint(str(resume[0]))
         trainer.state = TrainerState.load_from_json(str(resume[0] / _TRAINER_STATE))
     else:
@@ -372,9 +445,8 @@ def train_policy(
             }
         )
     )
-    adapter_saved = False
-    if trainer.args.should_save:
-        adapter_saved = _save_weights(trainer, tokenizer, spec, policy_dtype)
+    ranks = rank_reports(trainer)
+    adapter_saved = _save_weights(trainer, tokenizer, spec, policy_dtype)
     trainer.accelerator.wait_for_everyone()
     saved = time.monotonic()
     return TrainingOutcome(
@@ -384,4 +456,6 @@ def train_policy(
         metrics=metrics,
         timings={"load": loaded - started, "train": trained - loaded, "save": saved - trained},
         adapter_saved=adapter_saved,
+        gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,
+        ranks=ranks,
     )

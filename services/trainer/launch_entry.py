@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from pairloop.atomic import atomic_write_json
@@ -26,6 +27,7 @@ from pairloop.errors import PairloopError
 from pairloop.jobs import TrainProgress
 from pairloop.logs import configure_logging
 from services.trainer.dpo import train_policy
+from services.trainer.sharding import fsdp_on_cpu
 from services.trainer.spec import TrainingSpec
 
 __all__ = ["ERROR_FILE", "OUTCOME_FILE", "PROGRESS_FILE", "main"]
@@ -46,7 +48,7 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_when_gone(owner_pid: int, *, interval: float = 2.0) -> None:
+def _exit_when_gone(owner_pid: int, *, interval: float = 0.25) -> None:
     """Exit this rank when the worker process that launched it has died (it may be SIGKILLed)."""
 
     def watch() -> None:
@@ -80,8 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             with (work / PROGRESS_FILE).open("a") as fh:
                 fh.write(progress.model_dump_json() + "\n")
 
+    sharding = fsdp_on_cpu() if spec.device == "cpu" and spec.strategy == "fsdp" else nullcontext()
     try:
-        outcome = train_policy(spec, report)
+        with sharding:
+            outcome = train_policy(spec, report)
     except PairloopError as exc:
         if is_main:
             atomic_write_json(

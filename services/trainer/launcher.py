@@ -25,32 +25,64 @@ import pairloop.errors as errors
 from pairloop.atomic import atomic_write_text
 from pairloop.errors import PairloopError, ServerError
 from pairloop.jobs import TrainProgress
+from services.trainer.dpo import resolve_precision
 from services.trainer.launch_entry import ERROR_FILE, OUTCOME_FILE, PROGRESS_FILE
 from services.trainer.process_group import LaunchedGroup, free_port
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import TrainingOutcome, TrainingSpec
 
-__all__ = ["accelerate_command", "train_with_accelerate"]
+__all__ = ["SPEC_FILE", "accelerate_command", "join_training", "train_with_accelerate"]
+
+SPEC_FILE = "spec.json"
 
 _POLL_SECONDS = 0.2
 
 
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
 def accelerate_command(
-    spec_file: Path, *, settings: TrainerSettings, processes: int, device: str
+    spec_file: Path, *, settings: TrainerSettings, spec: TrainingSpec
 ) -> list[str]:
-    """The `accelerate launch` argv for `spec_file`."""
+    """The `accelerate launch` argv for `spec_file` on this machine (`settings.machine_rank`).
+
+    The strategy's accelerate config file (multi_gpu / fsdp / deepspeed_zero3.yaml) carries the
+    strategy; the flags carry what differs per job and per machine. Flags given on the command
+    line win over the file's values (accelerate's `_validate_launch_command`).
+    """
     argv = [sys.executable, "-m", "accelerate.commands.launch"]
-    if device == "cuda" and processes > 1:
-        argv += ["--config_file", str(settings.accelerate_config)]
+    strategy = spec.strategy if spec.strategy != "single-process" else "ddp"
+    if strategy != "ddp" or (spec.device == "cuda" and spec.world_size > 1):
+        argv += ["--config_file", str(settings.accelerate_config_for(strategy))]
     else:
-        # One process, or CPU ranks (a CPU host, the tests): no config file; several CPU ranks
-        # run under torchrun (`--multi_gpu`) with the gloo backend.
-        argv += ["--multi_gpu"] if processes > 1 else []
-        argv += ["--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
-        if device == "cpu":
-            threads = settings.cpu_threads or 1
-            argv += ["--num_cpu_threads_per_process", str(threads)]
-    argv += ["--num_processes", str(processes), "--main_process_port", str(free_port())]
+        # DDP on CPU ranks (a CPU host, the tests), or one process: no config file; several CPU
+        # ranks run under torchrun (`--multi_gpu`) with the gloo backend.
+        argv += ["--multi_gpu"] if spec.world_size > 1 else []
+    if spec.device == "cpu":
+        argv += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+        argv += ["--num_cpu_threads_per_process", str(settings.cpu_threads or 1)]
+    hp = spec.job.hyperparameters
+    if strategy == "fsdp":
+        checkpointing = resolve_precision(hp, spec.device)[1]
+        argv += ["--fsdp_offload_params", _flag(hp.cpu_offload)]
+        argv += ["--fsdp_activation_checkpointing", _flag(checkpointing)]
+    elif strategy == "deepspeed-zero3":
+        offload = "cpu" if hp.cpu_offload else "none"
+        argv += ["--zero_stage", "3"]
+        argv += ["--offload_param_device", offload, "--offload_optimizer_device", offload]
+    # --num_processes is the total over all machines; torchrun runs processes per machine.
+    argv += ["--num_processes", str(spec.world_size), "--num_machines", str(settings.num_machines)]
+    if settings.num_machines > 1:
+        assert settings.rendezvous_endpoint is not None  # the settings validator requires it
+        host, port = settings.rendezvous_endpoint.rsplit(":", 1)
+        argv += ["--machine_rank", str(settings.machine_rank), "--rdzv_backend", "c10d"]
+        argv += ["--main_process_ip", host, "--main_process_port", port]
+    elif settings.rendezvous_endpoint is not None:
+        host, port = settings.rendezvous_endpoint.rsplit(":", 1)
+        argv += ["--main_process_ip", host, "--main_process_port", port]
+    else:
+        argv += ["--main_process_port", str(free_port())]
     argv += ["-m", "services.trainer.launch_entry", str(spec_file)]
     return argv
 
@@ -63,20 +95,19 @@ def _typed_error(payload: dict[str, str]) -> PairloopError:
 
 
 def train_with_accelerate(
-    spec: TrainingSpec,
-    settings: TrainerSettings,
-    *,
-    processes: int,
-    report: Callable[[TrainProgress], None],
+    spec: TrainingSpec, settings: TrainerSettings, *, report: Callable[[TrainProgress], None]
 ) -> TrainingOutcome:
-    """Run the job's training in `processes` ranks and return rank 0's outcome."""
+    """Run the job's training in `spec.world_size` ranks and return rank 0's outcome.
+
+    With several machines, this is machine 0; the others join with `services.trainer.join`.
+    """
     work = Path(spec.checkpoints_dir).parent
     for name in (PROGRESS_FILE, OUTCOME_FILE, ERROR_FILE):
         (work / name).unlink(missing_ok=True)
-    spec_file = work / "spec.json"
+    spec_file = work / SPEC_FILE
     spec = spec.model_copy(update={"owner_pid": os.getpid()})
     atomic_write_text(spec_file, spec.model_dump_json(indent=2) + "\n")
-    argv = accelerate_command(spec_file, settings=settings, processes=processes, device=spec.device)
+    argv = accelerate_command(spec_file, settings=settings, spec=spec)
     proc = LaunchedGroup(argv, log_path=work / "accelerate.log")
     follower = _ProgressFollower(work / PROGRESS_FILE, report)
     try:
@@ -95,6 +126,33 @@ def train_with_accelerate(
             f"({proc.log_path}) ends with:\n{proc.log_tail(30)}"
         )
     return TrainingOutcome.model_validate_json((work / OUTCOME_FILE).read_text())
+
+
+def join_training(work: Path, settings: TrainerSettings, *, timeout: float) -> int:
+    """Machine k > 0: wait for machine 0's spec in the job's work directory, run this machine's
+    ranks until training ends, and return their exit status (rank 0 reports the outcome)."""
+    shared = work / SPEC_FILE
+    deadline = time.monotonic() + timeout
+    while not shared.is_file():
+        if time.monotonic() > deadline:
+            raise ServerError(
+                f"no training spec appeared at {shared} within {timeout:g}s: is machine 0's "
+                "trainer worker running this job, on the same shared model store?"
+            )
+        time.sleep(_POLL_SECONDS)
+    spec = TrainingSpec.model_validate_json(shared.read_text())
+    # The ranks here watch this process, not machine 0's worker (its pid means nothing here).
+    local = work / f"spec-machine{settings.machine_rank}.json"
+    atomic_write_text(local, spec.model_copy(update={"owner_pid": os.getpid()}).model_dump_json())
+    argv = accelerate_command(local, settings=settings, spec=spec)
+    proc = LaunchedGroup(argv, log_path=work / f"accelerate-machine{settings.machine_rank}.log")
+    try:
+        proc.start()
+        while proc.alive():
+            time.sleep(_POLL_SECONDS)
+    finally:
+        proc.stop()
+    return proc.returncode if proc.returncode is not None else 1
 
 
 class _ProgressFollower:

@@ -129,7 +129,7 @@ def _prepare_work_dir(paths: JobPaths, job: TrainJob) -> None:
 
 
 def _choose_device(settings: TrainerSettings) -> tuple[Literal["cpu", "cuda"], int]:
-    """(device, number of training processes) for this job."""
+    """(device, number of training processes on this machine) for this job."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -137,13 +137,17 @@ def _choose_device(settings: TrainerSettings) -> tuple[Literal["cpu", "cuda"], i
         raise ValidationError("PAIRLOOP_TRAINER_DEVICE is cuda but no CUDA device is visible")
     use_cuda = settings.device == "cuda" or (settings.device == "auto" and cuda)
     device: Literal["cpu", "cuda"] = "cuda" if use_cuda else "cpu"
-    if settings.launcher == "in-process":
+    if settings.launcher == "in-process" and settings.num_machines == 1:
         return device, 1
     visible = torch.cuda.device_count() if device == "cuda" else 1
     processes = settings.num_processes or visible
-    if settings.launcher == "accelerate" or processes > 1:
+    if settings.launcher == "accelerate" or processes > 1 or settings.num_machines > 1:
         return device, max(processes, 1)
     return device, 1
+
+
+def _launched(settings: TrainerSettings, processes: int) -> bool:
+    return processes > 1 or settings.launcher == "accelerate" or settings.num_machines > 1
 
 
 def run_train_job(
@@ -214,6 +218,7 @@ def _training_spec(job: TrainJob, paths: JobPaths, settings: TrainerSettings) ->
         device="cpu",  # chosen once the data has been checked (that needs no torch)
         save_total_limit=settings.save_total_limit,
         cpu_threads=settings.cpu_threads,
+        publish_max_shard_size=settings.publish_max_shard_size,
     )
 
 
@@ -229,12 +234,21 @@ def _train_and_publish(
     dataset = prepare_dataset(spec)
     device, processes = _choose_device(settings)
     spec.device = device
+    launched = _launched(settings, processes)
+    if launched:
+        spec.world_size = processes * settings.num_machines
+        spec.strategy = job.hyperparameters.strategy or settings.strategy
+    # Fail now, not in every rank: the global batch must split over the ranks.
+    try:
+        job.hyperparameters.gradient_accumulation_for(spec.world_size)
+    except ValueError as exc:
+        raise ValidationError(str(exc), param="hyperparameters.global_batch_size") from None
     clock.lap("prepare")
-    if processes > 1 or settings.launcher == "accelerate":
+    if launched:
         from services.trainer.launcher import train_with_accelerate
 
         del dataset  # every rank loads it from the cache just written
-        outcome = train_with_accelerate(spec, settings, processes=processes, report=emit)
+        outcome = train_with_accelerate(spec, settings, report=emit)
     else:
         outcome = train_policy(spec, emit, dataset)
     gc.collect()
@@ -270,6 +284,14 @@ def _train_and_publish(
         adapter_path=str(paths.output / ADAPTER_DIR) if outcome.adapter_saved else None,
         started_at=clock.started_at,
         timings={**clock.timings, "total": clock.elapsed},
+        strategy=spec.strategy,
+        world_size=spec.world_size,
+        per_device_train_batch_size=job.hyperparameters.per_device_train_batch_size,
+        gradient_accumulation_steps=outcome.gradient_accumulation_steps,
+        global_batch_size=spec.world_size
+        * job.hyperparameters.per_device_train_batch_size
+        * outcome.gradient_accumulation_steps,
+        ranks=outcome.ranks,
     )
     publish_checkpoint(staging, paths.output, job=job, result=result)
     return result

@@ -13,13 +13,19 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings
 
-from pairloop.jobs import TRAIN_QUEUE
+from pairloop.jobs import TRAIN_QUEUE, Strategy
 from pairloop.settings import RedisSettings, service_config
 from pairloop.train_client import DEFAULT_VISIBILITY_TIMEOUT
 
-__all__ = ["DEFAULT_ACCELERATE_CONFIG", "TrainerSettings"]
+__all__ = ["ACCELERATE_CONFIGS", "TrainerSettings"]
 
-DEFAULT_ACCELERATE_CONFIG = Path(__file__).with_name("accelerate") / "multi_gpu.yaml"
+_CONFIGS = Path(__file__).with_name("accelerate")
+# The accelerate config file each strategy launches with (`accelerate_config` replaces it).
+ACCELERATE_CONFIGS: dict[str, Path] = {
+    "ddp": _CONFIGS / "multi_gpu.yaml",
+    "fsdp": _CONFIGS / "fsdp.yaml",
+    "deepspeed-zero3": _CONFIGS / "deepspeed_zero3.yaml",
+}
 
 
 def _shared_redis_url() -> str:
@@ -74,7 +80,30 @@ class TrainerSettings(BaseSettings):
         "train in the worker's process",
     )
     num_processes: int | None = Field(
-        None, ge=1, description="processes for `accelerate launch` (default: visible CUDA devices)"
+        None,
+        ge=1,
+        description="training processes on this machine (default: its visible CUDA devices)",
+    )
+    strategy: Strategy = Field(
+        "fsdp",
+        description="multi-process strategy when the job does not name one: fsdp (FSDP2 full "
+        "shard; fits a 7B full-parameter DPO on 8 x 80 GB), deepspeed-zero3, or ddp (every rank "
+        "holds everything; small models only)",
+    )
+    num_machines: int = Field(
+        1, ge=1, description="machines taking part in one training job (torchrun nnodes)"
+    )
+    machine_rank: int = Field(
+        0,
+        ge=0,
+        description="this machine's rank; 0 runs the Celery worker that publishes, the others "
+        "join with `python -m services.trainer.join JOB_ID`",
+    )
+    rendezvous_endpoint: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9.\[\]:-]+:\d{1,5}$",
+        description="HOST:PORT of the c10d rendezvous every machine meets at (machine 0's "
+        "address); required when num_machines > 1, default a free loopback port",
     )
     cpu_threads: int | None = Field(
         None,
@@ -82,8 +111,15 @@ class TrainerSettings(BaseSettings):
         description="torch threads per training process on CPU (default: torch's, one per "
         "core); set it when the host's cores are shared, where idle OpenMP threads spin",
     )
-    accelerate_config: Path = Field(
-        DEFAULT_ACCELERATE_CONFIG, description="accelerate config file for multi-process training"
+    accelerate_config: Path | None = Field(
+        None,
+        description="accelerate config file for multi-process training (default: the "
+        "strategy's, services/trainer/accelerate/{multi_gpu,fsdp,deepspeed_zero3}.yaml)",
+    )
+    publish_max_shard_size: str = Field(
+        "5GB",
+        pattern=r"^\d+(KB|MB|GB)$",
+        description="largest safetensors file of a published checkpoint (as the Hub's models)",
     )
     save_total_limit: int = Field(
         2, ge=1, description="trainer checkpoints kept per job (the newest ones)"
@@ -97,12 +133,25 @@ class TrainerSettings(BaseSettings):
     def _limits(self) -> TrainerSettings:
         if self.soft_time_limit >= self.hard_time_limit:
             raise ValueError("soft_time_limit must be smaller than hard_time_limit")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(
+                f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}"
+            )
+        if self.num_machines > 1 and self.rendezvous_endpoint is None:
+            raise ValueError(
+                "num_machines > 1 needs rendezvous_endpoint (HOST:PORT of machine 0, reachable "
+                "from every machine)"
+            )
         if self.visibility_timeout <= self.hard_time_limit:
             raise ValueError(
                 "visibility_timeout must be longer than hard_time_limit, or Redis hands a running "
                 "job to a second worker"
             )
         return self
+
+    def accelerate_config_for(self, strategy: str) -> Path:
+        """The accelerate config file a launch with `strategy` uses."""
+        return self.accelerate_config or ACCELERATE_CONFIGS[strategy]
 
     @property
     def store_root(self) -> Path:

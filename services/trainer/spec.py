@@ -13,10 +13,15 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from pairloop.checkpoints import COMPLETE_MARKER
-from pairloop.jobs import TrainJob
+from pairloop.jobs import RankReport, TrainJob
 from services.trainer.data import load_preference_split, to_conversational
 
-__all__ = ["TrainingOutcome", "TrainingSpec", "last_complete_checkpoint", "prepare_dataset"]
+__all__ = [
+    "TrainingOutcome",
+    "TrainingSpec",
+    "last_complete_checkpoint",
+    "prepare_dataset",
+]
 
 
 class TrainingSpec(BaseModel):
@@ -36,6 +41,9 @@ class TrainingSpec(BaseModel):
     save_total_limit: int = 2
     cpu_threads: int | None = None
     owner_pid: int | None = None  # launched ranks exit when this process (the task) is gone
+    strategy: Literal["single-process", "ddp", "fsdp", "deepspeed-zero3"] = "single-process"
+    world_size: int = 1  # training processes over all machines
+    publish_max_shard_size: str = "5GB"
 
 
 class TrainingOutcome(BaseModel):
@@ -47,6 +55,8 @@ class TrainingOutcome(BaseModel):
     metrics: dict[str, float]
     timings: dict[str, float]
     adapter_saved: bool
+    gradient_accumulation_steps: int = 1
+    ranks: list[RankReport] = []
 
 
 def prepare_dataset(spec: TrainingSpec) -> Any:

@@ -127,6 +127,13 @@ def test_three_iterations_end_to_end(stack, reference_run: Path, tmp_path: Path)
         assert before[name].shape == after[name].shape
         assert not (before[name] == after[name]).all()
 
+    # The manifest records how each step's batch was made (one CPU process here).
+    train = m.stages["iter1.train"].metrics
+    assert train["world_size"] == 1 and train["strategy"] == "single-process"
+    assert train["global_batch_size"] == (
+        train["per_device_train_batch_size"] * train["gradient_accumulation_steps"]
+    )
+
     # Evaluation figures, AlpacaEval outputs and the report exist; the policy moved toward the
     # ranker's preference (the demo's claim).
     final = m.stages["iter3.evaluate"].metrics

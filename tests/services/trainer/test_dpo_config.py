@@ -41,6 +41,10 @@ NON_DEFAULT: dict[str, Any] = {
     "logging_steps": 3,
     "save_steps": 9,
     "precompute_ref_log_probs": True,
+    # Handled outside DPOConfig (the launch, or the derived accumulation: 15 / (1 rank x 3) = 5).
+    "global_batch_size": 15,
+    "strategy": "ddp",
+    "cpu_offload": True,
 }
 # DPOConfig's names and forms of our fields, where they differ.
 TRL_NAME = {"warmup_ratio": "warmup_steps"}

@@ -114,10 +114,16 @@ def test_accelerate_launch_trains_on_two_cpu_ranks(
 ) -> None:
     launched = settings.model_copy(update={"launcher": "accelerate", "num_processes": 2})
     job = make_job("ddp")
+    job.hyperparameters.strategy = "ddp"
     job.hyperparameters.per_device_train_batch_size = 2  # 2 ranks x 2 = the same global batch
     events: list[TrainProgress] = []
     result = run_train_job(job, launched, report=events.append)
     assert result.steps == 8 and math.isfinite(result.metrics["loss"])
+    # DDP: every rank holds the whole policy and the whole reference (what sharding avoids).
+    assert result.strategy == "ddp" and [r.rank for r in result.ranks] == [0, 1]
+    for rank in result.ranks:
+        assert rank.policy_local_numel == rank.policy_numel and rank.sharded_tensors == 0
+        assert rank.reference_local_numel == rank.policy_numel
     assert result.timings["startup"] > 0  # launching the ranks is visible in the timings
     assert (model_store / "out" / "ddp" / COMPLETE_MARKER).is_file()
     assert any(p.phase == "training" for p in events)

@@ -1,0 +1,137 @@
+"""`pairloop plan`: parameter counts of known shapes, the byte counts per strategy, the verdicts on
+the Snorkel recipe at 8 x 80 GB, and `pairloop run --gpus` refusing before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.config import load_run_config
+from orchestrator.plan import GIB, KNOWN_SHAPES, ModelShape, plan_run, replace_hp, trainer_memory
+from pairloop.checkpoints import read_manifest
+from pairloop.jobs import DPOHyperparameters
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "snorkel-mistral-pairrm.yaml"
+MISTRAL = KNOWN_SHAPES["Mistral-7B-Instruct-v0.2"]
+LLAMA2_7B = ModelShape(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    intermediate_size=11008,
+    vocab_size=32000,
+)
+TINYLLAMA = ModelShape(
+    hidden_size=2048,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    intermediate_size=5632,
+    vocab_size=32000,
+)
+
+
+def test_parameter_counts_of_published_models() -> None:
+    # As their model cards and `sum(p.numel())` give them.
+    assert MISTRAL.parameters == 7_241_732_096
+    assert LLAMA2_7B.parameters == 6_738_415_616
+    assert TINYLLAMA.parameters == 1_100_048_384
+    assert MISTRAL.kv_bytes_per_token() == 2 * 32 * 8 * 128 * 2
+
+
+def test_the_count_from_config_json_matches_the_checkpoint(tiny_models: dict[str, Path]) -> None:
+    checked = 0
+    for path in tiny_models.values():
+        config = json.loads((path / "config.json").read_text())
+        if "num_hidden_layers" not in config or "intermediate_size" not in config:
+            continue  # the tiny PairRM is not a decoder
+        assert ModelShape.from_config(config).parameters == read_manifest(path).num_parameters
+        checked += 1
+    assert checked >= 2  # the tiny Llama and the tiny Mistral
+
+
+def test_bytes_per_parameter_by_strategy() -> None:
+    hp = DPOHyperparameters(bf16=True, gradient_checkpointing=True)  # float32 master weights
+    p = MISTRAL.parameters
+    ddp = trainer_memory(MISTRAL, hp, strategy="ddp", gpus=8)
+    assert (ddp["weights (master)"], ddp["gradients"], ddp["AdamW moments"]) == (
+        4 * p,
+        4 * p,
+        8 * p,
+    )
+    assert ddp["reference"] == 2 * p  # frozen, bf16
+    fsdp = trainer_memory(MISTRAL, hp, strategy="fsdp", gpus=8)
+    assert fsdp["weights (master)"] + fsdp["gradients"] + fsdp["AdamW moments"] == 16 * p / 8
+    assert fsdp["reference"] == 2 * p / 8 and fsdp["activations"] == ddp["activations"]
+    assert trainer_memory(MISTRAL, hp, strategy="deepspeed-zero3", gpus=8) == fsdp
+    # DESIGN.md's count: about 145 GB per GPU under DDP with a float32 reference, before activations.
+    fp32 = trainer_memory(MISTRAL, replace_hp(hp, bf16=False), strategy="ddp", gpus=8)
+    assert 144e9 < sum(v for k, v in fp32.items() if k != "activations") < 146e9
+    precomputed = trainer_memory(
+        MISTRAL, replace_hp(hp, precompute_ref_log_probs=True), strategy="fsdp", gpus=8
+    )
+    assert "reference" not in precomputed
+    offloaded = trainer_memory(MISTRAL, replace_hp(hp, cpu_offload=True), strategy="fsdp", gpus=8)
+    assert offloaded["weights (master)"] == offloaded["AdamW moments"] == 0
+    # Activations grow with the micro-batch; gradient checkpointing keeps only layer inputs.
+    small = replace_hp(hp, per_device_train_batch_size=4)
+    assert (
+        trainer_memory(MISTRAL, small, strategy="fsdp", gpus=8)["activations"]
+        < (fsdp["activations"])
+    )
+    full = trainer_memory(
+        MISTRAL, replace_hp(hp, gradient_checkpointing=False), strategy="fsdp", gpus=8
+    )
+    assert full["activations"] > 3 * fsdp["activations"]
+
+
+def test_recipe_on_8x80_fits_sharded_and_ddp_is_refused_naming_the_knob() -> None:
+    cfg = load_run_config(RECIPE)
+    sharded = plan_run(cfg, gpus=8, gpu_memory_gib=80)
+    assert sharded.fits and sharded.strategy == "fsdp"
+    assert sharded.gradient_accumulation_steps == 2 and sharded.global_batch_size == 128
+    trainer = sharded.stages[-1]
+    assert 20 * GIB < trainer.total < 40 * GIB
+    ddp = plan_run(cfg, gpus=8, gpu_memory_gib=80, strategy="ddp")
+    assert not ddp.fits and ddp.stages[-1].total > 120 * GIB
+    assert "strategy: fsdp" in ddp.problems[0] and "strategy: deepspeed-zero3" in ddp.problems[0]
+    # The global batch is kept on 4 GPUs: twice the accumulation.
+    assert plan_run(cfg, gpus=4, gpu_memory_gib=80).gradient_accumulation_steps == 4
+
+
+def _recipe_copy(tmp_path: Path, **dpo: object) -> Path:
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["dpo"].update(dpo)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_cli_plan_prints_the_table_and_exits_non_zero_when_it_cannot_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["plan", str(RECIPE), "--gpus", "8", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer (fsdp, 8 GPUs)" in out and "gradient accumulation 2" in out
+
+    assert main(["plan", str(_recipe_copy(tmp_path, strategy="ddp")), "--gpus", "8"]) == 2
+    out = capsys.readouterr().out
+    assert "cannot fit these GPUs" in out and "strategy: fsdp" in out
+    assert "Traceback" not in out
+
+    assert main(["plan", str(RECIPE), "--gpus", "6"]) == 2  # 128 pairs do not split over 6 x 8
+    assert "per_device_train_batch_size" in capsys.readouterr().out
+
+
+def test_run_with_gpus_checks_the_plan_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = _recipe_copy(tmp_path, strategy="ddp")
+    assert main(["run", str(config), "--gpus", "8", "--gpu-memory", "80"]) == 2
+    assert "cannot fit these GPUs" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
