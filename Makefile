@@ -6,6 +6,8 @@
 #   make typecheck  mypy: strict on pairloop/, pairloop_local/, orchestrator/ (config in pyproject.toml)
 #   make bench   the benchmarks in bench/ (figures printed and written to bench/results/)
 #   make lock    re-resolve requirements/lock-cpu.txt from pyproject.toml in a scratch venv
+#   make compose-test  build the CPU images and run the compose stack end to end (needs Docker;
+#                in CI, CI=true as root, it sets up Docker, Compose and a local base image itself)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +16,7 @@ STAMP  := $(VENV)/.pairloop-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lint typecheck bench lock clean
+.PHONY: setup demo test lint typecheck bench lock clean compose-test image-requirements
 
 setup: $(STAMP)
 
@@ -31,18 +33,25 @@ demo: setup
 	$(BIN)/pairloop demo $(DEMO_ARGS)
 
 test: setup
-	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench
+	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench deploy
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench
+	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench deploy
 
 typecheck: setup
 	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python -m bench
+
+compose-test: setup
+	$(BIN)/python deploy/compose_test.py
+
+# requirements/images/*.txt: each image's cut of the lock (tests/deploy checks they are current).
+image-requirements: setup
+	$(BIN)/python deploy/image_requirements.py
 
 lock:
 	rm -rf /tmp/pairloop-lock-venv
@@ -53,6 +62,7 @@ lock:
 	{ sed -n '/^#/p' requirements/lock-cpu.txt; /tmp/pairloop-lock-venv/bin/pip freeze --all --exclude-editable \
 	  | grep -vE "^(pairloop|pip)==" | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/'; } > requirements/lock-cpu.txt.new
 	mv requirements/lock-cpu.txt.new requirements/lock-cpu.txt
+	$(BIN)/python deploy/image_requirements.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

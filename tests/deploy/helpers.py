@@ -570,9 +570,19 @@ def run_pairloop_with_only(
 
 
 def image_extra(dockerfile: Path) -> str:
-    """The pyproject extra the Dockerfile installs (`.[X]` or a wheel's `[X]`)."""
+    """The pyproject extra the Dockerfile installs: its requirements/images/IMAGE.txt's extra
+    (deploy/image_requirements.py writes each file as that extra's closure), or `.[X]`/`whl)[X]`."""
+    if str(REPO / "deploy") not in sys.path:
+        sys.path.insert(0, str(REPO / "deploy"))
+    from image_requirements import IMAGES, SHARED
+
     df = parse_dockerfile(dockerfile)
     text = " ".join(i.args for s in df.stages for i in s.all("RUN"))
+    files = [
+        f for f in re.findall(r"/opt/pairloop/requirements/([a-z]+)\.txt", text) if f != SHARED
+    ]
+    if files:
+        return IMAGES[files[-1]]
     found = re.findall(r"(?:\"?\.|\.whl\))\[([a-z-]+)\]", text)
     assert found, f"{dockerfile.name}: installs no pyproject extra"
     return found[-1]

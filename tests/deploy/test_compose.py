@@ -8,6 +8,7 @@ is checked against the code: settings names, entry points, ports, paths and run 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from importlib import metadata
 from pathlib import Path
@@ -163,10 +164,14 @@ def test_what_each_service_needs_is_set(variant: str) -> None:
 
 def _run_config(services: dict, name: str = "orchestrator"):
     """The run config the orchestrator's command names, read through its bind mount."""
-    argv = services[name]["command"]
-    assert argv[0] == "run", argv
-    path = argv[1]
-    for mount in services[name]["volumes"]:
+    svc = services[name]
+    if svc.get("entrypoint") == ["pairloop-run-or-resume"]:
+        path = svc["command"][0]  # CONFIG RUN_ID (docker/run-or-resume.sh)
+    else:
+        argv = svc["command"]
+        assert argv[0] == "run", argv
+        path = argv[1]
+    for mount in svc["volumes"]:
         source, target, *_ = mount.split(":")
         if source.startswith(".") and path.startswith(target + "/"):
             return load_run_config(REPO / source / path[len(target) + 1 :])
@@ -318,6 +323,8 @@ def test_cpu_demo_runs_the_demo_recipe() -> None:
     cfg = _run_config(services)
     demo = yaml.safe_load((REPO / "orchestrator" / "demo" / "demo.yaml").read_text())
     mine = yaml.safe_load((REPO / "configs" / "tiny-demo-compose.yaml").read_text())
+    # Fewer iterations than the demo's 3 (CI runs this config), the rest the same.
+    assert 1 <= mine.pop("iterations") <= demo.pop("iterations")
     for key in ("model_store", "base_model", "services"):
         mine.pop(key)
     mine["prompts"].pop("source")
@@ -353,13 +360,64 @@ def test_commands_are_real_entry_points() -> None:
     """Every command a service runs exists: the image's entry point plus the compose command."""
     for variant in VARIANTS.values():
         services = compose_model(*variant)["services"]
-        for name in ("orchestrator", "api"):
-            svc = services[name]
-            df = parse_dockerfile(REPO / svc["build"]["context"] / svc["build"]["dockerfile"])
-            entry = df.effective("ENTRYPOINT").exec_form()
-            check_pairloop_argv([*entry, *svc["command"]])
+        api = services["api"]
+        df = parse_dockerfile(REPO / api["build"]["context"] / api["build"]["dockerfile"])
+        entry = df.effective("ENTRYPOINT").exec_form()
+        check_pairloop_argv([*entry, *api["command"]])
+        # The orchestrator runs docker/run-or-resume.sh (copied into its image) with CONFIG RUN_ID.
+        orch = services["orchestrator"]
+        assert orch["entrypoint"] == ["pairloop-run-or-resume"]
+        copies = [i.args.split() for i in df.final.all("COPY")]
+        assert ["docker/run-or-resume.sh", "/usr/local/bin/pairloop-run-or-resume"] in copies
+        _config, run_id = orch["command"]
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id), run_id
+        assert _run_config(services).model_store == STORE
+    script = (REPO / "docker" / "run-or-resume.sh").read_text()
+    for line in script.splitlines():
+        if line.strip().startswith("exec pairloop "):
+            argv = [a.strip('"') for a in shlex.split(line.strip())[1:]]
+            check_pairloop_argv([a if not a.startswith("$") else "X" for a in argv])
     # The way the README resumes a run in the stack.
     check_pairloop_argv(["pairloop", "resume", "/models/runs/ID"])
+
+
+def test_every_pairloop_container_is_non_root_and_read_only() -> None:
+    """read_only root filesystems, a writable tmpfs where the images keep caches (/tmp)."""
+    for variant in VARIANTS.values():
+        services = compose_model(*variant)["services"]
+        for name, svc in services.items():
+            assert svc.get("read_only") is True, f"{name}: root filesystem is writable"
+            if "build" not in svc:
+                continue
+            df = parse_dockerfile(REPO / svc["build"]["context"] / svc["build"]["dockerfile"])
+            env = df.effective_env(svc["build"].get("args"))
+            mounts = {t.split(":")[0]: t.partition(":")[2] for t in svc.get("tmpfs", [])}
+            assert "/tmp" in mounts, f"{name}: tmpfs {mounts}"
+            # exec: torch and vLLM load compiled extensions from their caches.
+            assert "exec" in mounts["/tmp"].split(","), name
+            for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
+                assert env[var].startswith("/tmp/"), (name, var)
+
+
+def test_build_arguments_come_from_the_environment() -> None:
+    """Base image and package source: unset = the Dockerfiles' defaults (public registries)."""
+    model = compose_model(*CPU)
+    for name, svc in model["services"].items():
+        if "build" not in svc:
+            continue
+        args = svc["build"]["args"]
+        for arg in ("PYTHON_IMAGE", "PIP_INDEX_URL", "PIP_NO_INDEX"):
+            # No value: Compose passes the variable of its environment if set, else nothing.
+            assert arg in args and args[arg] is None, (name, arg, args.get(arg))
+    redis = compose_model(*CPU, env=compose_env(PAIRLOOP_REDIS_IMAGE="local/redis:7"))["services"]
+    assert redis["redis"]["image"] == "local/redis:7"
+    assert compose_model(*CPU)["services"]["redis"]["image"] == "redis:7.4.1-alpine"
+    # The Debian-package Redis takes the same command and health check as the official image.
+    df = parse_dockerfile(REPO / "docker" / "redis.Dockerfile")
+    assert df.effective("HEALTHCHECK").exec_form() == ["redis-cli", "ping"]
+    assert df.effective("USER").args == "redis"
+    assert "--protected-mode" in model["services"]["redis"]["command"]
+    assert model["services"]["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
 
 
 def test_models_init_runs_with_only_what_its_image_installs(tmp_path: Path) -> None:

