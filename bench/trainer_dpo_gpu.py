@@ -198,7 +198,7 @@ def run_variant(store: Path, variant: str, args: argparse.Namespace) -> dict[str
     shape = ModelShape(**{k: v for k, v in SHAPES[name].items() if k != "arch"})
     on = {"bf16": args.device == "cuda", "gradient_checkpointing": args.device == "cuda"}
     plan_hp = replace_hp(DPOHyperparameters.model_validate(hp), **on)
-    estimate = trainer_memory(shape, plan_hp, strategy=strategy, gpus=1)  # type: ignore[arg-type]
+    estimate = trainer_memory(shape, plan_hp, strategy=strategy, gpus=1)  # type: ignore[arg-type]  # argparse checked it against the Strategy choices
     pairs = args.batch_size * args.grad_accum
     return {
         "parameters": rank.policy_numel,

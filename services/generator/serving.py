@@ -93,9 +93,18 @@ def _completion_logprobs(lps: list[TokenLogprob], offset: int) -> CompletionLogp
     return CompletionLogprobs(
         tokens=[lp.token for lp in lps],
         token_logprobs=[lp.logprob for lp in lps],
-        top_logprobs=[dict(lp.top) for lp in lps],
+        top_logprobs=[_top_by_text(lp.top) for lp in lps],
         text_offset=offsets,
     )
+
+
+def _top_by_text(top: list[tuple[str, float]]) -> dict[str, float]:
+    """The legacy format keys alternatives by text; two token ids can decode to the same text
+    (byte-level pieces of one character both read as U+FFFD), and then the likelier one stays."""
+    out: dict[str, float] = {}
+    for text, value in top:
+        out.setdefault(text, value)
+    return out
 
 
 def _chat_logprobs(lps: list[TokenLogprob]) -> ChatLogprobs:

@@ -48,8 +48,8 @@ def _spec(strategy: str, world: int, device: str = "cuda", **hp: object) -> Trai
         dataset_cache="c",
         checkpoints_dir="k",
         staging_dir="s",
-        device=device,  # type: ignore[arg-type]
-        strategy=strategy,  # type: ignore[arg-type]
+        device=device,  # type: ignore[arg-type]  # parametrised with the Literal values
+        strategy=strategy,  # type: ignore[arg-type]  # parametrised with the Literal values
         world_size=world,
     )
 
