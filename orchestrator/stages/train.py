@@ -54,7 +54,8 @@ async def run_training_job(ctx: RunContext, k: int) -> TrainResult:
         job.job_id,
         timeout=ctx.cfg.services.train_timeout_s,
         on_progress=on_progress,
-        should_stop=lambda: (ctx.run_dir / "CANCEL").exists(),
+        should_stop=lambda: ctx.stopping.is_set() or (ctx.run_dir / "CANCEL").exists(),
+        resubmit=lambda: ctx.trainer.submit(job),
     )
     ctx.progress.update(task, completed=result.steps, total=result.steps)
     return result
