@@ -6,8 +6,8 @@ group of its own, awaited on its `/health` or `/ready` URL with a deadline, and 
 whole group (vLLM's engine core and the Celery worker's pool children are in it).
 
 No orphans, whatever ends the parent (`kill -9` included), by two mechanisms:
-* every child gets the Linux parent-death signal (PR_SET_PDEATHSIG = SIGKILL), so it dies with
-  the thread that started it;
+* every child started from the main thread gets the Linux parent-death signal
+  (PR_SET_PDEATHSIG = SIGKILL), so it dies with this process;
 * a `GroupReaper` process holds a pipe from the parent and a list of process groups: when the
   pipe closes (the parent died, however) it SIGKILLs every group still registered, which takes
   the grandchildren the parent-death signal does not reach (the training process, vLLM workers).
@@ -209,7 +209,13 @@ class ManagedProcess:
                 cwd=self.cwd,
                 start_new_session=True,
                 # preexec_fn is safe here: it only calls prctl (no locks, no allocation-heavy code).
-                preexec_fn=_die_with_parent(os.getpid()),
+                # The kernel sends the signal when the *thread* that forked exits: only the main
+                # thread lives as long as the process (from others, the reaper is the guard).
+                preexec_fn=(
+                    _die_with_parent(os.getpid())
+                    if threading.current_thread() is threading.main_thread()
+                    else None
+                ),
             )
         finally:
             log.close()

@@ -98,7 +98,8 @@ class TrainerClient:
             if should_stop():
                 raise InterruptedError(f"stopped while waiting for Redis ({what})")
             exc = state.outcome.exception() if state.outcome else None
-            log.warning("Redis at %s unreachable (%s): %s; retrying", self.redis_url, what, exc)
+            # INFO, not WARNING: a retried outage is expected, and the CLI's stderr stays for errors.
+            log.info("Redis at %s unreachable (%s): %s; retrying", self.redis_url, what, exc)
 
         return Retrying(
             stop=stop_after_delay(self.outage_s),
@@ -123,33 +124,51 @@ class TrainerClient:
             raise
 
     # --- operations ----------------------------------------------------------------------------
+    def _redis(self) -> Any:
+        """A plain redis-py client (kombu's connection retries internally and caches failures)."""
+        import redis
+
+        return redis.Redis.from_url(self.redis_url, socket_connect_timeout=5, socket_timeout=10)
+
     def ping_broker(self, *, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Return once Redis answers; BrokerUnreachableError after `outage_s` without an answer."""
 
         def ping() -> None:
-            with self.app.connection_for_write() as conn:
-                conn.default_channel.client.ping()
+            client = self._redis()
+            try:
+                client.ping()
+            finally:
+                client.close()
 
         self._call("ping", ping, should_stop)
 
     def submit(self, job: TrainJob) -> str:
         """Send `job` (again: safe, see the module docstring); its id is the Celery task id."""
-        self._call(f"submit {job.job_id}", lambda: submit_train_job(self.app, job))
+        self._call(
+            f"submit {job.job_id}", lambda: submit_train_job(self.app, job, queue=self.queue)
+        )
         return job.job_id
 
     def _queued(self, task_id: str) -> bool:
-        """True when the task's message waits in the broker's queue (kombu's Redis lists)."""
-        with self.app.connection_for_read() as conn:
-            channel = conn.default_channel
-            client = channel.client
-            for pri in channel.priority_steps:
-                for raw in client.lrange(channel._q_for_pri(self.queue, pri), 0, -1):
+        """True when the task's message waits in the broker's queue.
+
+        Reads kombu's Redis layout: one list per priority step, `queue` and `queue<sep><step>`.
+        """
+        from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+        keys = [self.queue] + [f"{self.queue}{Channel.sep}{p}" for p in PRIORITY_STEPS if p]
+        client = self._redis()
+        try:
+            for key in keys:
+                for raw in client.lrange(key, 0, -1):
                     try:
                         headers = json.loads(raw).get("headers") or {}
                     except (ValueError, AttributeError):
                         continue
                     if headers.get("id") == task_id:
                         return True
+        finally:
+            client.close()
         return False
 
     def _held(self, task_id: str) -> bool:
