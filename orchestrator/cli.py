@@ -206,6 +206,11 @@ def resume(
     if not (run_dir / "manifest.json").is_file():
         raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
     (run_dir / "CANCEL").unlink(missing_ok=True)
+    if not local and (run_dir / "local" / "stack.json").is_file():
+        console.print(
+            "note: this run was started on a local stack; `--local` starts that stack again "
+            "(without it, the services in its config must be running)"
+        )
     _execute(run_dir.resolve(), local=local)
 
 

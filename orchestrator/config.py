@@ -20,7 +20,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pairloop.jobs import DPOHyperparameters, LoraSettings
+from pairloop.jobs import TRAIN_QUEUE, DPOHyperparameters, LoraSettings
 
 __all__ = [
     "ConfigError",
@@ -125,6 +125,12 @@ class ServicesConfig(_Strict):
     request_timeout_s: float = Field(1800.0, gt=0)
     retries: int = Field(5, ge=0, description="retries on connection errors and 5xx (never on 4xx)")
     train_timeout_s: float = Field(7 * 24 * 3600.0, gt=0)
+    train_queue: str = Field(
+        TRAIN_QUEUE,
+        min_length=1,
+        description="the Celery queue training jobs go to (the workers' --queue); the local "
+        "stack uses one per run, so no other run's worker takes its jobs",
+    )
     broker_outage_s: float = Field(
         120.0,
         gt=0,

@@ -136,7 +136,9 @@ async def execute_run(
     )
     ranker = RankerClient(services.ranker_url, **common)
     trainer = TrainerClient(
-        services.redis_url or RedisSettings().redis_url, outage_s=services.broker_outage_s
+        services.redis_url or RedisSettings().redis_url,
+        outage_s=services.broker_outage_s,
+        queue=services.train_queue,
     )
     held = run_lock(run_path) if lock else contextlib.nullcontext()
     with held, make_progress(console) as progress:

@@ -28,6 +28,7 @@ from orchestrator.local.stack import LocalStack, StackSpec
 from orchestrator.manifest import Manifest
 from orchestrator.settings import OrchestratorSettings
 from pairloop.atomic import atomic_write_json
+from pairloop.jobs import TRAIN_QUEUE
 
 __all__ = ["LOCAL_DIR", "STACK_FILE", "run_local", "run_until_signal", "sigterm_interrupts"]
 
@@ -98,7 +99,11 @@ def run_local(
             f"starting the local stack: redis, generator, ranker, trainer worker "
             f"(logs: {local_dir / 'logs'})"
         )
-        with LocalStack(StackSpec.from_config(cfg), local_dir, admin_token=token) as stack:
+        # A queue of this run's own: on a shared Redis no other run's worker takes its jobs, and
+        # a job left there by a killed stack is only ever run by this run's next stack.
+        queue = f"{TRAIN_QUEUE}.{cfg.run_id}"
+        spec = StackSpec.from_config(cfg, train_queue=queue)
+        with LocalStack(spec, local_dir, admin_token=token) as stack:
             redis_kind = (
                 "a private redis-server"
                 if stack.redis is not None and stack.redis.started_here
@@ -126,6 +131,7 @@ def run_local(
                     "generator_dns": None,
                     "ranker_url": stack.ranker_url,
                     "redis_url": stack.redis_url,
+                    "train_queue": queue,
                 }
             )
             return run_until_signal(

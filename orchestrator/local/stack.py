@@ -44,6 +44,8 @@ class StackSpec:
     redis_fallback: bool = True
     generator_args: list[str] = field(default_factory=list)
     trainer_args: list[str] = field(default_factory=list)
+    # The Celery queue the worker consumes (None: the trainer's default).
+    train_queue: str | None = None
     cpu_threads: int = 1
     startup_timeout: float = 300.0
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -52,7 +54,7 @@ class StackSpec:
     ports: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> StackSpec:
+    def from_config(cls, cfg: RunConfig, *, train_queue: str | None = None) -> StackSpec:
         """The stack `cfg` needs: its base model, the ranker and devices its `local:` names."""
         from pairloop.settings import RedisSettings
 
@@ -93,6 +95,7 @@ class StackSpec:
             redis_fallback=fallback,
             generator_args=list(local.generator.args),
             trainer_args=["--device", local.trainer.device, *local.trainer.args],
+            train_queue=train_queue,
             cpu_threads=local.cpu_threads,
             startup_timeout=local.startup_timeout_s,
             service_env=service_env,
@@ -235,6 +238,7 @@ class LocalStack:
                 str(spec.cpu_threads),
                 "--hostname",
                 node,
+                *(["--queue", spec.train_queue] if spec.train_queue else []),
                 *spec.trainer_args,
             ],
             self._env("trainer", HF_DATASETS_CACHE=str(cache / "datasets")),

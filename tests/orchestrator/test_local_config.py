@@ -83,3 +83,32 @@ def test_admin_token_is_kept_owner_only_and_reused(tmp_path: Path) -> None:
     path.chmod(0o644)
     assert load_or_create_admin_token(tmp_path / "local") == token  # resume finds the same one
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_unfinished_demo_run_is_found_again_a_completed_one_is_not(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    import shutil
+
+    from orchestrator.demo import demo_config, find_unfinished
+    from orchestrator.manifest import load_manifest
+    from orchestrator.runs import create_run
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_models["llama"], store / "models" / "tiny-llama")
+    config = tmp_path / "demo-config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            demo_config(store=store, base_model=store / "models" / "tiny-llama", iterations=2)
+        )
+    )
+    runs = store / "runs"
+    assert find_unfinished(runs, iterations=2) is None
+    older = create_run(config, run_id="demo-20260101-000000")
+    newer = create_run(config, run_id="demo-20260101-000001")
+    assert find_unfinished(runs, iterations=2) == newer  # the newest unfinished one
+    assert find_unfinished(runs, iterations=3) is None  # another length is another demo
+    m = load_manifest(newer)
+    m.status = "completed"
+    m.save(newer)
+    assert find_unfinished(runs, iterations=2) == older
