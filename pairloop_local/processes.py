@@ -73,6 +73,7 @@ def wait_for_http(
     """Poll `url` until it answers `expect_status`, `alive()` turns false, or `timeout` passes."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
+    pause = 0.05
     with httpx.Client(timeout=2.0) as client:
         while time.monotonic() < deadline:
             if not alive():
@@ -84,7 +85,10 @@ def wait_for_http(
                 last = f"HTTP {resp.status_code}"
             except httpx.TransportError as exc:
                 last = type(exc).__name__
-            time.sleep(0.1)
+            # Fast at first (a tiny model is ready in seconds), then at most once a second: a
+            # 7B model loads for minutes, and each poll is a line in the service's access log.
+            time.sleep(pause)
+            pause = min(pause * 1.5, 1.0)
     raise ProcessFailedError(f"{url} did not answer {expect_status} within {timeout:.0f}s ({last})")
 
 

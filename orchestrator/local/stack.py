@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +143,7 @@ class LocalStack:
         self.reaper: GroupReaper | None = None
         self.generator_url = ""
         self.ranker_url = ""
+        self._tmpdir: Path | None = None
 
     @property
     def redis_url(self) -> str:
@@ -260,9 +263,11 @@ class LocalStack:
             ) from None
 
     def _tmp(self) -> Path:
-        path = self.workdir / "tmp"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        # In the system's temp directory, not under workdir: vLLM puts its ZeroMQ IPC sockets
+        # here, and a socket path may not exceed 107 bytes (a run directory easily does).
+        if self._tmpdir is None:
+            self._tmpdir = Path(tempfile.mkdtemp(prefix="pairloop-"))
+        return self._tmpdir
 
     def stop(self) -> None:
         """Stop the worker, ranker and generator (in that order), then a Redis started here."""
@@ -274,6 +279,9 @@ class LocalStack:
         if self.reaper is not None:
             self.reaper.close()
             self.reaper = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
 
     def __enter__(self) -> LocalStack:
         return self.start()

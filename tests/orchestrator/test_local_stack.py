@@ -98,6 +98,20 @@ def stack_survivors(run_dir: Path) -> list[psutil.Process]:
     return alive
 
 
+def wait_running(proc: subprocess.Popen[str], predicate: Any, *, timeout: float, what: str) -> None:
+    """wait_until(predicate), failing at once with the CLI's output if the CLI exits first."""
+
+    def check() -> bool:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the CLI exited ({proc.returncode}) before {what}:\n{out}\n{err}")
+        return False
+
+    wait_until(check, timeout=timeout, interval=0.02, what=what)
+
+
 def assert_stack_gone(run_dir: Path, *, within: float = 10.0) -> None:
     """No process of the stack is alive `within` seconds from now (by process group and pid)."""
     try:
@@ -196,7 +210,8 @@ def test_sigterm_then_kill9_at_seeded_moments_resume_local_equals_undisturbed(
         stdin=subprocess.DEVNULL,
     )
     try:
-        wait_until(
+        wait_running(
+            proc,
             lambda: (
                 (run_dir / "manifest.json").is_file() and load_manifest(run_dir).status == "running"
             ),
@@ -273,19 +288,19 @@ def test_redis_restarted_in_generation_ranking_and_training_run_completes_equal(
 
     try:
         # 1. Down from the first generation shard until ranking has run: an outage spanning both.
-        wait_until(
+        wait_running(
+            proc,
             lambda: (run_dir / "iter1" / "generations" / "shard-00000.jsonl").is_file(),
             timeout=600,
-            interval=0.02,
             what="first generation shard",
         )
         handle.process.kill()
         down_at = time.time()
         assert stage("iter1.generate").state == "running"
-        wait_until(
+        wait_running(
+            proc,
             lambda: (st := stage("iter1.rank")) is not None and st.state in ("running", "done"),
             timeout=120,
-            interval=0.02,
             what="ranking to start while Redis is down",
         )
         handle = start_redis(data, port=port, persist=False)
@@ -298,7 +313,7 @@ def test_redis_restarted_in_generation_ranking_and_training_run_completes_equal(
             raw = redis.Redis.from_url(url).get(job_key)
             return raw is not None and json.loads(raw)["status"] == "PROGRESS"
 
-        wait_until(training, timeout=300, interval=0.05, what="training progress in Redis")
+        wait_running(proc, training, timeout=300, what="training progress in Redis")
         handle.process.kill()
         assert stage("iter1.train").state == "running"
         time.sleep(2.0)  # the outage itself (a fault we inject, not a wait for a condition)
