@@ -338,8 +338,14 @@ def tiny_models(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit status (bad flags print a usage message, not a traceback)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `--debug` anywhere on the line (`pairloop run X --debug` as well as `pairloop --debug run X`).
+    if "--debug" in args:
+        args = ["--debug", *(a for a in args if a != "--debug")]
     try:
-        app(args=list(argv) if argv is not None else None, prog_name="pairloop")
+        app(args=args, prog_name="pairloop")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:

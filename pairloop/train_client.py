@@ -68,6 +68,12 @@ def celery_transport_config(*, redis_url: str, visibility_timeout: int) -> dict[
                 "interval_max": 1,
             },
         },
+        # Every backend call, reads included (a progress write first reads the stored state),
+        # is retried through an outage: without this one read fails the whole training task.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": BROKER_RETRY_SECONDS,
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 1000,
         # Workers reconnect to a restarted Redis by themselves, however long it is away.
         "broker_connection_retry": True,
         "broker_connection_retry_on_startup": True,

@@ -90,6 +90,9 @@ class TrainerClient:
         self.outage_s = outage_s
         self.queue = queue
         self.app = make_train_client(redis_url, **kwargs)
+        # This client retries on its own (tenacity, interruptible); Celery's in-call retries
+        # would hold a Ctrl-C for minutes during an outage.
+        self.app.conf.result_backend_always_retry = False
         self.service_seconds = 0.0
 
     # --- retries -------------------------------------------------------------------------------
