@@ -145,10 +145,12 @@ class TrainerClient:
 
         self._call("ping", ping, should_stop)
 
-    def submit(self, job: TrainJob) -> str:
+    def submit(self, job: TrainJob, *, should_stop: Callable[[], bool] = lambda: False) -> str:
         """Send `job` (again: safe, see the module docstring); its id is the Celery task id."""
         self._call(
-            f"submit {job.job_id}", lambda: submit_train_job(self.app, job, queue=self.queue)
+            f"submit {job.job_id}",
+            lambda: submit_train_job(self.app, job, queue=self.queue),
+            should_stop,
         )
         return job.job_id
 
@@ -231,7 +233,7 @@ class TrainerClient:
                         log.warning(
                             "training job %s was lost by the broker: sending it again", task_id
                         )
-                        self._call(f"resubmit {task_id}", resubmit, should_stop)
+                        resubmit()
                         lost_seen = 0
                 if time.monotonic() > deadline:
                     raise TrainingFailedError(
