@@ -1,8 +1,9 @@
 # pairloop: every target works on a fresh Linux machine with Python 3.11 and network access to PyPI.
 #   make demo    the main job: `pairloop demo`, 3 iterations of the loop on the local stack (again: resumes)
 #   make setup   .venv with the exact CPU stack (requirements/lock-cpu.txt) and pairloop itself
-#   make test    lint + the whole test suite (what CI runs)
+#   make test    lint + typecheck + the whole test suite (what CI runs)
 #   make lint    ruff
+#   make typecheck  mypy: strict on pairloop/, pairloop_local/, orchestrator/ (config in pyproject.toml)
 #   make bench   the benchmarks in bench/ (figures printed and written to bench/results/)
 #   make lock    re-resolve requirements/lock-cpu.txt from pyproject.toml in a scratch venv
 
@@ -13,7 +14,7 @@ STAMP  := $(VENV)/.pairloop-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lint bench lock clean
+.PHONY: setup demo test lint typecheck bench lock clean
 
 setup: $(STAMP)
 
@@ -31,10 +32,14 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check pairloop pairloop_local services orchestrator tests bench
+
+typecheck: setup
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python -m bench
@@ -50,4 +55,4 @@ lock:
 	mv requirements/lock-cpu.txt.new requirements/lock-cpu.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache

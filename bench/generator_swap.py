@@ -69,7 +69,9 @@ def _complete(client: httpx.Client, url: str) -> str:
     return str(r.json()["weight_version"])
 
 
-def one_restart(spec: ServiceSpec, dirs: tuple[Path, Path], swaps: int, scratch: Path, k: int):  # type: ignore[no-untyped-def]
+def one_restart(
+    spec: ServiceSpec, dirs: tuple[Path, Path], swaps: int, scratch: Path, k: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One cold start then `swaps` swaps on it; returns (restart figures, list of swap figures)."""
     started = time.perf_counter()
     proc, url = start_service(spec, scratch, f"generator-{k}")

@@ -67,7 +67,8 @@ def _pairs(tokenizer: Any, n: int, prompt_tokens: int, response_tokens: int) -> 
     words = _WORDS.split()
 
     def text(seed: int, tokens: int) -> str:
-        out, i = [], seed
+        out: list[str] = []
+        i = seed
         while len(tokenizer(" ".join(out))["input_ids"]) < tokens:
             out.extend(words[(i + k) % len(words)] for k in range(16))
             i += 5

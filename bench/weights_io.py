@@ -260,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(table)
 
     path = RESULTS / "weights_io.json"
-    report = json.loads(path.read_text()) if path.exists() else {"benchmark": "weights_io"}
+    report: dict[str, Any] = (
+        json.loads(path.read_text()) if path.exists() else {"benchmark": "weights_io"}
+    )
     report.setdefault("runs", {})[f"{args.shape}-{args.device}"] = result
     atomic_write_json(path, report)
     console.print(f"written: {path} (key {args.shape}-{args.device})")

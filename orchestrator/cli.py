@@ -116,6 +116,7 @@ def _errors_as_messages(next_command: str | None) -> Iterator[None]:
 def _execute(run_dir: Path, *, local: bool = False) -> None:
     from orchestrator.local import run_local, run_until_signal
     from orchestrator.loop import execute_run
+    from orchestrator.summary import print_summary
 
     console.print(f"run directory: {run_dir}")
     with _errors_as_messages(_resume_command(run_dir, local=local)):
@@ -123,52 +124,7 @@ def _execute(run_dir: Path, *, local: bool = False) -> None:
             manifest = run_local(run_dir, console=console)
         else:
             manifest = run_until_signal(execute_run(run_dir, console=console))
-    print_summary(run_dir, manifest)
-
-
-def print_summary(run_dir: Path, manifest) -> None:  # type: ignore[no-untyped-def]
-    """The per-iteration headline table, as printed at the end of a run."""
-    from orchestrator.report import iteration_rows
-
-    table = Table(title=f"run {manifest.run_id}: {manifest.status}")
-    for col in (
-        "iter",
-        "pairs",
-        "ties",
-        "chosen",
-        "rejected",
-        "DPO loss",
-        "swap s",
-        "win vs base",
-        "LC win vs base",
-        "win vs prev",
-        "mean len",
-    ):
-        table.add_column(col, justify="right")
-
-    def f(v, fmt: str = "{:.3f}") -> str:  # type: ignore[no-untyped-def]
-        return fmt.format(v) if isinstance(v, (int, float)) else "-"
-
-    for r in iteration_rows(manifest):
-        table.add_row(
-            str(r["iteration"]),
-            f(r.get("pairs"), "{}"),
-            f(r.get("ties_dropped"), "{}"),
-            f(r.get("mean_chosen_score")),
-            f(r.get("mean_rejected_score")),
-            f(r.get("train_loss"), "{:.4f}"),
-            f(r.get("swap_seconds")),
-            f(r.get("win_rate_vs_base")),
-            f(r.get("lc_win_rate_vs_base")),
-            f(r.get("win_rate_vs_previous")),
-            f(r.get("mean_length"), "{:.1f}"),
-        )
-    # Rich assumes 80 columns when output is not a terminal (CI logs, `| tee`), too few for this.
-    out = console if console.is_terminal else Console(width=max(console.width, 120))
-    out.print(table)
-    report = run_dir / "report" / "report.md"
-    if report.exists():
-        console.print(f"report: {report}")
+    print_summary(run_dir, manifest, console=console)
 
 
 @app.command()

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pairloop.jobs import TRAIN_QUEUE, DPOHyperparameters, LoraSettings
+from pairloop.validation import describe_validation_error
 
 __all__ = [
     "ConfigError",
@@ -246,17 +247,6 @@ class RunConfig(_Strict):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _describe(exc: pydantic.ValidationError, source: str) -> str:
-    lines = [f"invalid run config {source}:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
-        msg = err.get("msg", "invalid")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown field (check the spelling; see configs/*.yaml for the schema)"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
-
-
 def _absolutise(cfg: RunConfig, base_dir: Path) -> RunConfig:
     def fix(p: str) -> str:
         path = Path(p).expanduser()
@@ -288,7 +278,13 @@ def load_run_config(path: str | Path) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(raw)
     except pydantic.ValidationError as exc:
-        raise ConfigError(_describe(exc, str(file))) from None
+        raise ConfigError(
+            describe_validation_error(
+                exc,
+                title=f"invalid run config {file}",
+                unknown_field_hint="check the spelling; see configs/*.yaml for the schema",
+            )
+        ) from None
     return _absolutise(cfg, file.resolve().parent)
 
 

@@ -60,7 +60,7 @@ class RunContext:
     make_generator: Callable[[str], GeneratorClient] | None = None
     # Set when the run is being interrupted: threads that wait on services (training) stop.
     stopping: threading.Event = field(default_factory=threading.Event)
-    _rr: itertools.cycle = field(init=False, repr=False)  # type: ignore[type-arg]
+    _rr: itertools.cycle[GeneratorClient] = field(init=False, repr=False)
     _events: Counter[str] = field(default_factory=Counter, init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -125,16 +125,16 @@ async def execute_run(
         if settings.generator_admin_token
         else None
     )
-    common = {"timeout": services.request_timeout_s, "retries": services.retries}
+    timeout, retries = services.request_timeout_s, services.retries
 
     def make_generator(url: str) -> GeneratorClient:
-        return GeneratorClient(url, admin_token=token, **common)
+        return GeneratorClient(url, admin_token=token, timeout=timeout, retries=retries)
 
     # With generator_dns the replicas are resolved inside the run (and again before each swap).
     generators = (
         [] if services.generator_dns else [make_generator(u) for u in services.generator_urls]
     )
-    ranker = RankerClient(services.ranker_url, **common)
+    ranker = RankerClient(services.ranker_url, timeout=timeout, retries=retries)
     trainer = TrainerClient(
         services.redis_url or RedisSettings().redis_url,
         outage_s=services.broker_outage_s,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -67,7 +68,7 @@ class Manifest(BaseModel):
         return name in self.stages and self.stages[name].state == "done"
 
     @contextmanager
-    def running(self, name: str, run_dir: str | Path):  # type: ignore[no-untyped-def]
+    def running(self, name: str, run_dir: str | Path) -> Iterator[StageRecord]:
         """Mark `name` running, yield its record, then mark it done (or failed, and re-raise)."""
         record = self.stage(name)
         record.state, record.error = "running", None

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import PairsConfig
+from orchestrator.records import RankedRecord
+from pairloop.contracts.ranker import best_and_worst
 from pairloop.preference_data import make_preference_row
 
 __all__ = ["PairStats", "build_pairs", "is_test_prompt"]
@@ -32,6 +34,8 @@ class PairStats:
     rejected_lengths: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
+        """The stage's figures: counts, and mean scores and lengths of chosen and rejected."""
+
         def mean(xs: list[float] | list[int]) -> float:
             return float(sum(xs) / len(xs)) if xs else 0.0
 
@@ -67,41 +71,37 @@ def _choose(
         adjusted = [
             s - cfg.length_penalty * n / 100.0 for s, n in zip(scores, lengths, strict=True)
         ]
-    hi = max(range(len(adjusted)), key=lambda i: (adjusted[i], -i))
-    lo = min(range(len(adjusted)), key=lambda i: (adjusted[i], i))
+    hi, lo = best_and_worst(adjusted)
     if adjusted[hi] - adjusted[lo] <= cfg.min_margin or hi == lo:
         return None
     return hi, lo, scores[hi], scores[lo]
 
 
 def build_pairs(
-    records: Iterable[dict[str, Any]], cfg: PairsConfig
+    records: Iterable[RankedRecord], cfg: PairsConfig
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], PairStats]:
-    """Join generation+ranking records into (train rows, test rows, stats).
-
-    Each record: {prompt_id, prompt, candidates, scores|None, best_index, worst_index, empty}.
-    """
+    """Ranked records -> (train rows, test rows, stats); rows in the published dataset format."""
     train: list[dict[str, Any]] = []
     test: list[dict[str, Any]] = []
     stats = PairStats()
     for rec in records:
         stats.prompts += 1
-        stats.empty_responses += int(rec.get("empty", 0))
-        candidates: list[str] = rec["candidates"]
+        stats.empty_responses += rec.empty
+        candidates = rec.candidates
         if len(candidates) < 2:
             stats.too_few_responses += 1
             continue
         lengths = [len(c) for c in candidates]
-        choice = _choose(rec.get("scores"), rec["best_index"], rec["worst_index"], lengths, cfg)
+        choice = _choose(rec.scores, rec.best_index, rec.worst_index, lengths, cfg)
         if choice is None:
             stats.ties_dropped += 1
             continue
         chosen, rejected, chosen_score, rejected_score = choice
         row = make_preference_row(
-            prompt_id=rec["prompt_id"],
-            prompt=rec["prompt"],
+            prompt_id=rec.prompt_id,
+            prompt=rec.prompt,
             responses=candidates,
-            scores=rec.get("scores") or [],
+            scores=rec.scores or [],
             chosen_index=chosen,
             rejected_index=rejected,
         )
@@ -110,5 +110,5 @@ def build_pairs(
         stats.rejected_scores.append(rejected_score)
         stats.chosen_lengths.append(lengths[chosen])
         stats.rejected_lengths.append(lengths[rejected])
-        (test if is_test_prompt(rec["prompt_id"], cfg.test_fraction) else train).append(row)
+        (test if is_test_prompt(rec.prompt_id, cfg.test_fraction) else train).append(row)
     return train, test, stats

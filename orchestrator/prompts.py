@@ -34,7 +34,8 @@ def _rows_from_local(path: Path) -> list[dict[str, Any]]:
         return data
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+    return rows
 
 
 def _rows_from_hub(name: str, split: str) -> list[dict[str, Any]]:
@@ -47,7 +48,8 @@ def _rows_from_hub(name: str, split: str) -> list[dict[str, Any]]:
             f"prompts.source: cannot load dataset {name!r} split {split!r} ({exc}); "
             "point prompts.source at a local .jsonl/.parquet file when the hub is out of reach"
         ) from None
-    return ds.to_list()
+    rows: list[dict[str, Any]] = ds.to_list()
+    return rows
 
 
 def load_prompt_source(cfg: PromptsConfig) -> list[PromptRecord]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestrator.manifest import Manifest
+from orchestrator.manifest import Manifest, StageRecord
 from pairloop.atomic import atomic_write_text
 
 __all__ = ["iteration_rows", "write_report"]
@@ -30,7 +30,7 @@ def iteration_rows(manifest: Manifest) -> list[dict[str, Any]]:
     for k in range(1, manifest.iterations + 1):
         st = manifest.iteration_stages(k)
 
-        def m(stage: str, key: str, st: dict = st) -> Any:
+        def m(stage: str, key: str, st: dict[str, StageRecord] = st) -> Any:
             return st[stage].metrics.get(key) if stage in st else None
 
         vs_base = m("evaluate", "vs_base") or {}

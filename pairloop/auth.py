@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
-
-from fastapi import Request
 
 from pairloop.errors import AuthenticationError, ForbiddenError
 
-__all__ = ["bearer_token_guard", "check_bearer"]
+__all__ = ["check_bearer"]
 
 
 def check_bearer(authorization: str | None, expected: str) -> None:
@@ -27,12 +24,3 @@ def check_bearer(authorization: str | None, expected: str) -> None:
     # Constant-time comparison: the token is the only thing between a caller and the weights.
     if not secrets.compare_digest(token.strip().encode(), expected.encode()):
         raise ForbiddenError("admin token is not valid", param="Authorization")
-
-
-def bearer_token_guard(get_expected: Callable[[Request], str]) -> Callable[[Request], None]:
-    """A FastAPI dependency that checks the request's bearer token against `get_expected(request)`."""
-
-    def guard(request: Request) -> None:
-        check_bearer(request.headers.get("authorization"), get_expected(request))
-
-    return guard

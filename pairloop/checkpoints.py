@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pairloop.errors import ValidationError
 
@@ -38,7 +39,7 @@ class TensorInfo:
 class CheckpointManifest:
     path: Path
     tensors: dict[str, TensorInfo]
-    config: dict
+    config: dict[str, Any]
 
     @property
     def num_parameters(self) -> int:

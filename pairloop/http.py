@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pairloop.errors import (
     EngineDeadError,
@@ -22,6 +22,7 @@ from pairloop.errors import (
     PairloopError,
     ServiceUnavailableError,
 )
+from pairloop.validation import field_errors
 
 __all__ = [
     "MaxBodySizeMiddleware",
@@ -58,15 +59,13 @@ def error_json(
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts, first_param = [], None
-    for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        where = ".".join(loc) or "body"
-        first_param = first_param or where
+    errors = exc.errors()
+    for err in errors:
         if err.get("type") == "json_invalid":
             return "request body is not valid JSON: " + str(err.get("msg", "")), None
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts), first_param
+    problems = field_errors(errors, root="body", drop_prefix=("body",))
+    message = "invalid request: " + "; ".join(f"{p.where}: {p.message}" for p in problems)
+    return message, problems[0].where if problems else None
 
 
 def register_exception_handlers(app: FastAPI) -> None:
@@ -115,7 +114,7 @@ class MaxBodySizeMiddleware:
             return
         seen = 0
 
-        async def counting_receive():  # type: ignore[no-untyped-def]
+        async def counting_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":

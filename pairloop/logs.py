@@ -16,7 +16,8 @@ def configure_logging(name: str, level: str = "INFO") -> logging.Logger:
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
         )
-        handler._pairloop = True  # type: ignore[attr-defined]
+        # A mark on our own handler, so a second call does not add another one.
+        handler._pairloop = True  # type: ignore[attr-defined]  # our attribute, not logging's
         root.addHandler(handler)
     root.setLevel(level.upper())
     return logging.getLogger(name)

@@ -86,8 +86,8 @@ def make_preference_row(
     row = PreferenceRow(
         prompt_id=prompt_id,
         prompt=prompt,
-        chosen=convo(responses[chosen_index]),  # type: ignore[arg-type]
-        rejected=convo(responses[rejected_index]),  # type: ignore[arg-type]
+        chosen=convo(responses[chosen_index]),
+        rejected=convo(responses[rejected_index]),
         all_generated_responses=list(responses),
         all_rm_scores=[float(s) for s in scores],
     )

@@ -15,7 +15,9 @@ import pydantic
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
-__all__ = ["RedisSettings", "describe_validation_error", "load_settings", "service_config"]
+from pairloop.validation import describe_validation_error
+
+__all__ = ["RedisSettings", "load_settings", "service_config"]
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -42,16 +44,6 @@ class RedisSettings(BaseSettings):
     )
 
 
-def describe_validation_error(exc: pydantic.ValidationError, *, flag_style: bool = True) -> str:
-    """One line per bad field, naming it the way the user wrote it (flag or YAML key)."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        name = f"--{loc.replace('_', '-')}" if flag_style and loc else (loc or "(root)")
-        lines.append(f"  {name}: {err.get('msg', 'invalid')}")
-    return "invalid settings:\n" + "\n".join(lines)
-
-
 def load_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
     """Parse `argv` (flags win over environment variables, which win over defaults).
 
@@ -60,5 +52,8 @@ def load_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
     try:
         return CliApp.run(cls, cli_args=list(sys.argv[1:] if argv is None else argv))
     except pydantic.ValidationError as exc:
-        print(describe_validation_error(exc), file=sys.stderr)  # noqa: T201
+        message = describe_validation_error(
+            exc, title="invalid settings", naming="flag", root="(root)"
+        )
+        print(message, file=sys.stderr)  # noqa: T201
         raise SystemExit(2) from None

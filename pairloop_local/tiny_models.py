@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pairloop_local.corpus import training_corpus
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 Arch = Literal["llama", "mistral"]
 ARCHES: tuple[Arch, ...] = ("llama", "mistral")
@@ -84,7 +87,7 @@ PRESETS: dict[str, TinySpec] = {
 
 def build_tokenizer(
     *, vocab_size: int, chat_template: str, model_max_length: int = 2048
-):  # -> PreTrainedTokenizerFast
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on the built-in corpus (deterministic, offline)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -100,7 +103,8 @@ def build_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(training_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    # transformers leaves the tokenizer's __init__ unannotated.
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # see above
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
@@ -113,7 +117,7 @@ def build_tokenizer(
     return fast
 
 
-def _config(arch: Arch, spec: TinySpec, tokenizer):  # -> PretrainedConfig
+def _config(arch: Arch, spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
     from transformers import LlamaConfig, MistralConfig
 
     common = dict(
@@ -171,9 +175,10 @@ def build_tiny_chat_model(
     )
     config = _config(arch, spec, tokenizer)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # transformers leaves these two unannotated.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]  # see above
     model.eval()
-    model.generation_config = GenerationConfig(
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]  # see above
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

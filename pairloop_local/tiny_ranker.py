@@ -26,8 +26,13 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pairloop_local.corpus import training_corpus
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import DebertaV2Config
 
 __all__ = ["PAIRRM_PREFIX_TOKENS", "PAIRRM_PRESETS", "PairRMSpec", "build_tiny_pairrm"]
 
@@ -120,11 +125,13 @@ def _train_sentencepiece(vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def _backbone_config(spec: PairRMSpec, vocab_size: int):  # -> DebertaV2Config
+def _backbone_config(spec: PairRMSpec, vocab_size: int) -> DebertaV2Config:
     from transformers import DebertaV2Config
 
-    # microsoft/deberta-v3-large's attention settings, at `spec`'s size.
-    return DebertaV2Config(
+    # microsoft/deberta-v3-large's attention settings, at `spec`'s size. position_buckets,
+    # norm_rel_ebd and share_att_key are not declared fields of the config class: the model reads
+    # them with getattr, so they pass as extra keyword arguments.
+    return DebertaV2Config(  # type: ignore[call-arg]  # the three undeclared settings above
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_layers,
@@ -146,7 +153,7 @@ def _backbone_config(spec: PairRMSpec, vocab_size: int):  # -> DebertaV2Config
     )
 
 
-def _head_weights(hidden: int, generator) -> dict:  # -> dict[str, torch.Tensor]
+def _head_weights(hidden: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """PairRM's head: Linear(2h, h) -> tanh -> Linear(h, 1), scaled so outputs are O(1).
 
     LayerNorm'd encodings have unit variance per dimension; std 1/sqrt(fan_in) keeps the first
@@ -193,7 +200,9 @@ def build_tiny_pairrm(out_dir: str | Path, *, preset: str = "tiny", seed: int = 
     tokenizer.save_pretrained(backbone_dir)
 
     torch.manual_seed(seed)
-    backbone = DebertaV2Model(_backbone_config(spec, vocab_size=len(tokenizer))).eval()
+    # transformers leaves the model's __init__ and eval() unannotated.
+    config = _backbone_config(spec, vocab_size=len(tokenizer))
+    backbone = DebertaV2Model(config).eval()  # type: ignore[no-untyped-call]  # see above
     backbone.save_pretrained(backbone_dir, safe_serialization=True)
 
     # The ranker's copy: embeddings resized for the prefix tokens the collator adds at load time.

@@ -33,7 +33,6 @@ def create_app(settings: OrchestratorSettings | None = None) -> FastAPI:
         app.state.runs_root.mkdir(parents=True, exist_ok=True)
         app.state.generator = GeneratorClient(settings.generator_url, timeout=600.0, retries=2)
         app.state.ranker = RankerClient(settings.ranker_url, timeout=600.0, retries=2)
-        app.state.run_processes = {}
         try:
             yield
         finally:

@@ -15,20 +15,25 @@ from pairloop.errors import ServiceUnavailableError
 __all__ = ["AdminDep", "GeneratorDep", "RankerDep", "RunsRootDep", "SettingsDep"]
 
 
+# `app.state` is untyped (Any): each dependency below is where its type is declared.
 def _settings(request: Request) -> OrchestratorSettings:
-    return request.app.state.settings
+    settings: OrchestratorSettings = request.app.state.settings
+    return settings
 
 
 def _generator(request: Request) -> GeneratorClient:
-    return request.app.state.generator
+    generator: GeneratorClient = request.app.state.generator
+    return generator
 
 
 def _ranker(request: Request) -> RankerClient:
-    return request.app.state.ranker
+    ranker: RankerClient = request.app.state.ranker
+    return ranker
 
 
 def _runs_root(request: Request) -> Path:
-    return request.app.state.runs_root
+    root: Path = request.app.state.runs_root
+    return root
 
 
 def _admin(request: Request) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from orchestrator.clients.base import ServiceClient
 from pairloop.contracts.generator import (
     BatchChatRequest,
@@ -20,7 +22,7 @@ __all__ = ["GeneratorClient"]
 class GeneratorClient(ServiceClient):
     service = "generator"
 
-    def __init__(self, base_url: str, *, admin_token: str | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, base_url: str, *, admin_token: str | None = None, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         self._admin_token = admin_token
 

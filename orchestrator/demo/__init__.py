@@ -21,10 +21,13 @@ from __future__ import annotations
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from orchestrator.manifest import Manifest
 
 __all__ = ["DEMO_PREFERENCE", "DEMO_RANKER_ARGS", "demo_config", "find_unfinished", "run_demo"]
 
@@ -33,7 +36,7 @@ DEMO_PREFERENCE = (
     "plain prose: the share of an answer's characters that are lowercase letters or spaces "
     "(no capitals, digits or symbols)"
 )
-DEMO_RANKER_ARGS = ["--backend", "scorer", "--model", "services.ranker.scorers:plain_prose"]
+DEMO_RANKER_ARGS = ["--backend", "scorer", "--model", "services.ranker.score_functions:plain_prose"]
 
 
 def _packaged(name: str) -> Path:
@@ -87,7 +90,7 @@ def find_unfinished(runs_root: Path, *, iterations: int) -> Path | None:
 
 def run_demo(
     workdir: Path, *, iterations: int = 3, new: bool = False, console: Console | None = None
-) -> tuple[Path, Any]:
+) -> tuple[Path, Manifest]:
     """Run (or continue) the demo under `workdir`; return (run directory, final manifest).
 
     Errors propagate (the CLI turns them into messages with the next step).
@@ -119,10 +122,10 @@ def run_demo(
     return run_dir, manifest
 
 
-def _print_outcome(run_dir: Path, manifest, *, iterations: int, console: Console) -> None:  # type: ignore[no-untyped-def]
-    from orchestrator.cli import print_summary
+def _print_outcome(run_dir: Path, manifest: Manifest, *, iterations: int, console: Console) -> None:
+    from orchestrator.summary import print_summary
 
-    print_summary(run_dir, manifest)
+    print_summary(run_dir, manifest, console=console)
     final = manifest.stages.get(f"iter{iterations}.evaluate")
     vs_base = final.metrics.get("vs_base", {}) if final else {}
     console.print(f"preference: {DEMO_PREFERENCE}")

@@ -10,6 +10,7 @@ from typing import Any
 from orchestrator.context import RunContext
 from orchestrator.evaluation import win_rate
 from orchestrator.prompts import read_prompts
+from orchestrator.records import GenerationRecord
 from orchestrator.shards import ShardStore, chunk
 from orchestrator.stages.generate import generate_shards
 from orchestrator.stages.swap import ensure_version
@@ -26,10 +27,10 @@ def _out_dir(ctx: RunContext, k: int) -> Path:
 def eval_outputs(ctx: RunContext, k: int) -> list[dict[str, Any]]:
     """[{prompt_id, prompt, output}] of policy k on the eval prompts, in prompt order."""
     prompts = read_prompts(ctx.run_dir / "prompts" / "eval.jsonl")
-    store = ShardStore(_out_dir(ctx, k) / "shards")
+    store = ShardStore(_out_dir(ctx, k) / "shards", GenerationRecord)
     count = len(chunk(prompts, ctx.cfg.shard_size))
     return [
-        {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "output": r["responses"][0]}
+        {"prompt_id": r.prompt_id, "prompt": r.prompt, "output": r.responses[0]}
         for r in store.read_all(count)
     ]
 

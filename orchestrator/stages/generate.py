@@ -15,6 +15,7 @@ from typing import Any
 
 from orchestrator.context import RunContext
 from orchestrator.prompts import PromptRecord, read_prompts
+from orchestrator.records import GenerationRecord
 from orchestrator.shards import ShardStore, chunk
 from orchestrator.stages.swap import ensure_version
 from pairloop.contracts.generator import BatchChatRequest, ChatMessage
@@ -44,10 +45,10 @@ async def generate_shards(
     seed_key: str,
     description: str,
     stage: str,
-) -> ShardStore:
+) -> ShardStore[GenerationRecord]:
     """Generate the missing shards of `prompts` under policy `policy`'s weights into `out_dir`."""
     cfg = ctx.cfg
-    store = ShardStore(out_dir)
+    store = ShardStore(out_dir, GenerationRecord)
     shards = chunk(prompts, cfg.shard_size)
     todo = store.missing(len(shards))
     expected = ctx.version_label(policy)
@@ -78,19 +79,17 @@ async def generate_shards(
                 "was it swapped by someone else during the run?"
             )
         by_id = {r.id: r for r in reply.results}
-        records = []
-        for p in shard:
-            res = by_id[p["prompt_id"]]
-            records.append(
-                {
-                    "prompt_id": p["prompt_id"],
-                    "prompt": p["prompt"],
-                    "responses": res.outputs,
-                    "finish_reasons": res.finish_reasons,
-                    "completion_tokens": res.completion_tokens,
-                    "weight_version": reply.weight_version,
-                }
+        records = [
+            GenerationRecord(
+                prompt_id=p["prompt_id"],
+                prompt=p["prompt"],
+                responses=by_id[p["prompt_id"]].outputs,
+                finish_reasons=by_id[p["prompt_id"]].finish_reasons,
+                completion_tokens=by_id[p["prompt_id"]].completion_tokens,
+                weight_version=reply.weight_version,
             )
+            for p in shard
+        ]
         store.write(index, records)
         ctx.progress.advance(task, len(shard))
         ctx.checkpoint_event(stage)

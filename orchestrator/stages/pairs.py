@@ -10,6 +10,7 @@ from typing import Any
 
 from orchestrator.context import RunContext
 from orchestrator.pairs import build_pairs
+from orchestrator.records import RankedRecord
 from orchestrator.shards import ShardStore
 from orchestrator.stages.rank import shard_count
 from pairloop.errors import PairloopError
@@ -20,7 +21,8 @@ __all__ = ["run"]
 
 async def run(ctx: RunContext, k: int) -> dict[str, Any]:
     """iter{k}.pairs: build and write iteration k's preference dataset splits."""
-    ranked = ShardStore(ctx.iter_dir(k) / "rankings").read_all(shard_count(ctx, k))
+    rankings = ShardStore(ctx.iter_dir(k) / "rankings", RankedRecord)
+    ranked = rankings.read_all(shard_count(ctx, k))
     train, test, stats = build_pairs(ranked, ctx.cfg.pairs)
     if not train:
         raise PairloopError(

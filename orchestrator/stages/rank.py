@@ -11,56 +11,67 @@ from typing import Any
 
 from orchestrator.context import RunContext
 from orchestrator.prompts import read_prompts
+from orchestrator.records import GenerationRecord, RankedRecord
 from orchestrator.shards import ShardStore, chunk
-from pairloop.contracts.ranker import RankItem, RankRequest
+from pairloop.contracts.ranker import RankItem, RankRequest, RankResult
 
 __all__ = ["rank_shards", "run", "shard_count"]
 
 
-async def _rank_records(ctx: RunContext, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def _rank_records(ctx: RunContext, records: list[GenerationRecord]) -> list[RankedRecord]:
     cfg = ctx.cfg
-    out: list[dict[str, Any]] = []
-    rankable = []
+    out: list[RankedRecord] = []
+    rankable: list[int] = []  # positions in `out` of the prompts with two or more answers
     for rec in records:
-        kept = [r for r in rec["responses"] if r.strip()]
-        base = {
-            "prompt_id": rec["prompt_id"],
-            "prompt": rec["prompt"],
-            "candidates": kept,
-            "empty": len(rec["responses"]) - len(kept),
-            "scores": None,
-            "ranks": None,
-            "best_index": 0,
-            "worst_index": 0,
-            "truncated": False,
-        }
-        out.append(base)
+        kept = [r for r in rec.responses if r.strip()]
         if len(kept) >= 2:
-            rankable.append(base)
+            rankable.append(len(out))
+        out.append(
+            RankedRecord(
+                prompt_id=rec.prompt_id,
+                prompt=rec.prompt,
+                candidates=kept,
+                empty=len(rec.responses) - len(kept),
+            )
+        )
     for batch in chunk(rankable, cfg.ranker.batch_prompts):
         ctx.check_cancel()
         reply = await ctx.ranker.rank(
             RankRequest(
-                items=[RankItem(prompt=b["prompt"], candidates=b["candidates"]) for b in batch],
+                items=[RankItem(prompt=out[i].prompt, candidates=out[i].candidates) for i in batch],
                 mode=cfg.ranker.mode,
             )
         )
-        for rec, res in zip(batch, reply.results, strict=True):
-            rec.update(
-                scores=res.scores,
-                ranks=res.ranks,
-                best_index=res.best_index,
-                worst_index=res.worst_index,
-                truncated=res.truncated.any,
-            )
+        for i, res in zip(batch, reply.results, strict=True):
+            out[i] = _with_verdict(out[i], res)
     return out
 
 
+def _with_verdict(rec: RankedRecord, res: RankResult) -> RankedRecord:
+    return RankedRecord(
+        prompt_id=rec.prompt_id,
+        prompt=rec.prompt,
+        candidates=rec.candidates,
+        empty=rec.empty,
+        scores=res.scores,
+        ranks=res.ranks,
+        best_index=res.best_index,
+        worst_index=res.worst_index,
+        truncated=res.truncated.any,
+    )
+
+
 async def rank_shards(
-    ctx: RunContext, *, gen: ShardStore, count: int, out_dir: Path, description: str, stage: str
-) -> ShardStore:
+    ctx: RunContext,
+    *,
+    gen: ShardStore[GenerationRecord],
+    count: int,
+    out_dir: Path,
+    description: str,
+    stage: str,
+) -> ShardStore[RankedRecord]:
     """Rank the missing shards; `count` is the number of generation shards."""
-    store = ShardStore(out_dir)
+    store = ShardStore(out_dir, RankedRecord)
     todo = store.missing(count)
     task = ctx.progress.add_task(description, total=count, completed=count - len(todo))
     limit = asyncio.Semaphore(ctx.cfg.services.concurrency)
@@ -88,7 +99,7 @@ async def run(ctx: RunContext, k: int) -> dict[str, Any]:
     """iter{k}.rank: the ranker scores every answer of iteration k."""
     await rank_shards(
         ctx,
-        gen=ShardStore(ctx.iter_dir(k) / "generations"),
+        gen=ShardStore(ctx.iter_dir(k) / "generations", GenerationRecord),
         count=shard_count(ctx, k),
         out_dir=ctx.iter_dir(k) / "rankings",
         description=f"iter {k}: rank",

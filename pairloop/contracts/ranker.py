@@ -18,6 +18,7 @@ score_a - score_b), and `prob_a_beats_b = sigmoid(logit)`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -36,9 +37,24 @@ __all__ = [
     "SelectResponse",
     "SelectResult",
     "Truncation",
+    "best_and_worst",
 ]
 
 RankMode = Literal["full", "bubble"]
+
+
+def best_and_worst(scores: Sequence[float]) -> tuple[int, int]:
+    """(best, worst): the index of the first highest and of the first lowest score.
+
+    The contract's tie-break, kept by every ranker backend for `best_index`/`worst_index` and by
+    the orchestrator's pair rules when they re-score (a length penalty): equal scores resolve to
+    the earliest candidate, so the same scores always give the same pair.
+    """
+    if not scores:
+        raise ValueError("best_and_worst needs at least one score")
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    worst = min(range(len(scores)), key=lambda i: (scores[i], i))
+    return best, worst
 
 
 def _non_blank(value: str, what: str) -> str:

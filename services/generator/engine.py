@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vllm import AsyncEngineArgs, SamplingParams
 from vllm.exceptions import VLLMClientError
@@ -216,9 +216,9 @@ class VllmEngine:
 
     # --- weight swap primitives ---------------------------------------------------------------
 
-    async def pause(self, mode: str) -> None:
+    async def pause(self, mode: Literal["wait", "abort"]) -> None:
         """vLLM's own pause: new work is not scheduled; `mode` says what happens to running work."""
-        await self._llm.pause_generation(mode=mode)  # type: ignore[arg-type]
+        await self._llm.pause_generation(mode=mode)
 
     async def resume(self) -> None:
         await self._llm.resume_generation()

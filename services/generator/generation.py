@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -233,7 +233,7 @@ class GenerationService:
         specs: Sequence[SamplingSpec],
         *,
         route: str,
-    ) -> AsyncIterator[tuple[int, SampleDelta]]:
+    ) -> AsyncGenerator[tuple[int, SampleDelta], None]:
         """(prompt index, delta) pairs as the engine produces them, prompts interleaved."""
         base_id = f"{route}-{uuid.uuid4().hex}"
         queue: asyncio.Queue[tuple[int, SampleDelta] | BaseException | None] = asyncio.Queue()

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from pairloop.contracts.generator import (
     VERSION_HEADER,
@@ -58,9 +59,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     )
 
 
-def _json(body: object, version: str) -> JSONResponse:
+def _json(body: BaseModel, version: str) -> JSONResponse:
     # model_dump + JSONResponse: skips FastAPI's second validation pass of the response model.
-    return JSONResponse(body.model_dump(mode="json"), headers={VERSION_HEADER: version})  # type: ignore[attr-defined]
+    return JSONResponse(body.model_dump(mode="json"), headers={VERSION_HEADER: version})
 
 
 def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
@@ -68,7 +69,7 @@ def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
 
 
 def _leased_stream(
-    runtime: Runtime, events: AsyncIterator[str], lease: Lease
+    runtime: Runtime, events: AsyncGenerator[str, None], lease: Lease
 ) -> LeasedStreamingResponse:
     return LeasedStreamingResponse(
         events,
@@ -97,7 +98,7 @@ async def completion(
         return _leased_stream(runtime, events, lease)
     result = await gen.run(prompts, specs, route="completions")
     choices = [
-        CompletionChoice(index=i * body.n + j, text=text, finish_reason=reason)  # type: ignore[arg-type]
+        CompletionChoice(index=i * body.n + j, text=text, finish_reason=reason)
         for i, pr in enumerate(result.results)
         for j, (text, reason) in enumerate(zip(pr.texts, pr.finish_reasons, strict=True))
     ]
@@ -119,7 +120,7 @@ async def _completion_events(
     rid: str,
     served: str,
     include_usage: bool,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     created = int(time.time())
     n = specs[0].n
     generated = 0
@@ -132,7 +133,7 @@ async def _completion_events(
             choice = CompletionChunkChoice(
                 index=prompt_index * n + sample.index,
                 text=sample.text,
-                finish_reason=sample.finish_reason,  # type: ignore[arg-type]
+                finish_reason=sample.finish_reason,
             )
             yield sse_event(
                 CompletionChunk(
@@ -180,7 +181,7 @@ async def chat_completion(
         ChatCompletionChoice(
             index=j,
             message=ChatMessage(role="assistant", content=text),
-            finish_reason=reason,  # type: ignore[arg-type]
+            finish_reason=reason,
         )
         for j, (text, reason) in enumerate(zip(pr.texts, pr.finish_reasons, strict=True))
     ]
@@ -202,7 +203,7 @@ async def _chat_events(
     rid: str,
     served: str,
     include_usage: bool,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     created = int(time.time())
 
     def chunk(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
@@ -234,7 +235,7 @@ async def _chat_events(
                     ChatCompletionChunkChoice(
                         index=sample.index,
                         delta=ChatDelta(content=sample.text),
-                        finish_reason=sample.finish_reason,  # type: ignore[arg-type]
+                        finish_reason=sample.finish_reason,
                     )
                 ]
             )
@@ -260,7 +261,7 @@ async def batch_chat(runtime: Runtime, body: BatchChatRequest, served: str) -> J
             BatchChatResult(
                 id=cid,
                 outputs=pr.texts,
-                finish_reasons=pr.finish_reasons,  # type: ignore[arg-type]
+                finish_reasons=pr.finish_reasons,
                 completion_tokens=pr.completion_tokens,
                 prompt_tokens=pr.prompt_tokens,
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
@@ -38,7 +38,7 @@ def sse_error(exc: Exception) -> str:
     return f"data: {json.dumps(err.to_response().model_dump())}\n\n"
 
 
-async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def guarded(events: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
     """Turn a failure half-way through a stream into an error event and a clean end."""
     try:
         async with contextlib.aclosing(events):
@@ -55,7 +55,7 @@ class LeasedStreamingResponse(StreamingResponse):
 
     def __init__(
         self,
-        events: AsyncIterator[str],
+        events: AsyncGenerator[str, None],
         *,
         release: Callable[[], None],
         headers: dict[str, str] | None = None,

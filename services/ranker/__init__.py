@@ -11,5 +11,6 @@ Layout: `settings.py` (flags/env), `app.py` (create_app, lifespan), `routes.py` 
 `service.py` (caps, metrics, the backend's lifetime), `batching.py` (cross-request, length-aware
 micro-batching), `rankers/` (the `Ranker` protocol, registry and backends: pairrm, reward-model,
 scorer), `blender_adapter.py` (the only llm-blender import, with its transformers-5 shims),
-`scorers.py` (programmatic scorers shipped for the demo).
+`score_functions.py` (programmatic scoring functions shipped for the demo; the `scorer` backend
+that serves any such function is `rankers/function_scorer.py`).
 """

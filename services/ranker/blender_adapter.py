@@ -50,7 +50,8 @@ def _install_shims() -> None:
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
     if not hasattr(hub, "TRANSFORMERS_CACHE"):
-        hub.TRANSFORMERS_CACHE = constants.HF_HUB_CACHE  # type: ignore[attr-defined]
+        # transformers 5 removed it; llm-blender 0.0.2 still imports it.
+        hub.TRANSFORMERS_CACHE = constants.HF_HUB_CACHE  # type: ignore[attr-defined]  # see above
     for name in ("batch_encode_plus", "encode_plus"):
         if not hasattr(PreTrainedTokenizerBase, name):
             setattr(PreTrainedTokenizerBase, name, PreTrainedTokenizerBase.__call__)
@@ -62,7 +63,8 @@ def _vllm_blocked() -> Iterator[None]:
     if "vllm" in sys.modules:  # already paid for by someone else: nothing to save
         yield
         return
-    sys.modules["vllm"] = None  # type: ignore[assignment]
+    # None in sys.modules is the documented way to make an import raise ImportError.
+    sys.modules["vllm"] = None  # type: ignore[assignment]  # see above
     try:
         yield
     finally:

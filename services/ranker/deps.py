@@ -12,7 +12,8 @@ __all__ = ["ServiceDep", "get_service"]
 
 
 def get_service(request: Request) -> RankingService:
-    return request.app.state.service  # type: ignore[no-any-return]
+    service: RankingService = request.app.state.service
+    return service
 
 
 ServiceDep = Annotated[RankingService, Depends(get_service)]

@@ -30,7 +30,7 @@ from services.trainer.settings import TrainerSettings
 __all__ = ["TrainerCelery", "app", "create_celery_app"]
 
 
-class TrainerCelery(Celery):  # type: ignore[misc]
+class TrainerCelery(Celery):
     """A Celery app that carries the trainer's settings for its tasks."""
 
     settings: TrainerSettings

@@ -25,8 +25,8 @@ import pairloop.errors as errors
 from pairloop.atomic import atomic_write_text
 from pairloop.errors import PairloopError, ServerError
 from pairloop.jobs import TrainProgress
-from pairloop_local.processes import ManagedProcess, free_port
 from services.trainer.launch_entry import ERROR_FILE, OUTCOME_FILE, PROGRESS_FILE
+from services.trainer.process_group import LaunchedGroup, free_port
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import TrainingOutcome, TrainingSpec
 
@@ -77,7 +77,7 @@ def train_with_accelerate(
     spec = spec.model_copy(update={"owner_pid": os.getpid()})
     atomic_write_text(spec_file, spec.model_dump_json(indent=2) + "\n")
     argv = accelerate_command(spec_file, settings=settings, processes=processes, device=spec.device)
-    proc = ManagedProcess("accelerate", argv, log_path=work / "accelerate.log")
+    proc = LaunchedGroup(argv, log_path=work / "accelerate.log")
     follower = _ProgressFollower(work / PROGRESS_FILE, report)
     try:
         proc.start()
@@ -89,10 +89,10 @@ def train_with_accelerate(
         proc.stop()
     if (work / ERROR_FILE).is_file():
         raise _typed_error(json.loads((work / ERROR_FILE).read_text()))
-    if proc.proc is None or proc.proc.returncode != 0 or not (work / OUTCOME_FILE).is_file():
+    if proc.returncode != 0 or not (work / OUTCOME_FILE).is_file():
         raise ServerError(
-            f"`accelerate launch` exited with status {proc.proc.returncode if proc.proc else None}"
-            f" and no result; its log ({proc.log_path}) ends with:\n{proc.log_tail(30)}"
+            f"`accelerate launch` exited with status {proc.returncode} and no result; its log "
+            f"({proc.log_path}) ends with:\n{proc.log_tail(30)}"
         )
     return TrainingOutcome.model_validate_json((work / OUTCOME_FILE).read_text())
 

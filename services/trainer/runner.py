@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pairloop.checkpoints import COMPLETE_MARKER, read_manifest
 from pairloop.errors import ConflictError, NotFoundError, ValidationError
@@ -127,14 +128,15 @@ def _prepare_work_dir(paths: JobPaths, job: TrainJob) -> None:
                 shutil.rmtree(ckpt, ignore_errors=True)
 
 
-def _choose_device(settings: TrainerSettings) -> tuple[str, int]:
+def _choose_device(settings: TrainerSettings) -> tuple[Literal["cpu", "cuda"], int]:
     """(device, number of training processes) for this job."""
     import torch
 
     cuda = torch.cuda.is_available()
     if settings.device == "cuda" and not cuda:
         raise ValidationError("PAIRLOOP_TRAINER_DEVICE is cuda but no CUDA device is visible")
-    device = "cuda" if settings.device == "cuda" or (settings.device == "auto" and cuda) else "cpu"
+    use_cuda = settings.device == "cuda" or (settings.device == "auto" and cuda)
+    device: Literal["cpu", "cuda"] = "cuda" if use_cuda else "cpu"
     if settings.launcher == "in-process":
         return device, 1
     visible = torch.cuda.device_count() if device == "cuda" else 1
@@ -226,7 +228,7 @@ def _train_and_publish(
     # Validated here, before torch is even imported, so bad data fails in a second.
     dataset = prepare_dataset(spec)
     device, processes = _choose_device(settings)
-    spec.device = device  # type: ignore[assignment]
+    spec.device = device
     clock.lap("prepare")
     if processes > 1 or settings.launcher == "accelerate":
         from services.trainer.launcher import train_with_accelerate

@@ -19,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from pairloop.errors import PairloopError, ServerError, ValidationError
 from pairloop.jobs import TRAIN_TASK_NAME, TrainJob, TrainProgress
-from pairloop.settings import describe_validation_error
+from pairloop.validation import describe_validation_error
 from services.trainer.celery_app import app
 from services.trainer.runner import run_train_job
 
@@ -38,9 +38,7 @@ def parse_job(job: Any) -> TrainJob:
     try:
         return TrainJob.model_validate(job)
     except pydantic.ValidationError as exc:
-        detail = describe_validation_error(exc, flag_style=False).replace(
-            "invalid settings", "invalid training job"
-        )
+        detail = describe_validation_error(exc, title="invalid training job")
         raise ValidationError(detail, param="job") from None
 
 

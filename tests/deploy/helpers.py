@@ -59,7 +59,7 @@ def _override(loader: yaml.SafeLoader, node: yaml.Node) -> Override:
         return Override(loader.construct_mapping(node, deep=True))
     if isinstance(node, yaml.SequenceNode):
         return Override(loader.construct_sequence(node, deep=True))
-    return Override(loader.construct_scalar(node))  # type: ignore[arg-type]
+    return Override(loader.construct_scalar(node))  # type: ignore[arg-type]  # a scalar node
 
 
 _ComposeLoader.add_constructor("!reset", _reset)

@@ -30,7 +30,7 @@ def prompts_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
-def write_config(tmp_path: Path, store: Path, prompts_file: Path):  # type: ignore[no-untyped-def]
+def write_config(tmp_path: Path, store: Path, prompts_file: Path):
     def write(**overrides: object) -> Path:
         cfg: dict = {
             "base_model": "models/base",
@@ -52,7 +52,7 @@ def write_config(tmp_path: Path, store: Path, prompts_file: Path):  # type: igno
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]):
     """The embedded stack (real generator, ranker with the demo's scorer, Celery worker), once.
 
     It gets a Redis of its own: its worker must not consume the training jobs other tests queue

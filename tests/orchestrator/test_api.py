@@ -16,7 +16,7 @@ TOKEN = "api-secret"
 
 
 @pytest.fixture(scope="module")
-def api(stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def api(stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -42,7 +42,7 @@ def api(stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  # ty
         proc.stop()
 
 
-def test_best_of_n_returns_the_rankers_best_sample(stack, api: str) -> None:  # type: ignore[no-untyped-def]
+def test_best_of_n_returns_the_rankers_best_sample(stack, api: str) -> None:
     messages = [{"role": "user", "content": "Write a haiku about rivers."}]
     sampling = {"temperature": 1.0, "max_tokens": 24, "seed": 11}
     reply = httpx.post(
@@ -79,7 +79,7 @@ def test_best_of_n_bad_requests(api: str, extra: dict, param: str) -> None:
     assert reply.status_code == 400 and reply.json()["error"]["param"] == param
 
 
-def test_start_list_show_and_cancel_a_run(stack, api: str) -> None:  # type: ignore[no-untyped-def]
+def test_start_list_show_and_cancel_a_run(stack, api: str) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     config = demo_config(
         store=stack.spec.store,

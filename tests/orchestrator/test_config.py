@@ -19,7 +19,7 @@ def test_defaults_are_the_recipe() -> None:
     assert (cfg.dpo.beta, cfg.dpo.learning_rate, cfg.dpo.max_length) == (0.01, 5e-7, 1024)
 
 
-def test_paths_are_resolved_against_the_config_and_store(write_config, store: Path) -> None:  # type: ignore[no-untyped-def]
+def test_paths_are_resolved_against_the_config_and_store(write_config, store: Path) -> None:
     cfg = load_run_config(write_config())
     assert cfg.base_model == str((store / "models" / "base").resolve())
 
@@ -36,14 +36,14 @@ def test_paths_are_resolved_against_the_config_and_store(write_config, store: Pa
         ({"pairs": {"rule": "length_penalised"}}, "length_penalty > 0"),
     ],
 )
-def test_bad_fields_are_named(write_config, override: dict, expected: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_fields_are_named(write_config, override: dict, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
         load_run_config(write_config(**override))
 
 
 def test_missing_inputs_are_rejected_before_any_work(
     write_config, store: Path, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     with pytest.raises(ConfigError, match="base_model"):
         create_run(write_config(base_model="models/nope"))
     with pytest.raises(ConfigError, match=r"prompts\.source"):
@@ -55,7 +55,7 @@ def test_missing_inputs_are_rejected_before_any_work(
 
 def test_cli_reports_bad_config_without_traceback(
     write_config, capsys: pytest.CaptureFixture[str]
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     code = main(["run", str(write_config(sampling={"temperature": "hot"}))])
     out = capsys.readouterr()
     assert code == 2
@@ -63,7 +63,7 @@ def test_cli_reports_bad_config_without_traceback(
     assert "Traceback" not in out.out + out.err
 
 
-def test_create_run_freezes_prompts_and_refuses_to_overwrite(write_config, store: Path) -> None:  # type: ignore[no-untyped-def]
+def test_create_run_freezes_prompts_and_refuses_to_overwrite(write_config, store: Path) -> None:
     run_dir = create_run(write_config(), run_id="r1")
     assert run_dir == store / "runs" / "r1"
     assert sorted(p.name for p in (run_dir / "prompts").iterdir()) == [

@@ -28,7 +28,7 @@ from pairloop_local.processes import free_port
 pytestmark = pytest.mark.timeout(900)
 
 
-def write_run_config(stack, tmp: Path, name: str, **changes: object) -> Path:  # type: ignore[no-untyped-def]
+def write_run_config(stack, tmp: Path, name: str, **changes: object) -> Path:
     cfg = demo_config(
         store=stack.spec.store,
         base_model=stack.spec.base_model,
@@ -52,7 +52,7 @@ def write_run_config(stack, tmp: Path, name: str, **changes: object) -> Path:  #
 
 def pairloop(
     stack, *args: str, fault: str | None = None, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.update(
         PAIRLOOP_ORCHESTRATOR_GENERATOR_ADMIN_TOKEN=stack.admin_token,
@@ -72,7 +72,7 @@ def pairloop(
     )
 
 
-def generator_version(stack) -> str:  # type: ignore[no-untyped-def]
+def generator_version(stack) -> str:
     return httpx.get(f"{stack.generator_url}/v1/models", timeout=30).json()["data"][0][
         "weight_version"
     ]
@@ -83,14 +83,14 @@ def dataset_rows(run_dir: Path, split: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference_run(stack, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+def reference_run(stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = write_run_config(stack, tmp_path_factory.mktemp("ref"), "reference")
     done = pairloop(stack, "run", str(config), "--run-id", "reference")
     assert done.returncode == 0, done.stdout + done.stderr
     return stack.spec.store / "runs" / "reference"
 
 
-def test_three_iterations_end_to_end(stack, reference_run: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_three_iterations_end_to_end(stack, reference_run: Path, tmp_path: Path) -> None:
     m = load_manifest(reference_run)
     assert m.status == "completed"
     assert all(st.state == "done" for st in m.stages.values())
@@ -142,7 +142,7 @@ def test_three_iterations_end_to_end(stack, reference_run: Path, tmp_path: Path)
         assert (reference_run / "report" / png).stat().st_size > 1000
 
 
-def test_kill_and_resume_at_three_points(stack, reference_run: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_kill_and_resume_at_three_points(stack, reference_run: Path, tmp_path: Path) -> None:
     config = write_run_config(stack, tmp_path, "crash", iterations=1)
     run_dir = stack.spec.store / "runs" / "crash"
     gen_dir, rank_dir = run_dir / "iter1" / "generations", run_dir / "iter1" / "rankings"
@@ -183,7 +183,7 @@ def test_kill_and_resume_at_three_points(stack, reference_run: Path, tmp_path: P
     assert all((ours[k] == theirs[k]).all() for k in theirs)
 
 
-def test_failed_swap_stops_the_run_and_old_weights_keep_serving(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_failed_swap_stops_the_run_and_old_weights_keep_serving(stack, tmp_path: Path) -> None:
     # A "base model" whose shapes do not match the running model: the swap must be refused.
     import shutil
 
@@ -210,7 +210,7 @@ def test_failed_swap_stops_the_run_and_old_weights_keep_serving(stack, tmp_path:
     assert reply.status_code == 200 and reply.json()["weight_version"] == before
 
 
-def test_ranker_down_is_retried_then_fails_clearly(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_ranker_down_is_retried_then_fails_clearly(stack, tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     config = write_run_config(
         stack, tmp_path, "noranker", iterations=1, services={"ranker_url": dead, "retries": 2}

@@ -7,6 +7,7 @@ import pytest
 from orchestrator.config import ConfigError, PairsConfig, PromptsConfig
 from orchestrator.pairs import build_pairs, is_test_prompt
 from orchestrator.prompts import slice_prompts
+from orchestrator.records import RankedRecord
 
 
 def prompts(n: int) -> list[dict[str, str]]:
@@ -37,18 +38,23 @@ def test_too_few_prompts_is_a_config_error() -> None:
 
 
 def rec(
-    pid: str, scores: list[float] | None, cands: list[str] | None = None, best=0, worst=1, empty=0
-) -> dict:  # type: ignore[no-untyped-def]
+    pid: str,
+    scores: list[float] | None,
+    cands: list[str] | None = None,
+    best: int = 0,
+    worst: int = 1,
+    empty: int = 0,
+) -> RankedRecord:
     cands = cands or [f"answer {i}" for i in range(len(scores or [0, 0]))]
-    return {
-        "prompt_id": pid,
-        "prompt": "q",
-        "candidates": cands,
-        "scores": scores,
-        "best_index": best,
-        "worst_index": worst,
-        "empty": empty,
-    }
+    return RankedRecord(
+        prompt_id=pid,
+        prompt="q",
+        candidates=cands,
+        scores=scores,
+        best_index=best,
+        worst_index=worst,
+        empty=empty,
+    )
 
 
 def test_best_vs_worst_and_ties_dropped() -> None:
@@ -88,3 +94,15 @@ def test_test_split_is_deterministic_by_prompt_id() -> None:
     chosen = [i for i in ids if is_test_prompt(i, 0.1)]
     assert chosen == [i for i in ids if is_test_prompt(i, 0.1)]
     assert 150 < len(chosen) < 250
+
+
+def test_equal_scores_after_the_length_penalty_pick_the_first_highest_and_first_lowest() -> None:
+    # Four answers: the penalty makes #1 and #2 tie for best and #0 and #3 tie for worst; the
+    # shared tie-break (the ranker's own) takes the earliest of each.
+    # Lengths 100, 100, 200, 200 and a penalty of 0.5 per 100: adjusted -0.5, 0.0, 0.0, -0.5.
+    records = [rec("a", [0.0, 0.5, 1.0, 0.5], ["a" * 100, "b" * 100, "c" * 200, "d" * 200])]
+    train, _, _ = build_pairs(
+        records, PairsConfig(rule="length_penalised", length_penalty=0.5, test_fraction=0.0)
+    )
+    assert train[0]["chosen"][1]["content"] == "b" * 100
+    assert train[0]["rejected"][1]["content"] == "a" * 100

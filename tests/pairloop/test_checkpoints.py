@@ -68,7 +68,7 @@ def test_config_mismatch_is_named(ckpt: Path, tiny_models: dict[str, Path]) -> N
         (lambda d: (d / "config.json").write_text("{nope"), "not valid JSON"),
     ],
 )
-def test_broken_checkpoints_raise_clear_errors(ckpt: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_broken_checkpoints_raise_clear_errors(ckpt: Path, damage, message: str) -> None:
     damage(ckpt)
     with pytest.raises(ValidationError, match=message.replace("*", r"\*")):
         read_manifest(ckpt)

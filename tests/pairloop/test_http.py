@@ -30,7 +30,7 @@ def make_app() -> FastAPI:
 
 
 @pytest.fixture()
-async def client():  # type: ignore[no-untyped-def]
+async def client():
     transport = httpx.ASGITransport(app=make_app())
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         yield c

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import yaml
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, status
 
 from orchestrator.api.deps import AdminDep, RunsRootDep
 from orchestrator.api.schemas import RunDetail, RunStartRequest, RunSummary
@@ -24,7 +26,7 @@ from pairloop_local.processes import ManagedProcess
 router = APIRouter(prefix="/runs", tags=["runs"])
 
 
-def _summary(m: Manifest) -> dict:
+def _summary(m: Manifest) -> dict[str, Any]:
     return {
         "run_id": m.run_id,
         "status": m.status,
@@ -36,7 +38,7 @@ def _summary(m: Manifest) -> dict:
     }
 
 
-def _run_dir(runs_root, run_id: str):  # type: ignore[no-untyped-def]
+def _run_dir(runs_root: Path, run_id: str) -> Path:
     path = resolve_inside(runs_root, run_id, param="run_id")
     if not (path / MANIFEST_NAME).is_file():
         raise NotFoundError(f"no run {run_id!r} under {runs_root}", param="run_id")
@@ -44,12 +46,12 @@ def _run_dir(runs_root, run_id: str):  # type: ignore[no-untyped-def]
 
 
 @router.get("", response_model=list[RunSummary])
-async def list_runs(runs_root: RunsRootDep) -> list[dict]:
+async def list_runs(runs_root: RunsRootDep) -> list[dict[str, Any]]:
     return [_summary(load_manifest(p.parent)) for p in sorted(runs_root.glob(f"*/{MANIFEST_NAME}"))]
 
 
 @router.get("/{run_id}", response_model=RunDetail, responses=error_responses(404))
-async def get_run(run_id: str, runs_root: RunsRootDep) -> dict:
+async def get_run(run_id: str, runs_root: RunsRootDep) -> dict[str, Any]:
     m = load_manifest(_run_dir(runs_root, run_id))
     return {
         **_summary(m),
@@ -64,9 +66,7 @@ async def get_run(run_id: str, runs_root: RunsRootDep) -> dict:
     response_model=RunSummary,
     responses=error_responses(400, 401, 403, 409, 503),
 )
-async def start_run(
-    body: RunStartRequest, request: Request, runs_root: RunsRootDep, _: AdminDep
-) -> dict:
+async def start_run(body: RunStartRequest, runs_root: RunsRootDep, _: AdminDep) -> dict[str, Any]:
     """Validate the config, create the run, and execute it in a child `pairloop resume` process."""
     configs = runs_root / "_configs"
     name = body.run_id or f"api-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -85,12 +85,13 @@ async def start_run(
             f"{runs_root}; set model_store accordingly",
             param="config.model_store",
         )
-    proc = ManagedProcess(
+    # Not kept: the run is its own process (its own session), outlives this API on purpose, and
+    # an unreferenced Popen that has exited is reaped by the subprocess module at its next start.
+    ManagedProcess(
         f"run-{name}",
         [sys.executable, "-m", "orchestrator", "execute", str(run_dir)],
         log_path=run_dir / "orchestrator.log",
     ).start()
-    request.app.state.run_processes[name] = proc
     return _summary(load_manifest(run_dir))
 
 
@@ -100,7 +101,7 @@ async def start_run(
     response_model=RunSummary,
     responses=error_responses(401, 403, 404, 409, 503),
 )
-async def cancel_run(run_id: str, runs_root: RunsRootDep, _: AdminDep) -> dict:
+async def cancel_run(run_id: str, runs_root: RunsRootDep, _: AdminDep) -> dict[str, Any]:
     run_dir = _run_dir(runs_root, run_id)
     m = load_manifest(run_dir)
     if m.status in ("completed", "failed", "cancelled", "interrupted"):

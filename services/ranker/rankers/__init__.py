@@ -17,7 +17,7 @@ __all__ = ["BACKENDS", "build_ranker", "load_object"]
 BACKENDS: dict[str, str] = {
     "pairrm": "services.ranker.rankers.pairrm:build",
     "reward-model": "services.ranker.rankers.reward_model:build",
-    "scorer": "services.ranker.rankers.scorer:build",
+    "scorer": "services.ranker.rankers.function_scorer:build",
 }
 
 

@@ -7,7 +7,8 @@ Two shapes of backend exist:
 
 Conventions every backend keeps: higher score is better; ranks are 1-based with ties sharing the
 better rank (llm-blender's `get_ranks_from_scores`); best/worst are the first highest / first lowest
-scores; `tie` is true when best and worst are the same candidate, so the item gives no pair.
+scores (`pairloop.contracts.ranker.best_and_worst`); `tie` is true when best and worst are the same
+candidate, so the item gives no pair.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from pairloop.contracts.ranker import (
     RankResult,
     SelectResult,
     Truncation,
+    best_and_worst,
 )
 
 __all__ = [
     "Pick",
     "PointwiseRanker",
     "Ranker",
-    "ScoredItem",
     "compare_from_scores",
     "rank_from_scores",
     "ranks_from_scores",
@@ -82,8 +83,7 @@ def ranks_from_scores(scores: Sequence[float]) -> list[int]:
 
 def rank_from_scores(scores: Sequence[float], truncated: Truncation) -> RankResult:
     values = [float(s) for s in scores]
-    best = max(range(len(values)), key=lambda i: (values[i], -i))
-    worst = min(range(len(values)), key=lambda i: (values[i], i))
+    best, worst = best_and_worst(values)
     return RankResult(
         scores=values,
         ranks=ranks_from_scores(values),
@@ -98,11 +98,6 @@ def compare_from_scores(score_a: float, score_b: float, truncated: Truncation) -
     """A pointwise backend's comparison: logit = score_a - score_b, probability = sigmoid(logit)."""
     logit = float(score_a) - float(score_b)
     return CompareResult(prob_a_beats_b=sigmoid(logit), logit=logit, truncated=truncated)
-
-
-class ScoredItem(Protocol):
-    scores: list[float]
-    truncated: Truncation
 
 
 class PointwiseRanker:

@@ -30,7 +30,7 @@ def assert_error(r: httpx.Response, status: int, *fragments: str) -> ErrorRespon
     return body
 
 
-def swap(generator, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:  # type: ignore[no-untyped-def]
+def swap(generator, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.post(
         f"{generator.base_url}/admin/weights",
         json=body,
@@ -39,7 +39,7 @@ def swap(generator, body: dict[str, Any], headers: dict[str, str] | None = None)
     )
 
 
-def assert_still_serving(generator, hf, version: str) -> None:  # type: ignore[no-untyped-def]
+def assert_still_serving(generator, hf, version: str) -> None:
     r = httpx.post(
         f"{generator.base_url}/v1/chat/completions",
         json={"messages": CHAT, "temperature": 0, "max_tokens": 12},
@@ -54,7 +54,7 @@ def assert_still_serving(generator, hf, version: str) -> None:  # type: ignore[n
 # --- admin authentication ------------------------------------------------------------------------
 
 
-def test_swap_without_token_is_401_and_wrong_token_403(generator) -> None:  # type: ignore[no-untyped-def]
+def test_swap_without_token_is_401_and_wrong_token_403(generator) -> None:
     body = {"path": "seed1", "version": "nope"}
     assert_error(swap(generator, body, headers={}), 401, "Bearer")
     assert_error(swap(generator, body, headers={"Authorization": "Basic abc"}), 401, "Bearer")
@@ -138,7 +138,7 @@ def _no_config(d: Path) -> None:
         "no-config",
     ],
 )
-def test_bad_checkpoint_is_refused_and_old_weights_keep_serving(  # type: ignore[no-untyped-def]
+def test_bad_checkpoint_is_refused_and_old_weights_keep_serving(
     generator, hf, store_copy, mutate: Callable[[Path], None], fragments: list[str]
 ) -> None:
     before = generator.current_version()
@@ -151,7 +151,7 @@ def test_bad_checkpoint_is_refused_and_old_weights_keep_serving(  # type: ignore
     assert_still_serving(generator, hf, before)
 
 
-def test_paths_outside_the_store_are_403(generator, hf, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_paths_outside_the_store_are_403(generator, hf, tmp_path: Path) -> None:
     before = generator.current_version()
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -178,11 +178,11 @@ def test_paths_outside_the_store_are_403(generator, hf, tmp_path: Path) -> None:
         ({"path": "seed1", "version": "v", "force": True}, "force"),
     ],
 )
-def test_invalid_swap_bodies_are_400(generator, body: dict[str, Any], fragment: str) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_swap_bodies_are_400(generator, body: dict[str, Any], fragment: str) -> None:
     assert_error(swap(generator, body), 400, fragment)
 
 
-def test_swap_to_the_serving_version_with_other_weights_is_409(generator) -> None:  # type: ignore[no-untyped-def]
+def test_swap_to_the_serving_version_with_other_weights_is_409(generator) -> None:
     current = generator.current_version()
     other = generator.other_dir()
     r = swap(generator, {"path": other.name, "version": current})
@@ -240,14 +240,14 @@ LONG_PROMPT = "word " * (MAX_MODEL_LEN + 1)
         ("batch/chat", {"conversations": [CHAT], "ids": ["a", "b"]}, 400, ["ids"]),
     ],
 )
-def test_invalid_generation_bodies_are_4xx_with_a_message(  # type: ignore[no-untyped-def]
+def test_invalid_generation_bodies_are_4xx_with_a_message(
     generator, route: str, body: dict[str, Any], status: int, fragments: list[str]
 ) -> None:
     r = httpx.post(f"{generator.base_url}/v1/{route}", json=body, timeout=30)
     assert_error(r, status, *fragments)
 
 
-def test_non_json_and_oversized_bodies(generator) -> None:  # type: ignore[no-untyped-def]
+def test_non_json_and_oversized_bodies(generator) -> None:
     url = f"{generator.base_url}/v1/chat/completions"
     r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
     assert_error(r, 400, "not valid JSON")

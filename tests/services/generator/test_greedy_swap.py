@@ -17,7 +17,7 @@ CORPUS = (
 )
 
 
-def long_messages(min_tokens: int, hf, generator) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
+def long_messages(min_tokens: int, hf, generator) -> list[dict[str, str]]:
     text = CORPUS
     messages = [{"role": "user", "content": text}]
     while len(hf.chat_ids(generator.seed_dirs[0], messages)) < min_tokens:
@@ -26,7 +26,7 @@ def long_messages(min_tokens: int, hf, generator) -> list[dict[str, str]]:  # ty
     return messages
 
 
-def chat(generator, messages, **params) -> tuple[ChatCompletionResponse, httpx.Response]:  # type: ignore[no-untyped-def]
+def chat(generator, messages, **params) -> tuple[ChatCompletionResponse, httpx.Response]:
     r = httpx.post(
         f"{generator.base_url}/v1/chat/completions",
         json={"model": generator.model_name, "messages": messages, **params},
@@ -36,7 +36,7 @@ def chat(generator, messages, **params) -> tuple[ChatCompletionResponse, httpx.R
     return ChatCompletionResponse.model_validate(r.json()), r
 
 
-def test_greedy_equals_transformers_before_and_after_swap(generator, hf) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_equals_transformers_before_and_after_swap(generator, hf) -> None:
     messages = long_messages(3 * 128 + 20, hf, generator)
     params = {"temperature": 0, "max_tokens": 24}
 
@@ -67,7 +67,7 @@ def test_greedy_equals_transformers_before_and_after_swap(generator, hf) -> None
     assert models["data"][0]["weight_version"] == swap["version"]
 
 
-def test_completions_greedy_equals_transformers(generator, hf) -> None:  # type: ignore[no-untyped-def]
+def test_completions_greedy_equals_transformers(generator, hf) -> None:
     prompt = "The quick brown fox jumps over the lazy dog. A helpful assistant"
     r = httpx.post(
         f"{generator.base_url}/v1/completions",

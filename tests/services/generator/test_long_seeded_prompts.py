@@ -30,7 +30,7 @@ def _long_conversation(tag: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def _seeded_batch(generator, conversations: list[list[dict[str, str]]]) -> BatchChatResponse:  # type: ignore[no-untyped-def]
+def _seeded_batch(generator, conversations: list[list[dict[str, str]]]) -> BatchChatResponse:
     body: dict[str, Any] = {
         "conversations": conversations,
         "n": 2,
@@ -44,7 +44,7 @@ def _seeded_batch(generator, conversations: list[list[dict[str, str]]]) -> Batch
     return BatchChatResponse.model_validate(r.json())
 
 
-def test_seeded_prompts_longer_than_a_chunked_prefill_step_are_served(generator) -> None:  # type: ignore[no-untyped-def]
+def test_seeded_prompts_longer_than_a_chunked_prefill_step_are_served(generator) -> None:
     conversations = [_long_conversation("A"), _long_conversation("B")]
     first = _seeded_batch(generator, conversations)
     for res in first.results:

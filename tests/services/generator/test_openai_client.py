@@ -15,21 +15,21 @@ CHAT = [{"role": "user", "content": "Give three tips for learning to cook."}]
 
 
 @pytest.fixture(scope="module")
-def client(generator) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+def client(generator) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{generator.base_url}/v1", api_key="not-checked", max_retries=0)
 
 
-def expected_chat(generator, hf, version: str, messages, max_new: int) -> str:  # type: ignore[no-untyped-def]
+def expected_chat(generator, hf, version: str, messages, max_new: int) -> str:
     return hf.greedy_chat(generator.versions[version], messages, max_new=max_new)
 
 
-def test_models_list(client: openai.OpenAI, generator) -> None:  # type: ignore[no-untyped-def]
+def test_models_list(client: openai.OpenAI, generator) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny-llama"]
     assert models[0].model_extra["weight_version"] == generator.current_version()
 
 
-def test_chat_completion(client: openai.OpenAI, generator, hf) -> None:  # type: ignore[no-untyped-def]
+def test_chat_completion(client: openai.OpenAI, generator, hf) -> None:
     resp = client.chat.completions.create(
         model="tiny-llama", messages=CHAT, temperature=0, max_tokens=20
     )
@@ -41,7 +41,7 @@ def test_chat_completion(client: openai.OpenAI, generator, hf) -> None:  # type:
     assert resp.usage.completion_tokens <= 20 and resp.usage.prompt_tokens > 5
 
 
-def test_chat_stream_equals_non_stream(client: openai.OpenAI, generator, hf) -> None:  # type: ignore[no-untyped-def]
+def test_chat_stream_equals_non_stream(client: openai.OpenAI, generator, hf) -> None:
     stream = client.chat.completions.create(
         model="tiny-llama",
         messages=CHAT,
@@ -60,7 +60,7 @@ def test_chat_stream_equals_non_stream(client: openai.OpenAI, generator, hf) -> 
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 20
 
 
-def test_completion_and_its_stream(client: openai.OpenAI, generator, hf) -> None:  # type: ignore[no-untyped-def]
+def test_completion_and_its_stream(client: openai.OpenAI, generator, hf) -> None:
     prompt = "The quick brown fox"
     resp = client.completions.create(
         model="tiny-llama", prompt=prompt, temperature=0, max_tokens=16
@@ -88,7 +88,7 @@ def test_n_and_seed(client: openai.OpenAI) -> None:
     assert sample(8) != first, "another seed, other samples"
 
 
-def test_stop_string_is_honoured(client: openai.OpenAI, generator, hf) -> None:  # type: ignore[no-untyped-def]
+def test_stop_string_is_honoured(client: openai.OpenAI, generator, hf) -> None:
     full = client.chat.completions.create(
         model="tiny-llama", messages=CHAT, temperature=0, max_tokens=30
     )
@@ -111,7 +111,7 @@ def test_client_sees_our_error_messages(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="gpt-4", messages=CHAT)
 
 
-def test_batch_route_matches_transformers(generator, hf) -> None:  # type: ignore[no-untyped-def]
+def test_batch_route_matches_transformers(generator, hf) -> None:
     conversations = [
         [{"role": "user", "content": "Why is the sky blue?"}],
         [

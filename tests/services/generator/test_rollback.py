@@ -87,7 +87,7 @@ async def greedy(client: httpx.AsyncClient) -> dict[str, Any]:
     }
 
 
-async def test_reload_rejected_by_vllm_rolls_back_to_the_serving_weights(inproc, hf) -> None:  # type: ignore[no-untyped-def]
+async def test_reload_rejected_by_vllm_rolls_back_to_the_serving_weights(inproc, hf) -> None:
     client, runtime = inproc["client"], inproc["app"].state.runtime
     expected = hf.greedy_chat(inproc["root"] / "current", CHAT, max_new=16)
     before = await greedy(client)
@@ -108,7 +108,7 @@ async def test_reload_rejected_by_vllm_rolls_back_to_the_serving_weights(inproc,
     assert 'pairloop_generator_swaps_total{outcome="rolled_back"} 1.0' in metrics
 
 
-async def test_failed_rollback_marks_the_engine_dead_without_a_restart(inproc) -> None:  # type: ignore[no-untyped-def]
+async def test_failed_rollback_marks_the_engine_dead_without_a_restart(inproc) -> None:
     client, runtime = inproc["client"], inproc["app"].state.runtime
     # The weights being served vanish from disk: nothing is left to roll back to.
     (inproc["root"] / "current" / "model.safetensors").unlink()

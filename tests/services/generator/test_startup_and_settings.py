@@ -15,7 +15,7 @@ from services.generator.app import create_app
 from services.generator.settings import GeneratorSettings
 
 
-def test_ready_was_503_while_the_engine_loaded(generator) -> None:  # type: ignore[no-untyped-def]
+def test_ready_was_503_while_the_engine_loaded(generator) -> None:
     statuses = generator.ready_statuses_during_start
     assert statuses[-1] == 200
     assert 503 in statuses, "the server answered before the engine was up, and said so"
@@ -30,7 +30,7 @@ def test_ready_was_503_while_the_engine_loaded(generator) -> None:  # type: igno
     assert httpx.get(f"{generator.base_url}/health", timeout=10).json()["engine"] == "ready"
 
 
-def test_metrics_expose_what_operators_need(generator) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_expose_what_operators_need(generator) -> None:
     httpx.post(
         f"{generator.base_url}/v1/completions",
         json={"prompt": "Hello", "max_tokens": 4},
@@ -51,7 +51,7 @@ def test_metrics_expose_what_operators_need(generator) -> None:  # type: ignore[
 
 
 def _settings(tmp_path: Path, **overrides: object) -> GeneratorSettings:
-    return GeneratorSettings(model=str(tmp_path), model_root=tmp_path, **overrides)  # type: ignore[arg-type]
+    return GeneratorSettings(model=str(tmp_path), model_root=tmp_path, **overrides)  # type: ignore[arg-type]  # any field
 
 
 async def test_admin_routes_are_off_without_a_token_and_ready_says_loading(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_flags_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 )
 def test_bad_settings_fail_fast(overrides: dict[str, object], fragment: str) -> None:
     with pytest.raises(PydanticValidationError, match=fragment):
-        GeneratorSettings(**overrides)  # type: ignore[arg-type]
+        GeneratorSettings(**overrides)  # type: ignore[arg-type]  # bad on purpose
 
 
 def test_cli_reports_bad_flags_without_a_traceback() -> None:

@@ -84,7 +84,7 @@ def chat_stream(client: httpx.Client, prompt: int) -> dict[str, Any]:
     return {"prompt": prompt, "version": header_version, "texts": ["".join(parts)]}
 
 
-def assert_labelled_exactly(generator, hf, result: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+def assert_labelled_exactly(generator, hf, result: dict[str, Any]) -> None:
     model_dir = generator.versions[result["version"]]
     expected = hf.greedy_chat(model_dir, PROMPTS[result["prompt"]], max_new=LONG, min_new=LONG)
     for text in result["texts"]:
@@ -114,7 +114,7 @@ class Outcome:
     counters: dict[str, float] = field(default_factory=dict)
 
 
-async def run_swap_scenario(generator, mode: str, *, with_stream: bool) -> Outcome:  # type: ignore[no-untyped-def]
+async def run_swap_scenario(generator, mode: str, *, with_stream: bool) -> Outcome:
     """Requests running, a swap, a second swap and new requests while it holds the gate."""
     # Both clients exist before the clock matters (building one costs a busy host a second).
     with httpx.Client(base_url=generator.base_url, timeout=120) as sync_client:
@@ -122,7 +122,7 @@ async def run_swap_scenario(generator, mode: str, *, with_stream: bool) -> Outco
             return await _scenario(generator, client, sync_client, mode, with_stream=with_stream)
 
 
-async def _scenario(generator, client, sync_client, mode: str, *, with_stream: bool) -> Outcome:  # type: ignore[no-untyped-def]
+async def _scenario(generator, client, sync_client, mode: str, *, with_stream: bool) -> Outcome:
     old_version = generator.current_version()
     new_dir = generator.other_dir()
     version = generator.new_version(mode)
@@ -182,7 +182,7 @@ def _no_gc_pauses() -> Iterator[None]:
     gc.unfreeze()
 
 
-async def test_swap_in_wait_mode_finishes_old_requests_then_serves_new(generator, hf) -> None:  # type: ignore[no-untyped-def]
+async def test_swap_in_wait_mode_finishes_old_requests_then_serves_new(generator, hf) -> None:
     tried = []
     for _ in range(ATTEMPTS):
         o = await run_swap_scenario(generator, "wait", with_stream=False)
@@ -207,7 +207,7 @@ async def test_swap_in_wait_mode_finishes_old_requests_then_serves_new(generator
     raise AssertionError("no attempt overlapped requests with the swap:\n" + "\n".join(tried))
 
 
-async def test_swap_in_abort_mode_reruns_requests_on_new_weights(generator, hf) -> None:  # type: ignore[no-untyped-def]
+async def test_swap_in_abort_mode_reruns_requests_on_new_weights(generator, hf) -> None:
     tried = []
     for _ in range(ATTEMPTS):
         o = await run_swap_scenario(generator, "abort", with_stream=True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pairloop_local.processes import free_port
-from services.ranker import scorers
+from services.ranker import score_functions
 
 ITEMS = [
     {
@@ -114,19 +114,24 @@ def test_reward_model_backend_scores_like_the_model_itself(
 
 @pytest.fixture(scope="module")
 def scorer_url(start_ranker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    args = ["--backend", "scorer", "--model", "services.ranker.scorers:concise_and_on_topic"]
+    args = [
+        "--backend",
+        "scorer",
+        "--model",
+        "services.ranker.score_functions:concise_and_on_topic",
+    ]
     with start_ranker(args, tmp_path_factory.mktemp("scorer-server")) as url:
         yield url
 
 
 def test_programmatic_scorer_backend_answers_through_the_same_routes(scorer_url: str) -> None:
     expected = [
-        [scorers.concise_and_on_topic(item["prompt"], c) for c in item["candidates"]]
+        [score_functions.concise_and_on_topic(item["prompt"], c) for c in item["candidates"]]
         for item in ITEMS
     ]
     check_routes_agree(scorer_url, expected, "scorer")
     ranked = post(scorer_url, "/v1/rank", {"items": ITEMS})
-    assert ranked["model"] == "services.ranker.scorers:concise_and_on_topic"
+    assert ranked["model"] == "services.ranker.score_functions:concise_and_on_topic"
     assert ranked["results"][0]["best_index"] == 0  # on topic and concise beats "No." and padding
 
 
@@ -140,7 +145,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_backend_that_cannot_load_stops_the_server_with_the_reason() -> None:
-    done = run_cli("--backend", "scorer", "--model", "services.ranker.scorers:no_such_scorer")
+    done = run_cli(
+        "--backend", "scorer", "--model", "services.ranker.score_functions:no_such_scorer"
+    )
     assert done.returncode == 1
     assert "has no attribute 'no_such_scorer'" in done.stderr
 

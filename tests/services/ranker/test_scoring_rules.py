@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pairloop.contracts.ranker import Truncation
-from services.ranker import scorers
+from services.ranker import score_functions
 from services.ranker.rankers import BACKENDS, build_ranker, load_object
 from services.ranker.rankers.base import (
     compare_from_scores,
@@ -49,42 +49,45 @@ def test_concise_and_on_topic_prefers_short_answers_that_use_the_prompts_words()
     on_topic = "The sky is blue because air scatters blue sunlight more than red light."
     rambling = on_topic + " " + " ".join(["Also, many other things are true."] * 30)
     off_topic = "Paris is the capital of France."
-    s = [scorers.concise_and_on_topic(prompt, c) for c in (on_topic, rambling, off_topic)]
+    s = [score_functions.concise_and_on_topic(prompt, c) for c in (on_topic, rambling, off_topic)]
     assert s[0] == 2.0 > s[1] > s[2] == 0.0
-    assert scorers.concise_and_on_topic(prompt, on_topic) == s[0]  # deterministic
+    assert score_functions.concise_and_on_topic(prompt, on_topic) == s[0]  # deterministic
 
 
 def test_length_target_peaks_at_the_target() -> None:
-    at_target = " ".join(["word"] * scorers.TARGET_WORDS)
-    assert scorers.length_target("p", at_target) == 0.0
+    at_target = " ".join(["word"] * score_functions.TARGET_WORDS)
+    assert score_functions.length_target("p", at_target) == 0.0
     half, double = at_target[: len(at_target) // 2], at_target + " " + at_target
-    assert scorers.length_target("p", half) == pytest.approx(
-        scorers.length_target("p", double), abs=0.05
+    assert score_functions.length_target("p", half) == pytest.approx(
+        score_functions.length_target("p", double), abs=0.05
     )
-    assert scorers.length_target("p", half) < 0
+    assert score_functions.length_target("p", half) < 0
 
 
 def test_registry_names_factories_that_exist() -> None:
     for target in BACKENDS.values():
         assert callable(load_object(target))
-    for bad in ("no_colon", "services.ranker.scorers:", "not_a_module_xyz:f"):
+    for bad in ("no_colon", "services.ranker.score_functions:", "not_a_module_xyz:f"):
         with pytest.raises(ValueError, match="import"):
             load_object(bad)
 
 
 def test_build_ranker_accepts_a_factory_import_path() -> None:
     settings = RankerSettings(
-        backend="services.ranker.rankers.scorer:build",
-        model="services.ranker.scorers:length_target",
+        backend="services.ranker.rankers.function_scorer:build",
+        model="services.ranker.score_functions:length_target",
     )
     from services.ranker.metrics import RankerMetrics
 
     ranker = build_ranker(settings, RankerMetrics())
-    assert ranker.backend == "scorer" and ranker.model == "services.ranker.scorers:length_target"
+    assert (
+        ranker.backend == "scorer"
+        and ranker.model == "services.ranker.score_functions:length_target"
+    )
 
 
 def test_plain_prose_rewards_lowercase_prose_whatever_the_length() -> None:
-    from services.ranker.scorers import PROSE_SCALE, plain_prose
+    from services.ranker.score_functions import PROSE_SCALE, plain_prose
 
     assert plain_prose("q", "plain words only") == PROSE_SCALE
     assert plain_prose("q", "plain words only " * 20) == PROSE_SCALE

@@ -80,6 +80,7 @@ def test_parse_job_names_every_missing_field() -> None:
     with pytest.raises(ValidationError) as info:
         parse_job({"run_id": "r", "iteration": 1})
     message = info.value.message
+    assert message.startswith("invalid training job:\n")
     for name in ("policy_path", "reference_path", "dataset_path", "output_path"):
         assert f"{name}: Field required" in message
     with pytest.raises(ValidationError, match="must be a JSON object"):

@@ -24,7 +24,7 @@ from services.trainer.spec import last_complete_checkpoint
 from .helpers import make_job
 
 
-def copy_with(src: Path, dst: Path, change) -> Path:  # type: ignore[no-untyped-def]
+def copy_with(src: Path, dst: Path, change) -> Path:
     shutil.copytree(src, dst)
     tensors = load_file(str(dst / "model.safetensors"))
     change(tensors)
@@ -61,7 +61,7 @@ def test_non_finite_weights_are_never_published(model_store: Path, tmp_path: Pat
         validate_trained(poisoned, model_store / "base", dtype="float32")
 
 
-def _publish(model_store: Path, job, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+def _publish(model_store: Path, job, tmp_path: Path) -> Path:
     output = tmp_path / "store" / "out"
     staged = staging_dir_for(output, job)
     shutil.copytree(model_store / "base", staged)

@@ -1,7 +1,7 @@
-"""Programmatic scorers shipped with pairloop: deterministic, documented preferences.
+"""Programmatic scoring functions shipped with pairloop: deterministic, documented preferences.
 
-    python -m services.ranker --backend scorer --model services.ranker.scorers:concise_and_on_topic
-    python -m services.ranker --backend scorer --model services.ranker.scorers:length_target
+    python -m services.ranker --backend scorer --model services.ranker.score_functions:concise_and_on_topic
+    python -m services.ranker --backend scorer --model services.ranker.score_functions:length_target
 
 Each is `f(prompt, candidate) -> float`, higher is better, pure Python and deterministic, so a
 loop aligned with it has a known target: the demo can check that the policy moved towards it.

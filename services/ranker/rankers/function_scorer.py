@@ -1,6 +1,6 @@
 """Programmatic-scorer backend: a plain Python function is the ranker.
 
-    python -m services.ranker --backend scorer --model services.ranker.scorers:concise_and_on_topic
+    python -m services.ranker --backend scorer --model services.ranker.score_functions:concise_and_on_topic
 
 `--model` names the function as `package.module:function`; it takes `(prompt, candidate)` and
 returns a float, higher is better. It must be deterministic (the loop's pairs must be reproducible)

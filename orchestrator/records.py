@@ -1,0 +1,51 @@
+"""The records one stage hands the next, as they lie in the shard files.
+
+    generate -> `GenerationRecord` per prompt (iter{k}/generations/, eval/policy{k}/shards/)
+    rank     -> `RankedRecord` per prompt     (iter{k}/rankings/)
+    pairs    -> preference rows (`pairloop.preference_data`, the published dataset format)
+
+A shard line is `json.dumps(record.model_dump(mode="json"), sort_keys=True)`: the bytes the stages
+wrote before these models existed, so run directories made then resume unchanged. Every line is
+validated when read (`ShardStore.read`); a line that does not fit fails with its file and line.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pairloop.contracts.generator import FinishReason
+
+__all__ = ["GenerationRecord", "RankedRecord"]
+
+
+class GenerationRecord(BaseModel):
+    """One prompt's `n` answers from the generator, and the weight version that wrote them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_id: str
+    prompt: str
+    responses: list[str]
+    finish_reasons: list[FinishReason]
+    completion_tokens: list[int]
+    weight_version: str
+
+
+class RankedRecord(BaseModel):
+    """One prompt's non-empty answers with the ranker's verdict.
+
+    `scores`/`ranks` are None in bubble mode (the ranker then knows only best and worst) and for a
+    prompt left with fewer than two non-empty answers, which is not sent to the ranker at all.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_id: str
+    prompt: str
+    candidates: list[str] = Field(description="the non-empty responses, in generation order")
+    empty: int = Field(0, ge=0, description="responses dropped because they were empty")
+    scores: list[float] | None = None
+    ranks: list[int] | None = None
+    best_index: int = 0
+    worst_index: int = 0
+    truncated: bool = Field(False, description="the ranker cut the prompt or an answer")
