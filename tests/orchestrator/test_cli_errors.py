@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pairloop_local.processes import free_port
@@ -19,7 +20,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_unreachable_generator_message_then_traceback_with_debug(write_config, store: Path) -> None:  # type: ignore[no-untyped-def]
+def test_unreachable_generator_message_then_traceback_with_debug(
+    write_config: Callable[..., Path], store: Path
+) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     config = write_config(services={"generator_urls": [dead], "retries": 0})
 
@@ -36,7 +39,7 @@ def test_unreachable_generator_message_then_traceback_with_debug(write_config, s
     assert "ServiceUnreachableError" in debug.stderr
 
 
-def test_a_bad_config_is_exit_status_2_without_traceback(write_config) -> None:  # type: ignore[no-untyped-def]
+def test_a_bad_config_is_exit_status_2_without_traceback(write_config: Callable[..., Path]) -> None:
     done = run_cli("run", str(write_config(sampling={"temperature": 9})))
     assert done.returncode == 2
     assert "sampling.temperature" in done.stderr and "Traceback" not in done.stderr

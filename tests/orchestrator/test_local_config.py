@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from orchestrator.local.secrets import load_or_create_admin_token
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_local_section_becomes_the_stack_spec(write_config) -> None:  # type: ignore[no-untyped-def]
+def test_local_section_becomes_the_stack_spec(write_config: Callable[..., Path]) -> None:
     cfg = load_run_config(
         write_config(
             local={
@@ -51,7 +52,7 @@ def test_local_section_becomes_the_stack_spec(write_config) -> None:  # type: ig
     assert (spec.redis_url, spec.redis_fallback) == ("redis://10.0.0.5:6379/2", False)
 
 
-def test_local_section_defaults_and_errors(write_config) -> None:  # type: ignore[no-untyped-def]
+def test_local_section_defaults_and_errors(write_config: Callable[..., Path]) -> None:
     spec = StackSpec.from_config(load_run_config(write_config()))
     assert spec.redis_fallback and "CUDA_VISIBLE_DEVICES" not in spec.service_env["generator"]
     with pytest.raises(ConfigError, match=r"local\.redis: .*auto, private or a redis:// URL"):
@@ -60,7 +61,9 @@ def test_local_section_defaults_and_errors(write_config) -> None:  # type: ignor
         load_run_config(write_config(local={"ranker": {"gpu": 0}}))
 
 
-def test_where_services_run_does_not_change_the_fingerprint(write_config) -> None:  # type: ignore[no-untyped-def]
+def test_where_services_run_does_not_change_the_fingerprint(
+    write_config: Callable[..., Path],
+) -> None:
     plain = load_run_config(write_config())
     placed = load_run_config(write_config(local={"generator": {"gpus": [3]}, "redis": "private"}))
     assert plain.fingerprint() == placed.fingerprint()

@@ -28,6 +28,7 @@ import yaml
 from safetensors.torch import load_file
 
 from orchestrator.demo import demo_config
+from orchestrator.local import LocalStack
 from orchestrator.manifest import load_manifest
 from pairloop.preference_data import load_rows, split_path
 from pairloop_local.processes import free_port, wait_until
@@ -150,7 +151,7 @@ def local_store(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str,
 
 
 @pytest.fixture(scope="session")
-def reference(stack, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+def reference(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One undisturbed run of the small config, on the session's stack (no extra start-up)."""
     tmp = tmp_path_factory.mktemp("local-ref")
     config = small_config(
@@ -334,7 +335,7 @@ def test_redis_restarted_in_generation_ranking_and_training_run_completes_equal(
 # --- connection refused: one line on stderr, the next step, no traceback -----------------------
 
 
-def _refused_config(tmp: Path, stack: Any, **services: Any) -> Path:  # type: ignore[no-untyped-def]
+def _refused_config(tmp: Path, stack: LocalStack, **services: Any) -> Path:
     base = {
         "generator_urls": [stack.generator_url],
         "ranker_url": stack.ranker_url,
@@ -351,7 +352,9 @@ def _refused_config(tmp: Path, stack: Any, **services: Any) -> Path:  # type: ig
 
 
 @pytest.mark.parametrize("service", ["generator", "ranker", "redis"])
-def test_connection_refused_is_one_line_error(stack, tmp_path: Path, service: str) -> None:  # type: ignore[no-untyped-def]
+def test_connection_refused_is_one_line_error(
+    stack: LocalStack, tmp_path: Path, service: str
+) -> None:
     dead = free_port()
     override = {
         "generator": {"generator_urls": [f"http://127.0.0.1:{dead}"]},
