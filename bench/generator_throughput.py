@@ -99,13 +99,12 @@ async def _inprocess_runs(
     argv: list[str], args: argparse.Namespace, new_tokens: int
 ) -> list[dict[str, float]]:
     from pairloop.settings import load_settings
-    from services.generator.app import engine_config
     from services.generator.engine import start_engine
-    from services.generator.sampling import SamplingSpec
+    from services.generator.engine_types import SamplingSpec
     from services.generator.settings import GeneratorSettings
 
     settings = load_settings(GeneratorSettings, argv)
-    engine = await start_engine(engine_config(settings))
+    engine = await start_engine(settings)
     spec = SamplingSpec(n=1, temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens)
     try:
 

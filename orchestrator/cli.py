@@ -210,6 +210,14 @@ def status(
     for name, st in m.stages.items():
         table.add_row(name, st.state, f"{st.seconds:.1f}", str(st.attempts), st.error or "")
     console.print(table)
+    from orchestrator.admission import admission_summary
+
+    setup = m.stages.get("setup")
+    if setup and setup.metrics.get("prompts"):
+        console.print(f"prompts: {admission_summary(setup.metrics['prompts'])}", highlight=False)
+    failed = sum(int(st.metrics.get("failed_prompts", 0)) for st in m.stages.values())
+    if failed:
+        console.print(f"prompts the generator could not answer: {failed}", highlight=False)
 
 
 @app.command()
@@ -241,6 +249,13 @@ def demo(
     new: Annotated[
         bool, typer.Option("--new", help="Start a fresh demo run even if one is unfinished.")
     ] = False,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="Your own prompts: JSONL (or .json/.parquet) rows with a prompt field."),
+    ] = None,
+    prompt_field: Annotated[str, typer.Option(help="The field of --prompts holding the text.")] = (
+        "prompt"
+    ),
 ) -> None:
     """The embedded default: the whole loop on this machine with tiny models and local services.
 
@@ -250,8 +265,16 @@ def demo(
 
     workdir = workdir.resolve()
     # Running the demo again with the same work directory continues it.
-    with _errors_as_messages(f"pairloop demo --workdir {workdir}"):
-        run_demo(workdir, iterations=iterations, new=new, console=console)
+    again = f"pairloop demo --workdir {workdir}" + (f" --prompts {prompts}" if prompts else "")
+    with _errors_as_messages(again):
+        run_demo(
+            workdir,
+            iterations=iterations,
+            new=new,
+            console=console,
+            prompts_file=prompts,
+            prompt_field=prompt_field,
+        )
 
 
 @app.command()

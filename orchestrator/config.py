@@ -66,6 +66,16 @@ class PromptsConfig(_Strict):
         200, ge=1, description="held-out prompts, disjoint from every iteration"
     )
     seed: int = 42
+    too_long: Literal["skip", "truncate"] = Field(
+        "skip",
+        description="prompts that cannot fit the generator's context next to sampling.max_tokens: "
+        "skip them (a replacement is drawn from the pool) or truncate them to fit",
+    )
+    enforce_max_prompt_length: bool = Field(
+        False,
+        description="also treat dpo.max_prompt_length as a limit; by default prompts above it are "
+        "admitted and the trainer truncates them, as TRL's max_prompt_length did (counted)",
+    )
 
 
 class SamplingConfig(_Strict):
@@ -73,6 +83,12 @@ class SamplingConfig(_Strict):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(512, ge=1)
     seed: int = Field(0, description="base seed; each prompt gets its own derived seed")
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="the generator's context (prompt + completion tokens), when its "
+        "--max-model-len caps the model's own; default: the base model's max_position_embeddings",
+    )
 
 
 class RankerConfig(_Strict):

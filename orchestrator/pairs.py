@@ -3,7 +3,8 @@
 `best_vs_worst` is the Snorkel recipe. `length_penalised` subtracts `length_penalty` per 100
 characters before choosing, a cheap counter to the length bias that PairRM-judged DPO is known for.
 Responses that are empty after stripping are not sent to the ranker (it rejects empty text) and do
-not take part in a pair; a prompt left with fewer than two ranked responses is dropped and counted.
+not take part in a pair; a prompt left with fewer than two ranked responses is dropped and counted,
+and so is one the generator could not answer (an `error` entry, no responses).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class PairStats:
     pairs: int = 0
     ties_dropped: int = 0
     too_few_responses: int = 0
+    generation_errors: int = 0
     empty_responses: int = 0
     chosen_scores: list[float] = field(default_factory=list)
     rejected_scores: list[float] = field(default_factory=list)
@@ -44,6 +46,7 @@ class PairStats:
             "pairs": self.pairs,
             "ties_dropped": self.ties_dropped,
             "too_few_responses": self.too_few_responses,
+            "generation_errors": self.generation_errors,
             "empty_responses": self.empty_responses,
             "mean_chosen_score": mean(self.chosen_scores),
             "mean_rejected_score": mean(self.rejected_scores),
@@ -87,6 +90,9 @@ def build_pairs(
     for rec in records:
         stats.prompts += 1
         stats.empty_responses += rec.empty
+        if rec.error:  # the generator answered this prompt with an error entry
+            stats.generation_errors += 1
+            continue
         candidates = rec.candidates
         if len(candidates) < 2:
             stats.too_few_responses += 1

@@ -3,7 +3,9 @@ slice per iteration, fixed once when a run is created (a resumed run reads the s
 
 Sources: a Hugging Face dataset (default `HuggingFaceH4/ultrafeedback_binarized`, split
 `train_prefs`, column `prompt`) or a local JSONL/JSON/Parquet file. Prompts are de-duplicated by
-text before slicing, so one instruction never lands in two slices.
+text before slicing, so one instruction never lands in two slices; empty or whitespace-only
+prompts are dropped. Both are counted (`PromptPool`). Which prompts fit the models is decided by
+`orchestrator.admission`, which walks the seeded order (`shuffled`) and cuts the slices.
 """
 
 from __future__ import annotations
@@ -11,15 +13,37 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, PromptsConfig
 from pairloop.atomic import atomic_write_text
 
-__all__ = ["PromptRecord", "load_prompt_source", "read_prompts", "slice_prompts", "write_prompts"]
+__all__ = [
+    "PromptPool",
+    "PromptRecord",
+    "cut_slices",
+    "load_prompt_source",
+    "needed",
+    "read_prompts",
+    "shuffled",
+    "slice_prompts",
+    "write_prompts",
+]
 
 PromptRecord = dict[str, str]  # {"prompt_id": ..., "prompt": ...}
+
+
+@dataclass
+class PromptPool:
+    """A source's distinct, non-empty prompts in source order, and what was dropped on the way."""
+
+    records: list[PromptRecord] = field(default_factory=list)
+    rows: int = 0
+    empty: int = 0
+    duplicates: int = 0
+
 
 _LOCAL = {".jsonl", ".json", ".parquet"}
 
@@ -52,51 +76,72 @@ def _rows_from_hub(name: str, split: str) -> list[dict[str, Any]]:
     return rows
 
 
-def load_prompt_source(cfg: PromptsConfig) -> list[PromptRecord]:
-    """All usable prompts of the source, de-duplicated, in source order."""
+def load_prompt_source(cfg: PromptsConfig) -> PromptPool:
+    """All usable prompts of the source, de-duplicated, in source order, with the counts."""
     path = Path(cfg.source)
     rows = (
         _rows_from_local(path) if path.suffix in _LOCAL else _rows_from_hub(cfg.source, cfg.split)
     )
-    out: list[PromptRecord] = []
+    pool = PromptPool(rows=len(rows))
     seen: set[str] = set()
     for i, row in enumerate(rows):
         if cfg.field not in row:
             raise ConfigError(f"prompts.field: row {i} of {cfg.source} has no column {cfg.field!r}")
         text = row[cfg.field]
-        if not isinstance(text, str) or not text.strip() or text in seen:
+        if not isinstance(text, str) or not text.strip():
+            pool.empty += 1
+            continue
+        if text in seen:
+            pool.duplicates += 1
             continue
         seen.add(text)
         if cfg.id_field and row.get(cfg.id_field) not in (None, ""):
             pid = str(row[cfg.id_field])
         else:
             pid = hashlib.sha256(text.encode()).hexdigest()[:16]
-        out.append({"prompt_id": pid, "prompt": text})
-    return out
+        pool.records.append({"prompt_id": pid, "prompt": text})
+    return pool
+
+
+def needed(cfg: PromptsConfig, iterations: int) -> int:
+    """Prompts a run takes: the eval slice plus one fresh slice per iteration."""
+    return cfg.eval_prompts + cfg.per_iteration * iterations
+
+
+def shuffled(prompts: list[PromptRecord], seed: int) -> list[PromptRecord]:
+    """The seeded order slices are drawn in (a resumed or re-created run draws the same)."""
+    order = list(prompts)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def cut_slices(
+    ordered: list[PromptRecord], cfg: PromptsConfig, iterations: int
+) -> dict[str, list[PromptRecord]]:
+    """`{"eval": [...], "iteration_1": [...], ...}` cut from `ordered`, eval first."""
+    slices = {"eval": ordered[: cfg.eval_prompts]}
+    start = cfg.eval_prompts
+    for k in range(1, iterations + 1):
+        slices[f"iteration_{k}"] = ordered[start : start + cfg.per_iteration]
+        start += cfg.per_iteration
+    return slices
 
 
 def slice_prompts(
     prompts: list[PromptRecord], cfg: PromptsConfig, iterations: int
 ) -> dict[str, list[PromptRecord]]:
-    """`{"eval": [...], "iteration_1": [...], ...}`: disjoint, seeded, eval first."""
-    need = cfg.eval_prompts + cfg.per_iteration * iterations
+    """Disjoint, seeded slices of `prompts` as they are (no admission: see orchestrator.admission)."""
+    need = needed(cfg, iterations)
     if len(prompts) < need:
         raise ConfigError(
             f"prompts: the source has {len(prompts)} distinct prompts but the run needs {need} "
             f"({cfg.eval_prompts} eval + {iterations} x {cfg.per_iteration}); lower "
             "prompts.per_iteration or prompts.eval_prompts, or use a larger source"
         )
-    order = list(prompts)
-    random.Random(cfg.seed).shuffle(order)
-    slices = {"eval": order[: cfg.eval_prompts]}
-    start = cfg.eval_prompts
-    for k in range(1, iterations + 1):
-        slices[f"iteration_{k}"] = order[start : start + cfg.per_iteration]
-        start += cfg.per_iteration
-    return slices
+    return cut_slices(shuffled(prompts, cfg.seed), cfg, iterations)
 
 
-def write_prompts(path: str | Path, prompts: list[PromptRecord]) -> None:
+def write_prompts(path: str | Path, prompts: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(p, sort_keys=True) + "\n" for p in prompts))
 
 

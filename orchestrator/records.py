@@ -29,6 +29,9 @@ class GenerationRecord(BaseModel):
     finish_reasons: list[FinishReason]
     completion_tokens: list[int]
     weight_version: str
+    # Set when the generator answered this prompt with an error entry (no responses); left out of
+    # the line when None, so shards without errors keep their bytes.
+    error: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class RankedRecord(BaseModel):
@@ -49,3 +52,8 @@ class RankedRecord(BaseModel):
     best_index: int = 0
     worst_index: int = 0
     truncated: bool = Field(False, description="the ranker cut the prompt or an answer")
+    error: str | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="the generator's error for this prompt (it has no answers)",
+    )

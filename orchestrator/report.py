@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from orchestrator.admission import admission_summary
 from orchestrator.manifest import Manifest, StageRecord
 from pairloop.atomic import atomic_write_text
 
@@ -116,6 +117,32 @@ def _plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     return made
 
 
+def _prompt_lines(manifest: Manifest) -> list[str]:
+    """Prompt admission at run creation, and prompts the generator could not answer."""
+    setup = manifest.stages.get("setup")
+    admission = setup.metrics.get("prompts") if setup else None
+    if not admission:
+        return []
+    lines = ["## Prompts", "", f"Admission: {admission_summary(admission)}.", ""]
+    for example in admission.get("skipped_examples", []):
+        lines.append(
+            f"- {example['action']} {example['prompt']}: {example['tokens']} tokens "
+            f"> {example['limit']}"
+        )
+    failed = {
+        name: st.metrics["failed_prompts"]
+        for name, st in manifest.stages.items()
+        if st.metrics.get("failed_prompts")
+    }
+    if failed:
+        lines.append(
+            "Prompts the generator answered with an error (kept out of pairs and scored as empty "
+            "answers in evaluation): "
+            + ", ".join(f"{name} {count}" for name, count in failed.items())
+        )
+    return [*lines, ""]
+
+
 def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
     """Write RUN_DIR/report/report.md and its PNGs; return the Markdown path."""
     out = Path(run_dir) / "report"
@@ -132,6 +159,7 @@ def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
         "`eval/policy{k}/alpaca_eval_outputs.json`. Datasets: `dataset/` "
         '(`datasets.load_dataset("dataset", split="train_iteration_1")`).',
         "",
+        *_prompt_lines(manifest),
         "| iteration | pairs | ties dropped | chosen score | rejected score | DPO loss | reward margin "
         "| reward acc. | swap s | win vs base | LC win vs base | win vs prev. | mean length |",
         "|---" * 13 + "|",

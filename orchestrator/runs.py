@@ -1,8 +1,8 @@
 """Runs on disk: create a run directory from a config, load it back, and lock it while it executes.
 
-    run_dir = create_run("configs/demo.yaml")      # validates everything before any work
-    cfg, manifest = load_run(run_dir)              # the frozen config and the manifest
-    with run_lock(run_dir): ...                    # one executing process per run
+run_dir = create_run("configs/demo.yaml")      # validates everything before any work
+cfg, manifest = load_run(run_dir)              # the frozen config and the manifest
+with run_lock(run_dir): ...                    # one executing process per run
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.admission import PromptMeter, admit_prompts
 from orchestrator.config import ConfigError, RunConfig, check_paths, load_run_config
 from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
-from orchestrator.prompts import load_prompt_source, slice_prompts, write_prompts
+from orchestrator.prompts import load_prompt_source, write_prompts
 from pairloop.atomic import atomic_write_text
 
 __all__ = ["FROZEN_CONFIG", "RunLockedError", "create_run", "load_run", "run_lock"]
@@ -29,16 +30,25 @@ class RunLockedError(RuntimeError):
     """Another orchestrator process is executing this run."""
 
 
-def create_run(config_path: str | Path, *, run_id: str | None = None) -> Path:
-    """Validate the config and its inputs, then create the run directory (no service is touched).
+def create_run(
+    config_path: str | Path, *, run_id: str | None = None, meter: PromptMeter | None = None
+) -> Path:
+    """Validate the config and its inputs, admit the prompts, then create the run directory (no
+    service is touched).
 
-    Raises ConfigError for anything wrong with the config, before a single file is written.
+    Prompt admission (`orchestrator.admission`) measures prompts with the base model's tokenizer
+    and chat template (or `meter`); what it skipped is listed in RUN_DIR/prompts/skipped.jsonl and
+    counted in the setup stage's metrics. Raises ConfigError for anything wrong with the config or
+    a pool too small, before a single file is written.
     """
     cfg = load_run_config(config_path)
     if run_id is not None:
         cfg = RunConfig.model_validate({**cfg.model_dump(), "run_id": run_id})
     check_paths(cfg)
-    slices = slice_prompts(load_prompt_source(cfg.prompts), cfg.prompts, cfg.iterations)
+    skipped: list[dict[str, object]] = []
+    slices, admission = admit_prompts(
+        load_prompt_source(cfg.prompts), cfg, meter=meter, on_skip=skipped.append
+    )
     rid = cfg.run_id or f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"run_id": rid})
     run_dir = Path(cfg.model_store) / "runs" / rid
@@ -46,12 +56,17 @@ def create_run(config_path: str | Path, *, run_id: str | None = None) -> Path:
         raise ConfigError(f"run {rid} already exists at {run_dir}; use `pairloop resume {run_dir}`")
     for name, prompts in slices.items():
         write_prompts(run_dir / "prompts" / f"{name}.jsonl", prompts)
+    write_prompts(run_dir / "prompts" / "skipped.jsonl", skipped)
     atomic_write_text(
         run_dir / FROZEN_CONFIG, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     )
     manifest = Manifest(run_id=rid, config_fingerprint=cfg.fingerprint(), iterations=cfg.iterations)
     manifest.stage("setup").state = "done"
-    manifest.stage("setup").metrics = {name: len(p) for name, p in slices.items()}
+    manifest.stage("setup").metrics = {
+        **{name: len(p) for name, p in slices.items()},
+        "prompts": admission.metrics(),
+    }
+    manifest.stage("setup").artifacts = {"skipped_prompts": "prompts/skipped.jsonl"}
     manifest.save(run_dir)
     return run_dir
 

@@ -11,6 +11,11 @@ a Celery trainer worker as local processes on loopback; 3 iterations on the 400 
 the demo is killed. A demo that was interrupted (Ctrl-C, `kill -9`, a crash) is continued by
 running `pairloop demo` again.
 
+    pairloop demo --prompts my_prompts.jsonl   # your own prompts (a `prompt` field per line)
+
+A file of your own goes through the same prompt admission as any run: prompts too long for the
+tiny model's context are skipped (and counted in the report); slices shrink to fit a small file.
+
 The ranker is a programmatic scorer with a stated preference (DEMO_RANKER below), so the report
 shows the policy moving toward it: the final policy's win rate against the base on held-out
 prompts, judged by that scorer, is printed at the end.
@@ -43,6 +48,34 @@ def _packaged(name: str) -> Path:
     return Path(str(resources.files("orchestrator.demo") / name))
 
 
+# Share of a user's file the demo plans to use: the rest is headroom for prompts that admission
+# skips (too long for the tiny model, empty, duplicated), so a small file still runs to the end.
+_USABLE_SHARE = 0.75
+
+
+def _count_prompts(path: Path, field: str) -> int:
+    """Distinct non-empty prompts of a user's file: the demo's slice sizes depend on it."""
+    from orchestrator.config import PromptsConfig
+    from orchestrator.prompts import load_prompt_source
+
+    cfg = PromptsConfig(source=str(path), field=field, id_field=None)
+    return len(load_prompt_source(cfg).records)
+
+
+def _prompt_source(cfg: dict[str, Any], iterations: int, prompts_file: Path, field: str) -> None:
+    """Point the demo at a user's prompt file, shrinking the slices when the file is small."""
+    p = cfg["prompts"]
+    p.update(source=str(prompts_file.resolve()), field=field)
+    if field != "prompt":
+        p["id_field"] = None
+    usable = int(_count_prompts(prompts_file, field) * _USABLE_SHARE)
+    need = p["eval_prompts"] + p["per_iteration"] * iterations
+    if usable < need:
+        p["eval_prompts"] = max(1, usable // 6)
+        p["per_iteration"] = max(1, (usable - p["eval_prompts"]) // iterations)
+        cfg["shard_size"] = min(cfg["shard_size"], p["per_iteration"])
+
+
 def demo_config(
     *,
     store: Path,
@@ -51,8 +84,11 @@ def demo_config(
     generator_url: str | None = None,
     ranker_url: str | None = None,
     redis_url: str | None = None,
+    prompts_file: Path | None = None,
+    prompt_field: str = "prompt",
 ) -> dict[str, Any]:
-    """The demo's run config as a dict: the packaged YAML with this machine's paths.
+    """The demo's run config as a dict: the packaged YAML with this machine's paths;
+    `prompts_file` replaces the shipped prompts (its `prompt_field` holds the text).
 
     Service URLs are only for running it on a stack started elsewhere (the tests' shared one);
     `--local` fills them in itself.
@@ -64,6 +100,8 @@ def demo_config(
         iterations=iterations,
     )
     cfg["prompts"]["source"] = str(_packaged("prompts.jsonl"))
+    if prompts_file is not None:
+        _prompt_source(cfg, iterations, prompts_file, prompt_field)
     urls = {
         "generator_urls": [generator_url] if generator_url else None,
         "ranker_url": ranker_url,
@@ -73,46 +111,73 @@ def demo_config(
     return cfg
 
 
-def find_unfinished(runs_root: Path, *, iterations: int) -> Path | None:
-    """The newest demo run under `runs_root` that did not complete and has `iterations`."""
+def find_unfinished(
+    runs_root: Path, *, iterations: int, prompts_source: str | None = None
+) -> Path | None:
+    """The newest demo run under `runs_root` that did not complete, with `iterations` (and, if
+    given, the prompt source `prompts_source`)."""
     from orchestrator.manifest import load_manifest
+    from orchestrator.runs import FROZEN_CONFIG
 
     candidates = []
     for manifest_path in runs_root.glob("demo-*/manifest.json"):
         try:
             m = load_manifest(manifest_path.parent)
-        except (OSError, ValueError):
+            frozen = yaml.safe_load((manifest_path.parent / FROZEN_CONFIG).read_text())
+        except (OSError, ValueError, yaml.YAMLError):
             continue  # not a readable run: leave it alone
+        if prompts_source is not None and frozen["prompts"]["source"] != prompts_source:
+            continue  # another prompt file is another demo
         if m.status != "completed" and m.iterations == iterations:
             candidates.append((m.created_at, manifest_path.parent))
     return max(candidates)[1] if candidates else None
 
 
 def run_demo(
-    workdir: Path, *, iterations: int = 3, new: bool = False, console: Console | None = None
+    workdir: Path,
+    *,
+    iterations: int = 3,
+    new: bool = False,
+    console: Console | None = None,
+    prompts_file: Path | None = None,
+    prompt_field: str = "prompt",
 ) -> tuple[Path, Manifest]:
     """Run (or continue) the demo under `workdir`; return (run directory, final manifest).
 
     Errors propagate (the CLI turns them into messages with the next step).
     """
+    from orchestrator.config import ConfigError
     from orchestrator.local import run_local
     from orchestrator.runs import create_run
     from pairloop.atomic import atomic_write_text
     from pairloop_local.tiny_models import build_tiny_chat_model
 
     console = console or Console()
+    if prompts_file is not None and not prompts_file.is_file():
+        raise ConfigError(f"--prompts: {prompts_file} is not a file")  # before anything is built
     started = time.monotonic()
     store = workdir / "store"
     base = store / "models" / "tiny-llama"
     if not (base / "config.json").is_file():
         console.print("building the tiny base model ...")
         build_tiny_chat_model(base, arch="llama", seed=0)
-    unfinished = None if new else find_unfinished(store / "runs", iterations=iterations)
+    source = str((prompts_file or _packaged("prompts.jsonl")).resolve())
+    unfinished = (
+        None
+        if new
+        else find_unfinished(store / "runs", iterations=iterations, prompts_source=source)
+    )
     if unfinished is not None:
         console.print(f"resuming run {unfinished.name} (`pairloop demo --new` starts a fresh one)")
         run_dir = unfinished
     else:
-        cfg = demo_config(store=store, base_model=base, iterations=iterations)
+        cfg = demo_config(
+            store=store,
+            base_model=base,
+            iterations=iterations,
+            prompts_file=prompts_file,
+            prompt_field=prompt_field,
+        )
         config_path = workdir / "demo-config.yaml"
         atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
         run_dir = create_run(config_path, run_id=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -126,6 +191,11 @@ def _print_outcome(run_dir: Path, manifest: Manifest, *, iterations: int, consol
     from orchestrator.summary import print_summary
 
     print_summary(run_dir, manifest, console=console)
+    from orchestrator.admission import admission_summary
+
+    setup = manifest.stages.get("setup")
+    if setup and setup.metrics.get("prompts"):
+        console.print(f"prompts: {admission_summary(setup.metrics['prompts'])}", highlight=False)
     final = manifest.stages.get(f"iter{iterations}.evaluate")
     vs_base = final.metrics.get("vs_base", {}) if final else {}
     console.print(f"preference: {DEMO_PREFERENCE}")

@@ -30,7 +30,12 @@ def eval_outputs(ctx: RunContext, k: int) -> list[dict[str, Any]]:
     store = ShardStore(_out_dir(ctx, k) / "shards", GenerationRecord)
     count = len(chunk(prompts, ctx.cfg.shard_size))
     return [
-        {"prompt_id": r.prompt_id, "prompt": r.prompt, "output": r.responses[0]}
+        {
+            "prompt_id": r.prompt_id,
+            "prompt": r.prompt,
+            # A prompt the generator could not answer has no response: an empty answer loses.
+            "output": r.responses[0] if r.responses else "",
+        }
         for r in store.read_all(count)
     ]
 

@@ -27,7 +27,8 @@ async def run(ctx: RunContext, k: int) -> dict[str, Any]:
     if not train:
         raise PairloopError(
             f"iteration {k}: no training pairs ({stats.ties_dropped} ties, "
-            f"{stats.too_few_responses} prompts with <2 non-empty responses); raise sampling.temperature "
+            f"{stats.too_few_responses} prompts with <2 non-empty responses, "
+            f"{stats.generation_errors} the generator could not answer); raise sampling.temperature "
             "or max_tokens, or use more prompts"
         )
     write_preference_split(ctx.dataset_dir, f"train_iteration_{k}", train)

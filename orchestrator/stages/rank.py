@@ -32,6 +32,7 @@ async def _rank_records(ctx: RunContext, records: list[GenerationRecord]) -> lis
                 prompt=rec.prompt,
                 candidates=kept,
                 empty=len(rec.responses) - len(kept),
+                error=rec.error,  # no responses: the generator could not answer it
             )
         )
     for batch in chunk(rankable, cfg.ranker.batch_prompts):

@@ -25,16 +25,20 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatCompletionResponse",
     "ChatDelta",
+    "ChatLogprobs",
     "ChatMessage",
+    "ChatTokenLogprob",
     "CompletionChoice",
     "CompletionChunk",
     "CompletionChunkChoice",
+    "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
     "ModelCard",
     "ModelList",
     "SamplingFields",
     "StreamOptions",
+    "TopLogprob",
     "Usage",
     "WeightSwapRequest",
     "WeightSwapResponse",
@@ -112,6 +116,13 @@ class CompletionRequest(SamplingFields):
 
     model: str | None = None
     prompt: str | list[str] = Field(description="a prompt, or a list of prompts")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="log-probability of each sampled token plus this many most likely "
+        "alternatives per position (OpenAI: up to 5; this server: up to 20)",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -136,6 +147,10 @@ class ChatCompletionRequest(SamplingFields):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
+    logprobs: bool = Field(False, description="return the log-probability of each output token")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="most likely alternatives per position (needs logprobs)"
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -144,7 +159,13 @@ class ChatCompletionRequest(SamplingFields):
     def _merge_max_tokens(self) -> ChatCompletionRequest:
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    def logprobs_k(self) -> int | None:
+        """Alternatives per position the engine must return (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -153,11 +174,39 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs: parallel lists, one entry per generated token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(BaseModel):
+    """One output token of a chat choice, with its `top_logprobs` alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -174,7 +223,7 @@ class ChatCompletionChoice(BaseModel):
     index: int
     message: ChatMessage
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -191,7 +240,7 @@ class CompletionChunkChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionChunk(BaseModel):
@@ -217,7 +266,7 @@ class ChatCompletionChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -239,6 +288,8 @@ class ModelCard(BaseModel):
     owned_by: str = "pairloop"
     root: str | None = None
     weight_version: str
+    dtype: str | None = Field(None, description="dtype the weights are served in")
+    max_model_len: int | None = Field(None, description="context length (prompt + completion)")
 
 
 class ModelList(BaseModel):
@@ -250,6 +301,8 @@ class BatchChatRequest(SamplingFields):
     """`POST /v1/batch/chat`: many conversations x `n` samples in one call (the orchestrator's path).
 
     All of a batch is generated under one weight version: a swap waits for the batch to finish.
+    A conversation that cannot be answered (too long for the context, rejected by the chat
+    template or by the engine) gets a result with `error` set; the others are answered.
     """
 
     conversations: list[list[ChatMessage]] = Field(min_length=1)
@@ -265,11 +318,15 @@ class BatchChatRequest(SamplingFields):
 
 
 class BatchChatResult(BaseModel):
+    """One conversation's answers, or `error` saying why it got none (the rest of the batch is
+    answered all the same: one over-long prompt never fails its neighbours)."""
+
     id: str
-    outputs: list[str]
-    finish_reasons: list[FinishReason]
-    completion_tokens: list[int]
-    prompt_tokens: int
+    outputs: list[str] = Field(default_factory=list)
+    finish_reasons: list[FinishReason] = Field(default_factory=list)
+    completion_tokens: list[int] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    error: str | None = None
 
 
 class BatchChatResponse(BaseModel):

@@ -22,30 +22,11 @@ from services.generator.deps import Runtime
 from services.generator.gate import SwapGate
 from services.generator.generation import GenerationService, Limits
 from services.generator.metrics import GeneratorMetrics, RequestMetricsMiddleware
-from services.generator.sampling import EngineConfig
 from services.generator.settings import GeneratorSettings
 
-__all__ = ["create_app", "engine_config"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
-
-
-def engine_config(settings: GeneratorSettings) -> EngineConfig:
-    return EngineConfig(
-        model=settings.model,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
-        kv_cache_bytes=settings.kv_cache_bytes,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        enforce_eager=settings.enforce_eager,
-        prefix_caching=settings.prefix_caching,
-        max_num_seqs=settings.max_num_seqs,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        cpu_threads=settings.cpu_threads,
-        seed=settings.seed,
-        log_stats=settings.engine_log_stats,
-        initial_version=settings.initial_version,
-    )
 
 
 async def build_runtime(settings: GeneratorSettings, metrics: GeneratorMetrics) -> Runtime:
@@ -55,7 +36,7 @@ async def build_runtime(settings: GeneratorSettings, metrics: GeneratorMetrics) 
     engine_module = await asyncio.to_thread(importlib.import_module, "services.generator.engine")
     from services.generator.swap import WeightSwapper
 
-    engine = await engine_module.start_engine(engine_config(settings))
+    engine = await engine_module.start_engine(settings)
     try:
         gate = SwapGate(settings.initial_version, on_wait=metrics.held_by_swap.inc)
         limits = Limits(

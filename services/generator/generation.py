@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from pairloop.contracts.generator import SamplingFields
 from pairloop.errors import ServerError, ValidationError
+from services.generator.engine_types import EngineStep, SampleDelta, SamplingSpec, TokenLogprob
 from services.generator.gate import Lease, SwapGate
 from services.generator.metrics import GeneratorMetrics
-from services.generator.sampling import SampleDelta, SamplingSpec
 
 if TYPE_CHECKING:
     from services.generator.engine import VllmEngine
@@ -42,10 +42,14 @@ class Limits:
 
 @dataclass(frozen=True)
 class PromptResult:
+    """One prompt's samples (in index order), or `error` when the engine refused this prompt."""
+
     prompt_tokens: int
     texts: list[str]
     finish_reasons: list[str | None]
     completion_tokens: list[int]
+    logprobs: list[list[TokenLogprob] | None]
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,8 @@ class GenerationService:
                 param=param,
             )
 
-    def sampling_specs(
-        self, fields: SamplingFields, prompt_lens: Sequence[int], *, prompt_param: str
-    ) -> list[SamplingSpec]:
-        """One spec per prompt, or a ValidationError naming the field to fix."""
+    def check_fields(self, fields: SamplingFields) -> None:
+        """Request-wide caps (n, max_tokens): a ValidationError naming the field to fix."""
         lim = self.limits
         if fields.n > lim.max_n:
             raise ValidationError(
@@ -101,58 +103,92 @@ class GenerationService:
                 f"{lim.max_tokens_limit}",
                 param="max_tokens",
             )
-        specs = []
-        for i, plen in enumerate(prompt_lens):
-            room = lim.max_model_len - plen
-            if room < 1:
-                raise ValidationError(
-                    f"prompt {i} has {plen} tokens, which fills the model's context of "
-                    f"{lim.max_model_len} tokens: shorten it",
-                    param=prompt_param,
-                )
-            if fields.max_tokens is None:
-                max_tokens = min(lim.default_max_tokens, room)
-            elif fields.max_tokens > room:
-                raise ValidationError(
-                    f"prompt {i} has {plen} tokens and max_tokens is {fields.max_tokens}: "
-                    f"together more than the model's context of {lim.max_model_len} tokens; "
-                    "lower max_tokens or shorten the prompt",
-                    param="max_tokens",
-                )
-            else:
-                max_tokens = fields.max_tokens
-            if fields.min_tokens > max_tokens:
-                raise ValidationError(
-                    f"min_tokens={fields.min_tokens} is above max_tokens={max_tokens}",
-                    param="min_tokens",
-                )
-            specs.append(
-                SamplingSpec(
-                    n=fields.n,
-                    temperature=fields.temperature,
-                    top_p=fields.top_p,
-                    max_tokens=max_tokens,
-                    min_tokens=fields.min_tokens,
-                    seed=fields.seed,
-                    stop=tuple(fields.stop_list()),
-                    presence_penalty=fields.presence_penalty,
-                    frequency_penalty=fields.frequency_penalty,
-                )
+
+    def spec_for(
+        self,
+        fields: SamplingFields,
+        prompt_len: int,
+        *,
+        index: int,
+        prompt_param: str,
+        logprobs: int | None = None,
+    ) -> SamplingSpec:
+        """The spec of prompt `index`, or a ValidationError saying which limit it breaks."""
+        lim = self.limits
+        room = lim.max_model_len - prompt_len
+        if room < 1:
+            raise ValidationError(
+                f"prompt {index} has {prompt_len} tokens, which fills the model's context of "
+                f"{lim.max_model_len} tokens: shorten it",
+                param=prompt_param,
             )
-        return specs
+        if fields.max_tokens is None:
+            max_tokens = min(lim.default_max_tokens, room)
+        elif fields.max_tokens > room:
+            raise ValidationError(
+                f"prompt {index} has {prompt_len} tokens and max_tokens is {fields.max_tokens}: "
+                f"together more than the model's context of {lim.max_model_len} tokens; "
+                "lower max_tokens or shorten the prompt",
+                param="max_tokens",
+            )
+        else:
+            max_tokens = fields.max_tokens
+        if fields.min_tokens > max_tokens:
+            raise ValidationError(
+                f"min_tokens={fields.min_tokens} is above max_tokens={max_tokens}",
+                param="min_tokens",
+            )
+        return SamplingSpec(
+            n=fields.n,
+            temperature=fields.temperature,
+            top_p=fields.top_p,
+            max_tokens=max_tokens,
+            min_tokens=fields.min_tokens,
+            seed=fields.seed,
+            stop=tuple(fields.stop_list()),
+            presence_penalty=fields.presence_penalty,
+            frequency_penalty=fields.frequency_penalty,
+            logprobs=logprobs,
+        )
+
+    def sampling_specs(
+        self,
+        fields: SamplingFields,
+        prompt_lens: Sequence[int],
+        *,
+        prompt_param: str,
+        logprobs: int | None = None,
+    ) -> list[SamplingSpec]:
+        """One spec per prompt, or a ValidationError naming the field to fix."""
+        self.check_fields(fields)
+        return [
+            self.spec_for(fields, n, index=i, prompt_param=prompt_param, logprobs=logprobs)
+            for i, n in enumerate(prompt_lens)
+        ]
 
     # --- whole answers ------------------------------------------------------------------------
 
     async def run(
-        self, prompts: Sequence[list[int]], specs: Sequence[SamplingSpec], *, route: str
+        self,
+        prompts: Sequence[list[int]],
+        specs: Sequence[SamplingSpec],
+        *,
+        route: str,
+        isolate_errors: bool = False,
     ) -> RunResult:
-        """Generate every prompt under one weight version; re-run all of it if a swap aborted it."""
+        """Generate every prompt under one weight version; re-run all of it if a swap aborted it.
+
+        With `isolate_errors`, a prompt the engine rejects (a ValidationError) gets a result with
+        `error` set and the others run on; otherwise it fails the whole request.
+        """
         base_id = f"{route}-{uuid.uuid4().hex}"
         attempt = 0
         while True:
             lease = await self.gate.acquire(restartable=True)
             try:
-                steps = await self._run_leased(lease, prompts, specs, f"{base_id}-{attempt}")
+                steps = await self._run_leased(
+                    lease, prompts, specs, f"{base_id}-{attempt}", isolate_errors=isolate_errors
+                )
                 aborted = any(step is None for step in steps)
                 lease.requeued = aborted
             finally:
@@ -166,6 +202,9 @@ class GenerationService:
         results = []
         for prompt, step in zip(prompts, steps, strict=True):
             assert step is not None
+            if isinstance(step, ValidationError):
+                results.append(PromptResult(len(prompt), [], [], [], [], error=step.message))
+                continue
             samples = sorted(step.samples, key=lambda s: s.index)
             results.append(
                 PromptResult(
@@ -173,6 +212,7 @@ class GenerationService:
                     texts=[s.text for s in samples],
                     finish_reasons=[s.finish_reason for s in samples],
                     completion_tokens=[s.num_tokens for s in samples],
+                    logprobs=[s.logprobs for s in samples],
                 )
             )
         result = RunResult(version=lease.version, results=results)
@@ -186,15 +226,25 @@ class GenerationService:
         prompts: Sequence[list[int]],
         specs: Sequence[SamplingSpec],
         base_id: str,
-    ) -> list:
-        async def one(i: int) -> object:
+        *,
+        isolate_errors: bool,
+    ) -> list[EngineStep | ValidationError | None]:
+        async def one(i: int) -> EngineStep | ValidationError | None:
             if lease.abort_requested:
                 return None
             request_id = f"{base_id}-{i}"
             lease.request_ids.add(request_id)
             final = None
-            async for step in self.engine.generate(prompts[i], specs[i], request_id, stream=False):
-                final = step
+            try:
+                async for step in self.engine.generate(
+                    prompts[i], specs[i], request_id, stream=False
+                ):
+                    final = step
+            except ValidationError as exc:
+                if not isolate_errors:
+                    raise
+                log.warning("prompt %d of request %s rejected: %s", i, base_id, exc.message)
+                return exc
             if final is None or final.aborted:
                 return None
             self._cross_check(lease, final.engine_versions)

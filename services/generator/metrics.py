@@ -43,6 +43,11 @@ class GeneratorMetrics:
         self.generation_tokens = Counter(
             f"{p}_generation_tokens", "tokens generated (all samples)", registry=r
         )
+        self.batch_item_errors = Counter(
+            f"{p}_batch_item_errors",
+            "conversations of /v1/batch/chat answered with an error entry (the rest were served)",
+            registry=r,
+        )
         self.in_flight = Gauge(
             f"{p}_in_flight_requests", "generation requests holding the swap gate", registry=r
         )

@@ -1,8 +1,15 @@
 """OpenAI-format serving: request bodies in, responses or SSE streams out (routes stay thin).
 
 Chat prompts go through the model's chat template; completion prompts are tokenized as they are.
-Every response carries the weight version that produced it, in the body (`weight_version`, also
-in every stream chunk) and in the `X-Model-Version` header.
+Both routes share one path (`_serve`): a `_Shape` says only what differs between them, the
+models of a choice and of a chunk. Every response carries the weight version that produced it, in
+the body (`weight_version`, also in every stream chunk) and in the `X-Model-Version` header.
+
+Why the protocol is written here rather than vLLM's own OpenAI serving classes mounted over the
+engine: every response must say which weight version made it, the swap gate must hold a lease
+around every request (and re-run requests a swap aborted), and the batch route answers per item;
+vLLM's serving layer knows none of these, and its classes change shape every release (they would
+be a second vLLM surface beside `engine.py`). Logprobs cost one field mapping here.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -26,18 +35,22 @@ from pairloop.contracts.generator import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     ChatMessage,
+    ChatTokenLogprob,
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    TopLogprob,
     Usage,
 )
-from pairloop.errors import NotFoundError
+from pairloop.errors import NotFoundError, ValidationError
 from services.generator.deps import Runtime
+from services.generator.engine_types import SamplingSpec, TokenLogprob
 from services.generator.gate import Lease
-from services.generator.sampling import SamplingSpec
 from services.generator.streaming import LeasedStreamingResponse, sse_done, sse_event
 
 __all__ = ["batch_chat", "chat_completion", "check_model", "completion"]
@@ -68,17 +81,191 @@ def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-def _leased_stream(
-    runtime: Runtime, events: AsyncGenerator[str, None], lease: Lease
-) -> LeasedStreamingResponse:
-    return LeasedStreamingResponse(
-        events,
-        release=lambda: runtime.gate.release(lease),
-        headers={VERSION_HEADER: lease.version},
+# --- logprobs in OpenAI's two formats -------------------------------------------------------------
+
+
+def _completion_logprobs(lps: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    """Legacy format; `offset` is where this piece starts in the choice's text (streams)."""
+    offsets = []
+    for lp in lps:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return CompletionLogprobs(
+        tokens=[lp.token for lp in lps],
+        token_logprobs=[lp.logprob for lp in lps],
+        top_logprobs=[dict(lp.top) for lp in lps],
+        text_offset=offsets,
     )
 
 
-# --- /v1/completions ------------------------------------------------------------------------------
+def _chat_logprobs(lps: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=list(lp.token.encode()),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in lp.top
+                ],
+            )
+            for lp in lps
+        ]
+    )
+
+
+# --- what differs between /v1/completions and /v1/chat/completions --------------------------------
+
+_Reason = Any  # a FinishReason literal, as vLLM reports it
+
+
+@dataclass(frozen=True)
+class _Shape:
+    route: str
+    id_prefix: str
+    response: type[CompletionResponse] | type[ChatCompletionResponse]
+    chunk: type[CompletionChunk] | type[ChatCompletionChunk]
+    # (index, text, finish reason, logprobs or None, text offset) -> a choice / a chunk's choice
+    choice: Callable[[int, str, _Reason, list[TokenLogprob] | None, int], BaseModel]
+    chunk_choice: Callable[[int, str, _Reason, list[TokenLogprob] | None, int], BaseModel]
+    # Chunks that open each choice of a stream before any text (chat: the role).
+    opening: Callable[[int], BaseModel] | None = None
+
+
+_COMPLETION = _Shape(
+    route="completions",
+    id_prefix="cmpl",
+    response=CompletionResponse,
+    chunk=CompletionChunk,
+    choice=lambda i, text, reason, lps, off: CompletionChoice(
+        index=i,
+        text=text,
+        finish_reason=reason,
+        logprobs=None if lps is None else _completion_logprobs(lps, off),
+    ),
+    chunk_choice=lambda i, text, reason, lps, off: CompletionChunkChoice(
+        index=i,
+        text=text,
+        finish_reason=reason,
+        logprobs=None if lps is None else _completion_logprobs(lps, off),
+    ),
+)
+
+_CHAT = _Shape(
+    route="chat",
+    id_prefix="chatcmpl",
+    response=ChatCompletionResponse,
+    chunk=ChatCompletionChunk,
+    choice=lambda i, text, reason, lps, off: ChatCompletionChoice(
+        index=i,
+        message=ChatMessage(role="assistant", content=text),
+        finish_reason=reason,
+        logprobs=None if lps is None else _chat_logprobs(lps),
+    ),
+    chunk_choice=lambda i, text, reason, lps, off: ChatCompletionChunkChoice(
+        index=i,
+        delta=ChatDelta(content=text),
+        finish_reason=reason,
+        logprobs=None if lps is None else _chat_logprobs(lps),
+    ),
+    # OpenAI opens every choice with a role-only delta.
+    opening=lambda j: ChatCompletionChunkChoice(
+        index=j, delta=ChatDelta(role="assistant", content="")
+    ),
+)
+
+
+async def _serve(
+    runtime: Runtime,
+    shape: _Shape,
+    prompts: list[list[int]],
+    specs: list[SamplingSpec],
+    *,
+    served: str,
+    stream: bool,
+    include_usage: bool,
+) -> JSONResponse | LeasedStreamingResponse:
+    gen = runtime.generation
+    rid = f"{shape.id_prefix}-{uuid.uuid4().hex}"
+    n = specs[0].n
+    if stream:
+        lease = await gen.open_stream()
+        events = _events(runtime, shape, lease, prompts, specs, rid, served, include_usage)
+        return LeasedStreamingResponse(
+            events,
+            release=lambda: runtime.gate.release(lease),
+            headers={VERSION_HEADER: lease.version},
+        )
+    result = await gen.run(prompts, specs, route=shape.route)
+    choices = [
+        shape.choice(i * n + j, text, reason, lps, 0)
+        for i, pr in enumerate(result.results)
+        for j, (text, reason, lps) in enumerate(
+            zip(pr.texts, pr.finish_reasons, pr.logprobs, strict=True)
+        )
+    ]
+    response = shape.response(
+        id=rid,
+        model=served,
+        choices=choices,
+        usage=_usage(result.prompt_tokens, result.completion_tokens),
+        weight_version=result.version,
+    )
+    return _json(response, result.version)
+
+
+async def _events(
+    runtime: Runtime,
+    shape: _Shape,
+    lease: Lease,
+    prompts: list[list[int]],
+    specs: list[SamplingSpec],
+    rid: str,
+    served: str,
+    include_usage: bool,
+) -> AsyncGenerator[str, None]:
+    created = int(time.time())
+    n = specs[0].n
+
+    def chunk(choices: list[BaseModel], usage: Usage | None = None) -> str:
+        return sse_event(
+            shape.chunk(
+                id=rid,
+                created=created,
+                model=served,
+                choices=choices,
+                usage=usage,
+                weight_version=lease.version,
+            )
+        )
+
+    if shape.opening is not None:
+        for j in range(len(prompts) * n):
+            yield chunk([shape.opening(j)])
+    generated = 0
+    offsets: dict[int, int] = {}
+    deltas = runtime.generation.stream_deltas(lease, prompts, specs, route=shape.route)
+    async with contextlib.aclosing(deltas):
+        async for prompt_index, sample in deltas:
+            generated += sample.num_tokens
+            if not sample.text and sample.finish_reason is None and not sample.logprobs:
+                continue
+            index = prompt_index * n + sample.index
+            offset = offsets.get(index, 0)
+            offsets[index] = offset + len(sample.text)
+            yield chunk(
+                [
+                    shape.chunk_choice(
+                        index, sample.text, sample.finish_reason, sample.logprobs, offset
+                    )
+                ]
+            )
+    if include_usage:
+        yield chunk([], _usage(sum(len(p) for p in prompts), generated))
+    yield sse_done()
+
+
+# --- /v1/completions, /v1/chat/completions --------------------------------------------------------
 
 
 async def completion(
@@ -89,77 +276,18 @@ async def completion(
     texts = body.prompts()
     gen.check_prompt_count(len(texts), param="prompt")
     prompts = [runtime.engine.encode_prompt(t) for t in texts]
-    specs = gen.sampling_specs(body, [len(p) for p in prompts], prompt_param="prompt")
-    rid = f"cmpl-{uuid.uuid4().hex}"
-    if body.stream:
-        lease = await gen.open_stream()
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _completion_events(runtime, lease, prompts, specs, rid, served, include_usage)
-        return _leased_stream(runtime, events, lease)
-    result = await gen.run(prompts, specs, route="completions")
-    choices = [
-        CompletionChoice(index=i * body.n + j, text=text, finish_reason=reason)
-        for i, pr in enumerate(result.results)
-        for j, (text, reason) in enumerate(zip(pr.texts, pr.finish_reasons, strict=True))
-    ]
-    response = CompletionResponse(
-        id=rid,
-        model=served,
-        choices=choices,
-        usage=_usage(result.prompt_tokens, result.completion_tokens),
-        weight_version=result.version,
+    specs = gen.sampling_specs(
+        body, [len(p) for p in prompts], prompt_param="prompt", logprobs=body.logprobs
     )
-    return _json(response, result.version)
-
-
-async def _completion_events(
-    runtime: Runtime,
-    lease: Lease,
-    prompts: list[list[int]],
-    specs: list[SamplingSpec],
-    rid: str,
-    served: str,
-    include_usage: bool,
-) -> AsyncGenerator[str, None]:
-    created = int(time.time())
-    n = specs[0].n
-    generated = 0
-    deltas = runtime.generation.stream_deltas(lease, prompts, specs, route="completions")
-    async with contextlib.aclosing(deltas):
-        async for prompt_index, sample in deltas:
-            generated += sample.num_tokens
-            if not sample.text and sample.finish_reason is None:
-                continue
-            choice = CompletionChunkChoice(
-                index=prompt_index * n + sample.index,
-                text=sample.text,
-                finish_reason=sample.finish_reason,
-            )
-            yield sse_event(
-                CompletionChunk(
-                    id=rid,
-                    created=created,
-                    model=served,
-                    choices=[choice],
-                    weight_version=lease.version,
-                )
-            )
-    if include_usage:
-        usage = _usage(sum(len(p) for p in prompts), generated)
-        yield sse_event(
-            CompletionChunk(
-                id=rid,
-                created=created,
-                model=served,
-                choices=[],
-                usage=usage,
-                weight_version=lease.version,
-            )
-        )
-    yield sse_done()
-
-
-# --- /v1/chat/completions -------------------------------------------------------------------------
+    return await _serve(
+        runtime,
+        _COMPLETION,
+        prompts,
+        specs,
+        served=served,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
 
 
 async def chat_completion(
@@ -168,96 +296,63 @@ async def chat_completion(
     check_model(body.model, served)
     gen = runtime.generation
     prompt = runtime.engine.render_chat(_messages(body.messages))
-    specs = gen.sampling_specs(body, [len(prompt)], prompt_param="messages")
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    if body.stream:
-        lease = await gen.open_stream()
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _chat_events(runtime, lease, prompt, specs[0], rid, served, include_usage)
-        return _leased_stream(runtime, events, lease)
-    result = await gen.run([prompt], specs, route="chat")
-    pr = result.results[0]
-    choices = [
-        ChatCompletionChoice(
-            index=j,
-            message=ChatMessage(role="assistant", content=text),
-            finish_reason=reason,
-        )
-        for j, (text, reason) in enumerate(zip(pr.texts, pr.finish_reasons, strict=True))
-    ]
-    response = ChatCompletionResponse(
-        id=rid,
-        model=served,
-        choices=choices,
-        usage=_usage(result.prompt_tokens, result.completion_tokens),
-        weight_version=result.version,
+    specs = gen.sampling_specs(
+        body, [len(prompt)], prompt_param="messages", logprobs=body.logprobs_k()
     )
-    return _json(response, result.version)
-
-
-async def _chat_events(
-    runtime: Runtime,
-    lease: Lease,
-    prompt: list[int],
-    spec: SamplingSpec,
-    rid: str,
-    served: str,
-    include_usage: bool,
-) -> AsyncGenerator[str, None]:
-    created = int(time.time())
-
-    def chunk(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
-        return sse_event(
-            ChatCompletionChunk(
-                id=rid,
-                created=created,
-                model=served,
-                choices=choices,
-                usage=usage,
-                weight_version=lease.version,
-            )
-        )
-
-    # OpenAI opens every choice with a role-only delta.
-    for j in range(spec.n):
-        yield chunk(
-            [ChatCompletionChunkChoice(index=j, delta=ChatDelta(role="assistant", content=""))]
-        )
-    generated = 0
-    deltas = runtime.generation.stream_deltas(lease, [prompt], [spec], route="chat")
-    async with contextlib.aclosing(deltas):
-        async for _, sample in deltas:
-            generated += sample.num_tokens
-            if not sample.text and sample.finish_reason is None:
-                continue
-            yield chunk(
-                [
-                    ChatCompletionChunkChoice(
-                        index=sample.index,
-                        delta=ChatDelta(content=sample.text),
-                        finish_reason=sample.finish_reason,
-                    )
-                ]
-            )
-    if include_usage:
-        yield chunk([], _usage(len(prompt), generated))
-    yield sse_done()
+    return await _serve(
+        runtime,
+        _CHAT,
+        [prompt],
+        specs,
+        served=served,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
 
 
 # --- /v1/batch/chat -------------------------------------------------------------------------------
 
 
+def _name(cid: str, conversation: Sequence[ChatMessage]) -> str:
+    """How an error names a conversation: its id and the first characters of its last turn."""
+    text = " ".join(conversation[-1].content.split())
+    return f"{cid!r} ({text[:40] + '...' if len(text) > 40 else text!r})"
+
+
 async def batch_chat(runtime: Runtime, body: BatchChatRequest, served: str) -> JSONResponse:
+    """Every conversation answered, or given an error entry; request-wide problems stay a 400."""
     gen = runtime.generation
     gen.check_prompt_count(len(body.conversations), param="conversations")
-    prompts = [runtime.engine.render_chat(_messages(conv)) for conv in body.conversations]
-    specs = gen.sampling_specs(body, [len(p) for p in prompts], prompt_param="conversations")
-    result = await gen.run(prompts, specs, route="batch")
-    ids = body.ids or [str(i) for i in range(len(prompts))]
-    response = BatchChatResponse(
-        model=served,
-        weight_version=result.version,
-        results=[
+    gen.check_fields(body)
+    ids = body.ids or [str(i) for i in range(len(body.conversations))]
+    errors: dict[int, str] = {}
+    prompts: list[list[int]] = []
+    specs: list[SamplingSpec] = []
+    runnable: list[int] = []
+    for i, conv in enumerate(body.conversations):
+        try:
+            prompt = runtime.engine.render_chat(_messages(conv))
+            spec = gen.spec_for(body, len(prompt), index=i, prompt_param="conversations")
+        except ValidationError as exc:
+            errors[i] = f"conversation {_name(ids[i], conv)}: {exc.message}"
+            continue
+        prompts.append(prompt)
+        specs.append(spec)
+        runnable.append(i)
+    if runnable:
+        result = await gen.run(prompts, specs, route="batch", isolate_errors=True)
+        version, answered = result.version, dict(zip(runnable, result.results, strict=True))
+    else:  # nothing to run: no lease was taken, the serving version is still the truth
+        version, answered = runtime.gate.version, {}
+    results = []
+    for i, cid in enumerate(ids):
+        pr = answered.get(i)
+        if pr is None or pr.error is not None:
+            reason = pr.error if pr else "not run"
+            message = errors.get(i) or f"conversation {_name(cid, body.conversations[i])}: {reason}"
+            results.append(BatchChatResult(id=cid, error=message))
+            continue
+        results.append(
             BatchChatResult(
                 id=cid,
                 outputs=pr.texts,
@@ -265,7 +360,8 @@ async def batch_chat(runtime: Runtime, body: BatchChatRequest, served: str) -> J
                 completion_tokens=pr.completion_tokens,
                 prompt_tokens=pr.prompt_tokens,
             )
-            for cid, pr in zip(ids, result.results, strict=True)
-        ],
-    )
-    return _json(response, result.version)
+        )
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        gen.metrics.batch_item_errors.inc(failed)
+    return _json(BatchChatResponse(model=served, weight_version=version, results=results), version)

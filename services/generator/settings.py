@@ -4,7 +4,9 @@
     PAIRLOOP_GENERATOR_MODEL=... PAIRLOOP_GENERATOR_PORT=8000 python -m services.generator
 
 Defaults are chosen so that those four flags alone start the service on a laptop CPU: eager mode,
-an explicit KV cache size (vLLM on CPU cannot size it itself) and a context of at most 4096 tokens.
+an explicit KV cache size (vLLM on CPU cannot size it itself). The context is the model's own
+(`max_position_embeddings`; Mistral-7B-Instruct-v0.2: 32768) unless `--max-model-len` caps it: on a
+CPU the KV cache must hold one whole context, so cap it there (2 GiB holds 16k Mistral tokens).
 On a GPU host, set `--kv-cache-bytes 0` (vLLM sizes the cache from `--gpu-memory-utilization`) and
 `--no-enforce-eager` (CUDA graphs).
 """
@@ -46,12 +48,14 @@ class GeneratorSettings(BaseSettings):
         description="weight version label of the weights the service starts with",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weight and activation dtype (auto: the checkpoint's)"
+        "auto",
+        description="weight and activation dtype (auto: the checkpoint's own, float32 included; "
+        "vLLM's auto would serve a float32 checkpoint in bfloat16)",
     )
     max_model_len: int | None = Field(
         None,
         ge=16,
-        description="context length (prompt + completion); default: the model's, at most 4096",
+        description="cap of the context length (prompt + completion); default: the model's own",
     )
     # 2 GiB holds 16k tokens of Mistral-7B's KV cache in bf16: enough for a handful of long
     # requests on a laptop. vLLM's CPU backend refuses to guess, so the default is explicit.

@@ -31,9 +31,9 @@ from pairloop.errors import (
     ValidationError,
 )
 from pairloop.paths import resolve_inside
+from services.generator.engine_types import ReloadError
 from services.generator.gate import DrainTimeoutError, SwapGate
 from services.generator.metrics import GeneratorMetrics
-from services.generator.sampling import ReloadError
 from services.generator.settings import SwapMode
 
 if TYPE_CHECKING:

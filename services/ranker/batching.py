@@ -7,6 +7,11 @@ forward passes of at most `max_batch_size` rows and `max_batch_tokens` padded to
 what makes batching cheap: a pass costs its longest row times its row count, so rows of similar
 length waste little on padding. Passes run one at a time on a single inference thread (the model
 is not shared between threads), while the event loop keeps accepting and tokenizing requests.
+
+With a `MemoryBudget` (services.ranker.memory), a pass is also capped by its estimated memory,
+attention's rows x heads x L^2 included. A pass that still runs out of device memory is split in
+halves and retried, down to single rows, before its callers get an error; every split is counted
+(`pairloop_ranker_oom_splits_total`) and the budget lowered to what then fits.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from pairloop.errors import ServerError, ServiceUnavailableError
+from services.ranker.memory import MemoryBudget, is_out_of_memory
 from services.ranker.metrics import RankerMetrics
 
 __all__ = ["MicroBatcher", "plan_batches"]
@@ -39,15 +45,33 @@ class _Pending(Generic[J, R]):
     future: asyncio.Future[R] = field(repr=False)
 
 
-def plan_batches(lengths: Sequence[int], *, max_rows: int, max_tokens: int) -> list[list[int]]:
-    """Indices of `lengths` grouped into forward passes: sorted by length, capped in rows and
-    padded tokens (rows x longest). A sequence longer than `max_tokens` runs alone."""
+def plan_batches(
+    lengths: Sequence[int],
+    *,
+    max_rows: int,
+    max_tokens: int,
+    max_bytes: int | None = None,
+    pass_bytes: Callable[[int, int], int] | None = None,
+) -> list[list[int]]:
+    """Indices of `lengths` grouped into forward passes: sorted by length, capped in rows, padded
+    tokens (rows x longest) and, given both `max_bytes` and `pass_bytes(rows, longest)`, in
+    estimated memory. A sequence over a cap on its own runs alone."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
+
+    def too_big(rows: int, longest: int) -> bool:
+        if rows * longest > max_tokens:
+            return True
+        return (
+            max_bytes is not None
+            and pass_bytes is not None
+            and pass_bytes(rows, longest) > max_bytes
+        )
+
     for i in order:
         # Sorted ascending, so the newcomer is the longest row of the pass it joins.
-        if current and (len(current) >= max_rows or (len(current) + 1) * lengths[i] > max_tokens):
+        if current and (len(current) >= max_rows or too_big(len(current) + 1, lengths[i])):
             batches.append(current)
             current = []
         current.append(i)
@@ -71,9 +95,11 @@ class MicroBatcher(Generic[J, R]):
         max_batch_tokens: int,
         max_wait_s: float,
         sort_window: int,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._metrics = metrics
+        self.budget = budget
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
@@ -131,10 +157,15 @@ class MicroBatcher(Generic[J, R]):
         loop = asyncio.get_running_loop()
         while True:
             window = await self._gather_window()
+            max_bytes = self.budget.bytes() if self.budget is not None else None
+            if max_bytes is not None:
+                self._metrics.batch_budget_bytes.set(max_bytes)
             plan = plan_batches(
                 [p.length for p in window],
                 max_rows=self.max_batch_size,
                 max_tokens=self.max_batch_tokens,
+                max_bytes=max_bytes,
+                pass_bytes=self.budget.cost.pass_bytes if self.budget is not None else None,
             )
             for indices in plan:
                 batch = [window[i] for i in indices]
@@ -142,7 +173,10 @@ class MicroBatcher(Generic[J, R]):
                 started = time.perf_counter()
                 try:
                     results = await loop.run_in_executor(
-                        self._executor, self._run_batch, [p.job for p in batch]
+                        self._executor,
+                        self._forward,
+                        [p.job for p in batch],
+                        max(p.length for p in batch),
                     )
                 except Exception as exc:  # a failed pass fails its callers, not the service
                     log.exception("forward pass over %d sequences failed", len(batch))
@@ -153,8 +187,40 @@ class MicroBatcher(Generic[J, R]):
                     continue
                 self._metrics.forward_seconds.observe(time.perf_counter() - started)
                 for p, result in zip(batch, results, strict=True):
-                    if not p.future.done():
+                    if p.future.done():
+                        continue
+                    if isinstance(result, _OutOfMemory):
+                        p.future.set_exception(
+                            ServerError(
+                                f"ranking failed: OutOfMemoryError: a single sequence of "
+                                f"{p.length} tokens does not fit in device memory ({result.reason})"
+                            )
+                        )
+                    else:
                         p.future.set_result(result)
+
+    def _forward(self, jobs: list[J], longest: int) -> list[R | _OutOfMemory]:
+        """`run_batch(jobs)`, split in halves on out-of-memory down to one row (inference thread).
+
+        A single row that still does not fit gets an `_OutOfMemory` in its place: only its caller
+        fails. Any other error fails the whole pass.
+        """
+        try:
+            return list(self._run_batch(jobs))
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if len(jobs) == 1:
+                log.error("out of memory on a single row of %d tokens", longest)
+                return [_OutOfMemory(str(exc).splitlines()[0][:200])]
+            log.warning("out of memory on %d rows x %d tokens: splitting", len(jobs), longest)
+        # Outside the except block: its traceback would keep the failed pass's tensors alive.
+        self._metrics.oom_splits.inc()
+        if self.budget is not None:
+            self.budget.note_out_of_memory(len(jobs), longest)
+        _release_cached_memory()
+        half = len(jobs) // 2
+        return self._forward(jobs[:half], longest) + self._forward(jobs[half:], longest)
 
     def _observe(self, batch: list[_Pending[J, R]]) -> None:
         longest = max(p.length for p in batch)
@@ -165,3 +231,20 @@ class MicroBatcher(Generic[J, R]):
         m.comparisons.inc(len(batch))
         m.batch_tokens.labels(kind="real").inc(real)
         m.batch_tokens.labels(kind="padding").inc(longest * len(batch) - real)
+
+
+@dataclass(frozen=True)
+class _OutOfMemory:
+    """Placeholder result of a single row that ran out of memory even alone."""
+
+    reason: str
+
+
+def _release_cached_memory() -> None:
+    """Give the failed pass's cached blocks back before retrying smaller (CUDA only)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -10,11 +10,14 @@ pairloop_ranker_batch_requests                     distinct requests per forward
 pairloop_ranker_batch_tokens_total{kind}           real vs padded tokens fed to the model
 pairloop_ranker_forward_seconds                    time per forward pass (histogram)
 pairloop_ranker_truncations_total{part}            prompts / candidates cut to the limits
+pairloop_ranker_oom_splits_total                   forward passes split in halves after running
+                                                   out of device memory (then retried)
+pairloop_ranker_batch_budget_bytes                 memory the last planned passes could use
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["RankerMetrics"]
 
@@ -69,6 +72,16 @@ class RankerMetrics:
             "pairloop_ranker_truncations",
             "Inputs cut to the model's limits",
             ["part"],
+            registry=r,
+        )
+        self.oom_splits = Counter(
+            "pairloop_ranker_oom_splits",
+            "Forward passes split in halves after an out-of-memory error, then retried",
+            registry=r,
+        )
+        self.batch_budget_bytes = Gauge(
+            "pairloop_ranker_batch_budget_bytes",
+            "Estimated memory the last planned forward passes could use (0: no budget)",
             registry=r,
         )
         for part in ("prompt", "candidate"):

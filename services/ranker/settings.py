@@ -59,6 +59,20 @@ class RankerSettings(BaseSettings):
     max_batch_tokens: int = Field(
         16384, ge=1, description="most padded tokens (rows x longest) in one forward pass"
     )
+    # Attention's memory grows with rows x L^2: the token cap above does not bound it. On CUDA a
+    # pass is also planned within a share of the device's free memory (read before each plan).
+    batch_memory_fraction: float = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="share of the device's free memory one forward pass may plan for (CUDA)",
+    )
+    max_batch_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="cap of a forward pass's estimated activation memory in bytes, attention's "
+        "[rows x heads, L, L] included (default: none on CPU; on CUDA the free-memory share)",
+    )
     batch_wait_ms: float = Field(
         2.0,
         ge=0.0,

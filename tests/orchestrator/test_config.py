@@ -70,7 +70,9 @@ def test_create_run_freezes_prompts_and_refuses_to_overwrite(write_config, store
         "eval.jsonl",
         "iteration_1.jsonl",
         "iteration_2.jsonl",
+        "skipped.jsonl",  # prompt admission's list (empty here: every prompt fits)
     ]
+    assert (run_dir / "prompts" / "skipped.jsonl").read_text() == ""
     with pytest.raises(ConfigError, match="already exists"):
         create_run(write_config(), run_id="r1")
 

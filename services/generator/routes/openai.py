@@ -26,7 +26,11 @@ _ERRORS = error_responses(400, 404, 413, 503)
 @router.get("/models", response_model=ModelList, responses=error_responses(503))
 async def list_models(runtime: RuntimeDep, settings: SettingsDep) -> Response:
     card = ModelCard(
-        id=settings.model_name, root=settings.model, weight_version=runtime.gate.version
+        id=settings.model_name,
+        root=settings.model,
+        weight_version=runtime.gate.version,
+        dtype=runtime.engine.dtype,
+        max_model_len=runtime.engine.max_model_len,
     )
     return JSONResponse(
         ModelList(data=[card]).model_dump(mode="json"),

@@ -31,6 +31,7 @@ from pairloop.contracts.ranker import (
 )
 from services.ranker.batching import MicroBatcher
 from services.ranker.blender_adapter import PairRMModel, TokenIds, load_pairrm
+from services.ranker.memory import memory_budget
 from services.ranker.metrics import RankerMetrics
 from services.ranker.rankers.base import (
     Pick,
@@ -98,6 +99,7 @@ class PairRMRanker:
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.batch_wait_ms / 1000.0,
             sort_window=settings.sort_window,
+            budget=memory_budget(settings, model.ranker.config),
         )
 
     def _run_batch(self, rows: list[_Row]) -> list[np.float32]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pairloop.contracts.ranker import Truncation
 from services.ranker.batching import MicroBatcher
+from services.ranker.memory import memory_budget
 from services.ranker.metrics import RankerMetrics
 from services.ranker.rankers.base import PointwiseRanker
 from services.ranker.settings import RankerSettings
@@ -68,6 +69,7 @@ class RewardModelRanker(PointwiseRanker):
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.batch_wait_ms / 1000.0,
             sort_window=settings.sort_window,
+            budget=memory_budget(settings, model.config),
         )
 
     async def start(self) -> None:

@@ -222,7 +222,14 @@ LONG_PROMPT = "word " * (MAX_MODEL_LEN + 1)
             ["min_tokens"],
         ),
         ("chat/completions", {"messages": CHAT, "n": 2, "temperature": 0}, 400, ["greedy"]),
-        ("chat/completions", {"messages": CHAT, "logprobs": True}, 400, ["logprobs"]),
+        ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, ["needs logprobs"]),
+        (
+            "chat/completions",
+            {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
+            400,
+            ["top_logprobs"],
+        ),
+        ("completions", {"prompt": "hi", "logprobs": 99}, 400, ["logprobs"]),
         ("chat/completions", {"messages": CHAT, "model": "gpt-4"}, 404, ["gpt-4", "tiny-llama"]),
         (
             "chat/completions",

@@ -117,3 +117,24 @@ def test_cli_reports_bad_flags_without_a_traceback() -> None:
     )  # fmt: skip
     assert r.returncode == 2
     assert "--max-n" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_engine_args_serve_the_checkpoint_dtype_and_the_model_context(tmp_path: Path) -> None:
+    """`dtype: auto` means the checkpoint's own (vLLM's auto would downcast float32 to bfloat16);
+    the context is the model's own unless --max-model-len caps it."""
+    import json
+
+    from pairloop_local.tiny_models import build_tiny_chat_model
+    from services.generator.engine import engine_args
+
+    model = build_tiny_chat_model(
+        tmp_path / "m", arch="llama", seed=0, max_position_embeddings=8192
+    )
+    args = engine_args(GeneratorSettings(model=str(model)))
+    assert (args.dtype, args.max_model_len) == ("float32", 8192)
+    args = engine_args(GeneratorSettings(model=str(model), max_model_len=1024, dtype="bfloat16"))
+    assert (args.dtype, args.max_model_len) == ("bfloat16", 1024)
+    config = json.loads((model / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (model / "config.json").write_text(json.dumps(config))
+    assert engine_args(GeneratorSettings(model=str(model))).dtype == "bfloat16"

@@ -1,15 +1,16 @@
 """Engine-neutral types between the HTTP layer and the vLLM adapter (no vLLM import here).
 
 `SamplingSpec` is what a request asks the engine for; `SampleDelta` / `EngineStep` are what comes
-back. Keeping these plain dataclasses lets the routes, the gate and the swap logic be read (and
-imported) without vLLM, whose API moves every release.
+back (with `TokenLogprob`s when asked). Keeping these plain dataclasses lets the routes, the gate
+and the swap logic be read (and imported) without vLLM, whose API moves every release. How the
+engine itself is built comes straight from `GeneratorSettings` (see `engine.engine_args`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["EngineConfig", "EngineStep", "ReloadError", "SampleDelta", "SamplingSpec"]
+__all__ = ["EngineStep", "ReloadError", "SampleDelta", "SamplingSpec", "TokenLogprob"]
 
 
 class ReloadError(RuntimeError):
@@ -18,7 +19,11 @@ class ReloadError(RuntimeError):
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """Sampling of one prompt: OpenAI's knobs plus vLLM's `min_tokens`."""
+    """Sampling of one prompt: OpenAI's knobs plus vLLM's `min_tokens`.
+
+    `logprobs`: None for none; k >= 0 for the sampled token's log-probability plus the k most
+    likely alternatives at every step (OpenAI's completions `logprobs`, chat `top_logprobs`).
+    """
 
     n: int = 1
     temperature: float = 1.0
@@ -29,6 +34,18 @@ class SamplingSpec:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, log-probability, and the top alternatives (text, logprob),
+    most likely first. Log-probabilities are the model's raw log-softmax (before temperature)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,8 @@ class SampleDelta:
     text: str
     num_tokens: int
     finish_reason: str | None = None
+    # One entry per new token, when the request asked for logprobs.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,22 +73,3 @@ class EngineStep:
     @property
     def aborted(self) -> bool:
         return any(s.finish_reason == "abort" for s in self.samples)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How to build the engine; filled from `GeneratorSettings` (see there for meanings)."""
-
-    model: str
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    kv_cache_bytes: int = 2 << 30
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = True
-    prefix_caching: bool = True
-    max_num_seqs: int | None = None
-    tensor_parallel_size: int = 1
-    cpu_threads: int = 0
-    seed: int = 0
-    log_stats: bool = False
-    initial_version: str = "base"
