@@ -25,6 +25,7 @@ from pairloop.validation import describe_validation_error
 
 __all__ = [
     "ConfigError",
+    "EvalPromptsConfig",
     "EvaluationConfig",
     "LocalConfig",
     "LocalRankerConfig",
@@ -39,6 +40,9 @@ __all__ = [
     "check_paths",
     "load_run_config",
 ]
+
+
+_LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
 
 
 class ConfigError(ValueError):
@@ -115,12 +119,67 @@ class PairsConfig(_Strict):
         return self
 
 
+class EvalPromptsConfig(_Strict):
+    """The evaluation's own instructions: a hub dataset or a local file, used whole, in order.
+
+    The recipe's is AlpacaEval 2.0 (`tatsu-lab/alpaca_eval`, config `alpaca_eval`, split `eval`,
+    column `instruction`); a local JSON/JSONL in AlpacaEval's format (a list of objects with
+    `instruction`, optionally `dataset`) works the same way. Every one of these instructions is
+    removed from the training pool (compared case- and whitespace-insensitively).
+    """
+
+    source: str = Field(
+        "tatsu-lab/alpaca_eval",
+        description="a Hugging Face dataset name, or a local .jsonl/.json/.parquet file",
+    )
+    name: str | None = Field("alpaca_eval", description="dataset config name (hub datasets only)")
+    split: str = Field("eval", description="dataset split (hub datasets only)")
+    field: str = Field("instruction", description="column holding the instruction text")
+    id_field: str | None = Field(None, description="column with a stable id; None: hashed text")
+    limit: int | None = Field(None, ge=1, description="use only the first N instructions")
+
+
 class EvaluationConfig(_Strict):
-    """Held-out evaluation after every iteration, judged by the ranker."""
+    """Evaluation after every iteration: answers to the evaluation instructions, judged pairwise."""
 
     enabled: bool = True
+    prompts: EvalPromptsConfig | None = Field(
+        None,
+        description="the evaluation's own instructions (AlpacaEval's in the recipe); None: "
+        "prompts.eval_prompts prompts held out of the training source",
+    )
+    judge: str | None = Field(
+        None,
+        description="URL of the ranker service that judges (e.g. a reward model that did not "
+        "make the pairs); None: the run's ranker",
+    )
+    best_of: list[int] = Field(
+        default_factory=lambda: [1],
+        min_length=1,
+        description="1: one greedy answer; n > 1: n samples, the run's ranker picks one "
+        "(the recipe reports best-of-16); each is its own row",
+    )
+    best_of_temperature: float = Field(
+        0.7, gt=0.0, le=2.0, description="sampling temperature of best-of-n's samples"
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy, as AlpacaEval runs")
     max_tokens: int = Field(512, ge=1)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError("every best_of entry must be >= 1")
+        if 1 not in v:
+            raise ValueError("best_of must include 1 (the plain answer every figure is based on)")
+        return sorted(set(v))
+
+    @field_validator("judge")
+    @classmethod
+    def _judge(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v.rstrip("/") if v else v
 
 
 class ServicesConfig(_Strict):
@@ -275,8 +334,19 @@ def _absolutise(cfg: RunConfig, base_dir: Path) -> RunConfig:
     src = Path(prompts.source).expanduser()
     if src.suffix in {".jsonl", ".json", ".parquet"}:
         prompts = prompts.model_copy(update={"source": fix(prompts.source)})
+    evaluation = cfg.evaluation
+    ep = evaluation.prompts
+    if ep is not None and Path(ep.source).expanduser().suffix in _LOCAL_SUFFIXES:
+        evaluation = evaluation.model_copy(
+            update={"prompts": ep.model_copy(update={"source": fix(ep.source)})}
+        )
     return cfg.model_copy(
-        update={"model_store": store, "base_model": base_model, "prompts": prompts}
+        update={
+            "model_store": store,
+            "base_model": base_model,
+            "prompts": prompts,
+            "evaluation": evaluation,
+        }
     )
 
 
@@ -320,6 +390,13 @@ def check_paths(cfg: RunConfig) -> None:
     src = Path(cfg.prompts.source)
     if src.suffix in {".jsonl", ".json", ".parquet"} and not src.is_file():
         problems.append(f"prompts.source: {src} does not exist")
+    ep = cfg.evaluation.prompts
+    if (
+        ep is not None
+        and Path(ep.source).suffix in _LOCAL_SUFFIXES
+        and not Path(ep.source).is_file()
+    ):
+        problems.append(f"evaluation.prompts.source: {ep.source} does not exist")
     if cfg.shard_size > cfg.prompts.per_iteration:
         problems.append("shard_size: larger than prompts.per_iteration")
     if problems:

@@ -58,6 +58,7 @@ class RunContext:
     progress: Progress
     fault_kill_after: str | None = None
     make_generator: Callable[[str], GeneratorClient] | None = None
+    judge_client: RankerClient | None = None  # evaluation.judge; None: the run's ranker judges
     # Set when the run is being interrupted: threads that wait on services (training) stop.
     stopping: threading.Event = field(default_factory=threading.Event)
     _rr: itertools.cycle[GeneratorClient] = field(init=False, repr=False)
@@ -65,6 +66,11 @@ class RunContext:
 
     def __post_init__(self) -> None:
         self._rr = itertools.cycle(self.generators)
+
+    @property
+    def judge(self) -> RankerClient:
+        """The ranker service that judges evaluations (`evaluation.judge`, else the run's)."""
+        return self.judge_client or self.ranker
 
     @property
     def run_id(self) -> str:
@@ -125,5 +131,6 @@ class RunContext:
         return (
             sum(g.service_seconds for g in self.generators)
             + self.ranker.service_seconds
+            + (self.judge_client.service_seconds if self.judge_client else 0.0)
             + self.trainer.service_seconds
         )

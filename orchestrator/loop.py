@@ -87,7 +87,7 @@ async def _run_stages(ctx: RunContext) -> None:
 
 async def _preflight(ctx: RunContext) -> None:
     """Every service answers before any stage runs (each call retried with backoff)."""
-    for client in [*ctx.generators, ctx.ranker]:
+    for client in [*ctx.generators, ctx.ranker, *([ctx.judge_client] if ctx.judge_client else [])]:
         await client.request("GET", "/ready")
     await asyncio.to_thread(
         ctx.trainer.ping_broker, should_stop=ctx.stopping.is_set
@@ -135,6 +135,12 @@ async def execute_run(
         [] if services.generator_dns else [make_generator(u) for u in services.generator_urls]
     )
     ranker = RankerClient(services.ranker_url, timeout=timeout, retries=retries)
+    judge_url = cfg.evaluation.judge
+    judge = (
+        RankerClient(judge_url, timeout=timeout, retries=retries)
+        if judge_url and judge_url != ranker.base_url
+        else None
+    )
     trainer = TrainerClient(
         services.redis_url or RedisSettings().redis_url,
         outage_s=services.broker_outage_s,
@@ -153,6 +159,7 @@ async def execute_run(
             progress=progress,
             fault_kill_after=settings.fault_kill_after,
             make_generator=make_generator,
+            judge_client=judge,
         )
         manifest.status, manifest.error = "running", None
         ctx.save()
@@ -178,6 +185,8 @@ async def execute_run(
             for g in ctx.generators:
                 await g.aclose()
             await ranker.aclose()
+            if judge is not None:
+                await judge.aclose()
             trainer.close()
         manifest.status = "completed"
         ctx.save()

@@ -17,15 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import ConfigError, PromptsConfig
+from orchestrator.config import ConfigError, EvalPromptsConfig, PromptsConfig
 from pairloop.atomic import atomic_write_text
 
 __all__ = [
     "PromptPool",
     "PromptRecord",
     "cut_slices",
+    "exclude_instructions",
+    "load_eval_prompts",
     "load_prompt_source",
     "needed",
+    "normalise_instruction",
     "read_prompts",
     "shuffled",
     "slice_prompts",
@@ -62,11 +65,11 @@ def _rows_from_local(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _rows_from_hub(name: str, split: str) -> list[dict[str, Any]]:
+def _rows_from_hub(name: str, split: str, config: str | None = None) -> list[dict[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, config, split=split)
     except (OSError, ValueError, ConnectionError) as exc:
         raise ConfigError(
             f"prompts.source: cannot load dataset {name!r} split {split!r} ({exc}); "
@@ -91,10 +94,11 @@ def load_prompt_source(cfg: PromptsConfig) -> PromptPool:
         if not isinstance(text, str) or not text.strip():
             pool.empty += 1
             continue
-        if text in seen:
+        # Compared normalised, so one instruction spelled twice never lands in two slices.
+        if normalise_instruction(text) in seen:
             pool.duplicates += 1
             continue
-        seen.add(text)
+        seen.add(normalise_instruction(text))
         if cfg.id_field and row.get(cfg.id_field) not in (None, ""):
             pid = str(row[cfg.id_field])
         else:
@@ -125,6 +129,60 @@ def cut_slices(
         slices[f"iteration_{k}"] = ordered[start : start + cfg.per_iteration]
         start += cfg.per_iteration
     return slices
+
+
+def normalise_instruction(text: str) -> str:
+    """The form instructions are compared in: case-folded, whitespace runs collapsed, stripped."""
+    return " ".join(text.split()).casefold()
+
+
+def load_eval_prompts(cfg: EvalPromptsConfig) -> list[PromptRecord]:
+    """The evaluation's instructions, in source order, de-duplicated; `index` is the source row.
+
+    AlpacaEval's own figures (its length-controlled GLM's per-instruction difficulty) are keyed by
+    that row index, and an AlpacaEval-format row's `dataset` is kept for its outputs file.
+    """
+    path = Path(cfg.source)
+    try:
+        if path.suffix in _LOCAL:
+            rows = _rows_from_local(path)
+        else:
+            rows = _rows_from_hub(cfg.source, cfg.split, cfg.name)
+    except ConfigError as exc:  # the loaders name `prompts.source`; this is the evaluation's
+        raise ConfigError(f"evaluation.{exc}") from None
+    out: list[PromptRecord] = []
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or cfg.field not in row:
+            raise ConfigError(
+                f"evaluation.prompts.field: row {i} of {cfg.source} has no column {cfg.field!r}"
+            )
+        text = row[cfg.field]
+        if not isinstance(text, str) or not text.strip() or normalise_instruction(text) in seen:
+            continue
+        seen.add(normalise_instruction(text))
+        if cfg.id_field and row.get(cfg.id_field) not in (None, ""):
+            pid = str(row[cfg.id_field])
+        else:
+            pid = hashlib.sha256(text.encode()).hexdigest()[:16]
+        record = {"prompt_id": pid, "prompt": text, "index": str(i)}
+        if isinstance(row.get("dataset"), str):
+            record["dataset"] = row["dataset"]
+        out.append(record)
+        if cfg.limit is not None and len(out) == cfg.limit:
+            break
+    if not out:
+        raise ConfigError(f"evaluation.prompts: {cfg.source} holds no usable instruction")
+    return out
+
+
+def exclude_instructions(
+    pool: list[PromptRecord], instructions: list[PromptRecord]
+) -> tuple[list[PromptRecord], int]:
+    """`pool` without any prompt whose normalised text is one of `instructions`; and how many went."""
+    banned = {normalise_instruction(p["prompt"]) for p in instructions}
+    kept = [p for p in pool if normalise_instruction(p["prompt"]) not in banned]
+    return kept, len(pool) - len(kept)
 
 
 def slice_prompts(

@@ -2,6 +2,7 @@
 
     generate -> `GenerationRecord` per prompt (iter{k}/generations/, eval/policy{k}/shards/)
     rank     -> `RankedRecord` per prompt     (iter{k}/rankings/)
+    best-of  -> `BestOfPick` per prompt       (eval/policy{k}/best_of_{n}/picks/)
     pairs    -> preference rows (`pairloop.preference_data`, the published dataset format)
 
 A shard line is `json.dumps(record.model_dump(mode="json"), sort_keys=True)`: the bytes the stages
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pairloop.contracts.generator import FinishReason
 
-__all__ = ["GenerationRecord", "RankedRecord"]
+__all__ = ["BestOfPick", "GenerationRecord", "RankedRecord"]
 
 
 class GenerationRecord(BaseModel):
@@ -57,3 +58,16 @@ class RankedRecord(BaseModel):
         exclude_if=lambda v: v is None,
         description="the generator's error for this prompt (it has no answers)",
     )
+
+
+class BestOfPick(BaseModel):
+    """The ranker's pick among one prompt's best-of-n samples (evaluation)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_id: str
+    prompt: str
+    output: str = Field(description="the picked sample (empty only when every sample was)")
+    index: int = Field(ge=0, description="its position among the samples")
+    score: float | None = Field(None, description="the ranker's score for it; None: not ranked")
+    samples: int = Field(ge=0, description="how many samples were drawn")

@@ -2,11 +2,13 @@
 
     pairloop report RUN_DIR      # RUN_DIR/report/report.md, RUN_DIR/report/*.png
 
-Everything is read from the manifest, so a report can be rebuilt at any time, also mid-run.
+Figures are read from the manifest (the answer-length distributions from each policy's
+`alpaca_eval_outputs.json`), so a report can be rebuilt at any time, also mid-run.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from orchestrator.admission import admission_summary
 from orchestrator.manifest import Manifest, StageRecord
 from pairloop.atomic import atomic_write_text
 
-__all__ = ["iteration_rows", "write_report"]
+__all__ = ["best_of_rows", "iteration_rows", "judge_line", "write_report"]
 
 STAGES = ("generate", "rank", "pairs", "train", "swap", "evaluate")
 
@@ -49,6 +51,7 @@ def iteration_rows(manifest: Manifest) -> list[dict[str, Any]]:
                 "swap_seconds": m("swap", "swap_seconds"),
                 "win_rate_vs_base": vs_base.get("win_rate"),
                 "lc_win_rate_vs_base": vs_base.get("lc_win_rate"),
+                "lc_glm": vs_base.get("lc_glm"),
                 "win_rate_vs_previous": vs_prev.get("win_rate"),
                 "mean_length": m("evaluate", "mean_length"),
                 "stage_seconds": {s: st[s].seconds for s in STAGES if s in st},
@@ -57,7 +60,69 @@ def iteration_rows(manifest: Manifest) -> list[dict[str, Any]]:
     return rows
 
 
-def _plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
+def _eval_records(manifest: Manifest) -> list[tuple[int, dict[str, Any]]]:
+    """(policy, metrics) of every finished evaluation stage, base first."""
+    found = []
+    for k in range(manifest.iterations + 1):
+        st = manifest.stages.get("policy0.evaluate" if k == 0 else f"iter{k}.evaluate")
+        if st is not None and st.state == "done":
+            found.append((k, st.metrics))
+    return found
+
+
+def best_of_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    """One row per (policy, n) of the best-of-n evaluation, n = 1 included, judged vs the base."""
+    rows: list[dict[str, Any]] = []
+    for k, metrics in _eval_records(manifest):
+        plain = metrics.get("vs_base") or {}
+        rows.append(
+            {
+                "policy": k,
+                "n": 1,
+                "win_rate_vs_base": plain.get("win_rate", 0.5 if k == 0 else None),
+                "lc_win_rate_vs_base": plain.get("lc_win_rate"),
+                "mean_length": metrics.get("mean_length"),
+            }
+        )
+        for n, row in sorted((metrics.get("best_of") or {}).items(), key=lambda i: int(i[0])):
+            vs_base = row.get("vs_base") or {}
+            rows.append(
+                {
+                    "policy": k,
+                    "n": int(n),
+                    "win_rate_vs_base": vs_base.get("win_rate"),
+                    "lc_win_rate_vs_base": vs_base.get("lc_win_rate"),
+                    "mean_length": row.get("mean_length"),
+                }
+            )
+    return rows
+
+
+def judge_line(manifest: Manifest) -> str:
+    """Who judged the evaluations: the run's own ranker, or a separate ranker service."""
+    for _, metrics in _eval_records(manifest):
+        if "judge" in metrics:
+            if metrics.get("judge_is_run_ranker", True):
+                return f"the run's own ranker ({metrics['judge']}), which also made the pairs"
+            return (
+                f"a separate ranker service at {metrics['judge']} (not the one that made the pairs)"
+            )
+    return "no evaluation has finished yet"
+
+
+def _lengths(run_dir: Path, k: int) -> list[int]:
+    path = run_dir / "eval" / f"policy{k}" / "alpaca_eval_outputs.json"
+    if not path.is_file():
+        return []
+    return [len(r["output"]) for r in json.loads(path.read_text())]
+
+
+def _plots(
+    out: Path,
+    rows: list[dict[str, Any]],
+    bests: list[dict[str, Any]],
+    lengths: dict[int, list[int]],
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,6 +161,30 @@ def _plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     ax.plot([r["iteration"] for r in rows], series("mean_length", rows), "o-")
     ax.set(xlabel="policy (0 = base)", ylabel="mean answer length (chars)")
     save(fig, "lengths.png")
+
+    # The seed's length concern: did the win rate rise with the answers' length?
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n in sorted({b["n"] for b in bests}):
+        pts = [b for b in bests if b["n"] == n and b["win_rate_vs_base"] is not None]
+        ax.plot(
+            [float(b["mean_length"]) for b in pts],
+            [float(b["win_rate_vs_base"]) for b in pts],
+            "o-" if n == 1 else "s--",
+            label="plain answers" if n == 1 else f"best-of-{n}",
+        )
+        for b in pts:
+            ax.annotate(str(b["policy"]), (float(b["mean_length"]), float(b["win_rate_vs_base"])))
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set(xlabel="mean answer length (chars); labels: policy", ylabel="win rate vs base")
+    ax.legend(fontsize=8)
+    save(fig, "win_rate_vs_length.png")
+
+    if lengths:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        policies = sorted(lengths)
+        ax.boxplot([lengths[k] for k in policies], tick_labels=[str(k) for k in policies])
+        ax.set(xlabel="policy (0 = base)", ylabel="answer length (chars)")
+        save(fig, "length_distribution.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(xs, series("train_loss"), "o-", label="DPO loss")
@@ -148,15 +237,23 @@ def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
     out = Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = iteration_rows(manifest)
-    pngs = _plots(out, rows)
+    bests = best_of_rows(manifest)
+    lengths = {k: ls for k, _ in _eval_records(manifest) if (ls := _lengths(Path(run_dir), k))}
+    pngs = _plots(out, rows, bests, lengths)
+    setup = manifest.stages.get("setup")
+    source = setup.metrics.get("eval_source", "held-out prompts") if setup else "held-out prompts"
+    glms = sorted({r["lc_glm"] for r in rows if r.get("lc_glm")})
     lines = [
         f"# pairloop run `{manifest.run_id}`",
         "",
         f"Status: **{manifest.status}**. Iterations: {manifest.iterations}. "
-        "Win rates are judged by the run's ranker on held-out prompts (probability the policy's answer "
-        "beats the reference's, averaged); the length-controlled figure regresses out the length "
-        "difference (AlpacaEval 2.0 LC in spirit). Model outputs for AlpacaEval proper: "
-        "`eval/policy{k}/alpaca_eval_outputs.json`. Datasets: `dataset/` "
+        f"Evaluation instructions: {source}. Judge: {judge_line(manifest)}. "
+        "Win rates are the probability that the policy's answer beats the reference's, averaged; "
+        "the length-controlled (LC) figure is AlpacaEval's own GLM "
+        f"({', '.join(glms) or 'none fitted'}; `alpaca_eval.metrics.glm_winrate`) on the same "
+        "judgments. Model outputs for AlpacaEval proper: "
+        "`eval/policy{k}/alpaca_eval_outputs.json` (best-of-n: `eval/policy{k}/best_of_{n}/`). "
+        "Datasets: `dataset/` "
         '(`datasets.load_dataset("dataset", split="train_iteration_1")`).',
         "",
         *_prompt_lines(manifest),
@@ -186,6 +283,19 @@ def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
             )
             + " |"
         )
+    if any(b["n"] > 1 for b in bests):
+        lines += [
+            "",
+            "## Best-of-n (n samples, the run's ranker picks; judged against the base's answers)",
+            "",
+            "| policy | n | win vs base | LC win vs base | mean length |",
+            "|---" * 5 + "|",
+        ]
+        for b in bests:
+            lines.append(
+                f"| {b['policy']} | {b['n']} | {_num(b['win_rate_vs_base'])} | "
+                f"{_num(b['lc_win_rate_vs_base'])} | {_num(b['mean_length'], '{:.1f}')} |"
+            )
     lines += [
         "",
         "## Stage times (seconds)",

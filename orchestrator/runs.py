@@ -18,7 +18,12 @@ import yaml
 from orchestrator.admission import PromptMeter, admit_prompts
 from orchestrator.config import ConfigError, RunConfig, check_paths, load_run_config
 from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
-from orchestrator.prompts import load_prompt_source, write_prompts
+from orchestrator.prompts import (
+    exclude_instructions,
+    load_eval_prompts,
+    load_prompt_source,
+    write_prompts,
+)
 from pairloop.atomic import atomic_write_text
 
 __all__ = ["FROZEN_CONFIG", "RunLockedError", "create_run", "load_run", "run_lock"]
@@ -46,9 +51,24 @@ def create_run(
         cfg = RunConfig.model_validate({**cfg.model_dump(), "run_id": run_id})
     check_paths(cfg)
     skipped: list[dict[str, object]] = []
-    slices, admission = admit_prompts(
-        load_prompt_source(cfg.prompts), cfg, meter=meter, on_skip=skipped.append
-    )
+    pool = load_prompt_source(cfg.prompts)
+    eval_source = cfg.evaluation.prompts
+    excluded = 0
+    if eval_source is None:
+        slices, admission = admit_prompts(pool, cfg, meter=meter, on_skip=skipped.append)
+    else:
+        # The evaluation has instructions of its own: none of them may be trained on, and no
+        # training prompt is held out for it.
+        eval_prompts = load_eval_prompts(eval_source)
+        pool.records, excluded = exclude_instructions(pool.records, eval_prompts)
+        no_holdout = cfg.prompts.model_copy(update={"eval_prompts": 0})
+        slices, admission = admit_prompts(
+            pool,
+            cfg.model_copy(update={"prompts": no_holdout}),
+            meter=meter,
+            on_skip=skipped.append,
+        )
+        slices["eval"] = eval_prompts
     rid = cfg.run_id or f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"run_id": rid})
     run_dir = Path(cfg.model_store) / "runs" / rid
@@ -62,9 +82,14 @@ def create_run(
     )
     manifest = Manifest(run_id=rid, config_fingerprint=cfg.fingerprint(), iterations=cfg.iterations)
     manifest.stage("setup").state = "done"
+    training = [p for name, ps in slices.items() if name != "eval" for p in ps]
     manifest.stage("setup").metrics = {
         **{name: len(p) for name, p in slices.items()},
         "prompts": admission.metrics(),
+        "eval_source": eval_source.source if eval_source else "held out of prompts.source",
+        "training_prompts_removed_as_eval": excluded,
+        "eval_instructions_in_training": len(training)
+        - len(exclude_instructions(training, slices["eval"])[0]),
     }
     manifest.stage("setup").artifacts = {"skipped_prompts": "prompts/skipped.jsonl"}
     manifest.save(run_dir)

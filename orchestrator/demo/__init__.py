@@ -188,6 +188,7 @@ def run_demo(
 
 
 def _print_outcome(run_dir: Path, manifest: Manifest, *, iterations: int, console: Console) -> None:
+    from orchestrator.report import best_of_rows, judge_line
     from orchestrator.summary import print_summary
 
     print_summary(run_dir, manifest, console=console)
@@ -199,9 +200,21 @@ def _print_outcome(run_dir: Path, manifest: Manifest, *, iterations: int, consol
     final = manifest.stages.get(f"iter{iterations}.evaluate")
     vs_base = final.metrics.get("vs_base", {}) if final else {}
     console.print(f"preference: {DEMO_PREFERENCE}")
+    console.print(f"judge: {judge_line(manifest)}")
     console.print(
-        f"final policy vs base, judged by that ranker: win rate {vs_base.get('win_rate', float('nan')):.3f} "
-        f"(length-controlled {vs_base.get('lc_win_rate', float('nan')):.3f}) on "
-        f"{vs_base.get('n', 0):.0f} held-out prompts"
+        f"final policy vs base: win rate {vs_base.get('win_rate', float('nan')):.3f} "
+        f"(length-controlled {_fmt(vs_base.get('lc_win_rate'))}, AlpacaEval's "
+        f"{vs_base.get('lc_glm', 'GLM')}) on {vs_base.get('n', 0):.0f} evaluation instructions"
     )
+    for row in best_of_rows(manifest):
+        if row["n"] > 1:
+            console.print(
+                f"policy {row['policy']} best-of-{row['n']} (the ranker picks) vs base: win rate "
+                f"{_fmt(row['win_rate_vs_base'])}, length-controlled "
+                f"{_fmt(row['lc_win_rate_vs_base'])}, mean length {_fmt(row['mean_length'], '{:.1f}')}"
+            )
     console.print(f"run directory: {run_dir}")
+
+
+def _fmt(value: object, fmt: str = "{:.3f}") -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) else "-"

@@ -2,48 +2,46 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from orchestrator.evaluation import length_controlled_win_rate, win_rate
+from orchestrator.evaluation import alpaca_annotations, win_rate
 from orchestrator.manifest import Manifest
-from orchestrator.report import iteration_rows, write_report
+from orchestrator.report import best_of_rows, iteration_rows, judge_line, write_report
 
 
-def test_lc_win_rate_removes_a_pure_length_effect() -> None:
-    rng = np.random.default_rng(0)
-    dlen = rng.normal(0, 200, 400)
-    ref = np.full(400, 1000.0)
-    # The judge only likes length: P(win) rises with the length difference, 0.5 at equal length.
-    probs = 1 / (1 + np.exp(-dlen / 100))
-    raw = win_rate(
-        list(probs), list(ref + dlen + 300), list(ref)
-    )  # the policy is also longer on average
-    lc, coef = length_controlled_win_rate(probs, ref + dlen, ref)
-    assert coef > 0
-    assert abs(lc - 0.5) < 0.05
-    assert raw.win_rate == pytest.approx(float(np.mean(probs)))
-
-
-def test_lc_equals_raw_when_lengths_do_not_matter() -> None:
-    rng = np.random.default_rng(1)
-    probs = rng.uniform(0.6, 0.9, 300)
-    lengths = rng.integers(100, 500, 300)
-    figures = win_rate(list(probs), list(lengths), list(lengths[::-1]))
-    assert figures.lc_win_rate == pytest.approx(figures.win_rate, abs=0.03)
-    assert figures.hard_win_rate == 1.0
-
-
-def test_win_rate_rejects_mismatched_inputs() -> None:
+def test_win_rate_is_the_mean_probability_and_needs_annotations() -> None:
+    ann = alpaca_annotations(
+        prompts=[{"prompt": "a", "index": "3"}, {"prompt": "b", "index": "7"}],
+        outputs=["long answer", "x"],
+        reference_outputs=["short", "y"],
+        probs=[0.9, 0.5],
+        generator="p1",
+        reference_generator="p0",
+        judge="j",
+    )
+    assert ann[0]["preference"] == 1.9 and ann[1]["index"] == 7
+    figures = win_rate(ann, glm="length_controlled_minimal")
+    assert figures.win_rate == pytest.approx(0.7) and figures.hard_win_rate == 0.75
+    assert figures.lc_win_rate is None  # too few annotations for the GLM's 5-fold fit
     with pytest.raises(ValueError):
-        win_rate([0.5], [1, 2], [1])
+        win_rate([], glm="length_controlled_minimal")
 
 
-def test_report_has_table_and_plots(tmp_path: Path) -> None:
+def _manifest(judge_is_run_ranker: bool) -> Manifest:
     m = Manifest(run_id="r", config_fingerprint="f", iterations=2, status="completed")
-    m.stage("policy0.evaluate").metrics = {"mean_length": 50.0}
+    m.stage("setup").state = "done"
+    m.stage("setup").metrics = {"eval_source": "alpaca.json"}
+    best = {"4": {"mean_length": 60.0, "vs_base": {"win_rate": 0.7, "lc_win_rate": 0.65}}}
+    m.stage("policy0.evaluate").state = "done"
+    m.stage("policy0.evaluate").metrics = {
+        "mean_length": 50.0,
+        "judge": "http://127.0.0.1:9",
+        "judge_is_run_ranker": judge_is_run_ranker,
+        "best_of": best,
+    }
     for k in (1, 2):
         m.stage(f"iter{k}.pairs").metrics = {
             "pairs": 10 * k,
@@ -53,16 +51,57 @@ def test_report_has_table_and_plots(tmp_path: Path) -> None:
         }
         m.stage(f"iter{k}.train").metrics = {"dpo/train_loss": 0.6}
         m.stage(f"iter{k}.swap").metrics = {"swap_seconds": 0.02}
+        m.stage(f"iter{k}.evaluate").state = "done"
         m.stage(f"iter{k}.evaluate").metrics = {
-            "mean_length": 40.0,
-            "vs_base": {"win_rate": 0.6, "lc_win_rate": 0.55},
+            "mean_length": 40.0 + k,
+            "judge": "http://127.0.0.1:9",
+            "judge_is_run_ranker": judge_is_run_ranker,
+            "vs_base": {
+                "win_rate": 0.6,
+                "lc_win_rate": 0.55,
+                "lc_glm": "length_controlled_minimal",
+            },
             "vs_previous": {"win_rate": 0.52},
+            "best_of": best,
         }
         m.stage(f"iter{k}.train").seconds = 3.0
+    return m
+
+
+def test_report_has_tables_best_of_rows_judge_and_plots(tmp_path: Path) -> None:
+    m = _manifest(judge_is_run_ranker=False)
+    for k in (0, 1, 2):
+        out = tmp_path / "eval" / f"policy{k}" / "alpaca_eval_outputs.json"
+        out.parent.mkdir(parents=True)
+        out.write_text(
+            json.dumps([{"instruction": "i", "output": "o" * (10 * j + k)} for j in range(9)])
+        )
     rows = iteration_rows(m)
     assert rows[2]["pairs"] == 20 and rows[1]["win_rate_vs_base"] == 0.6
+    bests = best_of_rows(m)
+    assert [(b["policy"], b["n"]) for b in bests] == [
+        (0, 1),
+        (0, 4),
+        (1, 1),
+        (1, 4),
+        (2, 1),
+        (2, 4),
+    ]
+    assert bests[0]["win_rate_vs_base"] == 0.5 and bests[1]["win_rate_vs_base"] == 0.7
     path = write_report(tmp_path, m)
     text = path.read_text()
     assert "| 2 | 20 | 1 |" in text and "0.600" in text
-    for png in ("win_rates.png", "scores.png", "lengths.png", "dpo_metrics.png", "stage_times.png"):
+    assert "| 1 | 4 | 0.700 | 0.650 | 60.0 |" in text
+    assert "a separate ranker service at http://127.0.0.1:9" in text
+    assert "length_controlled_minimal" in text and "alpaca.json" in text
+    for png in (
+        "win_rates.png",
+        "scores.png",
+        "lengths.png",
+        "win_rate_vs_length.png",
+        "length_distribution.png",
+        "dpo_metrics.png",
+        "stage_times.png",
+    ):
         assert (tmp_path / "report" / png).stat().st_size > 1000
+    assert "the run's own ranker" in judge_line(_manifest(judge_is_run_ranker=True))
