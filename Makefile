@@ -1,5 +1,5 @@
 # pairloop: every target works on a fresh Linux machine with Python 3.11 and network access to PyPI.
-#   make demo    the main job: `pairloop demo`, 3 iterations of the loop on the embedded stack
+#   make demo    the main job: `pairloop demo`, 3 iterations of the loop on the local stack (again: resumes)
 #   make setup   .venv with the exact CPU stack (requirements/lock-cpu.txt) and pairloop itself
 #   make test    lint + typecheck + the whole test suite (what CI runs)
 #   make lint    ruff

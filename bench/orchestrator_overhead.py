@@ -36,7 +36,7 @@ from pydantic import SecretStr
 from rich.console import Console
 
 from orchestrator.demo import DEMO_RANKER_ARGS, demo_config
-from orchestrator.embedded import LocalStack, StackSpec
+from orchestrator.local import LocalStack, StackSpec
 from orchestrator.loop import create_run, execute_run
 from orchestrator.manifest import Manifest
 from orchestrator.settings import OrchestratorSettings

@@ -1,23 +1,26 @@
 """The `pairloop` command line.
 
     pairloop run configs/snorkel-mistral-pairrm.yaml   # create a run from a YAML config and execute it
-    pairloop resume RUN_DIR                            # continue after a crash or cancel; redoes nothing finished
+    pairloop run configs/demo.yaml --local             # ... on a stack started on this machine for it
+    pairloop resume RUN_DIR [--local]                  # continue after a crash or cancel; redoes nothing finished
     pairloop status [RUN_DIR]                          # one run's stages, or every run under ./runs
     pairloop report RUN_DIR                            # (re)write RUN_DIR/report/report.md and plots
     pairloop cancel RUN_DIR                            # ask a running run to stop at the next safe point
-    pairloop demo                                      # the whole loop on this machine: tiny models, local services
+    pairloop demo [--new]                              # the whole loop on this machine: tiny models, local services
     pairloop api                                       # the status API + best-of-n chat completions
     pairloop tiny-models OUT_DIR                       # tiny Llama/Mistral chat models and a tiny PairRM, offline
     pairloop plan CONFIG --gpus 8 --gpu-memory 80      # memory per GPU of each stage; non-zero if it cannot fit
 
 Each command is a thin shell over a library function; heavy imports happen inside the command.
-Errors in configs, paths and services print as messages with exit status 2 (bad input) or 1.
+Every error prints as one message on stderr saying what to do next (exit status 2: bad input,
+1: a failure, 130: interrupted), never a traceback; `pairloop --debug ...` shows the traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -36,36 +39,95 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an error, not only its message.")
+    ] = False,
+) -> None:
     """Iterative DPO with an external ranker."""
+    _state["debug"] = debug
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    # soft_wrap: one message stays one line, whatever the terminal width (or none, in CI logs).
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
-def _execute(run_dir: Path) -> None:
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
+def _resume_command(run_dir: Path, *, local: bool) -> str:
+    return f"pairloop resume {run_dir}{' --local' if local else ''}"
+
+
+@contextlib.contextmanager
+def _errors_as_messages(next_command: str | None) -> Iterator[None]:
+    """Turn whatever stops a command into a message with the next step (`--debug`: traceback).
+
+    `next_command` continues the work (`pairloop resume RUN_DIR`); None before a run exists.
+    """
     from orchestrator.config import ConfigError
     from orchestrator.context import RunCancelledError
-    from orchestrator.loop import RunLockedError, execute_run
-    from orchestrator.summary import print_summary
+    from orchestrator.runs import RunLockedError
     from pairloop.errors import PairloopError
+    from pairloop_local.processes import ProcessFailedError
+
+    resume = f"`{next_command}` continues it" if next_command else ""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (ConfigError, RunLockedError) as exc:
+        if _state["debug"]:
+            raise
+        raise _fail(str(exc), 2) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if _state["debug"]:
+            raise
+        raise _fail(f"interrupted; {resume or 'nothing was started'}", 130) from None
+    except (RunCancelledError, InterruptedError) as exc:
+        if _state["debug"]:
+            raise
+        raise _fail(f"{exc}; {resume}", 1) from None
+    except ProcessFailedError as exc:
+        if _state["debug"]:
+            raise
+        # The service's log tail is the cause: keep its lines.
+        raise _fail(f"the local stack failed: {exc}\nfix the cause, then {resume}", 1) from None
+    except PairloopError as exc:
+        if _state["debug"]:
+            raise
+        step = f"fix the cause, then {resume}" if resume else "fix the cause and retry"
+        raise _fail(f"{_one_line(exc.message)}; the run stopped; {step}", 1) from None
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        step = f"; {resume}" if resume else ""
+        raise _fail(
+            f"{type(exc).__name__}: {_one_line(str(exc))}{step} (`pairloop --debug ...` shows "
+            "the traceback)",
+            1,
+        ) from None
+
+
+def _execute(run_dir: Path, *, local: bool = False) -> None:
+    from orchestrator.local import run_local, run_until_signal
+    from orchestrator.loop import execute_run
+    from orchestrator.summary import print_summary
 
     console.print(f"run directory: {run_dir}")
-    try:
-        manifest = asyncio.run(execute_run(run_dir, console=console))
-    except (ConfigError, RunLockedError) as exc:
-        raise _fail(str(exc), 2) from None
-    except (RunCancelledError, InterruptedError) as exc:
-        raise _fail(f"{exc}; `pairloop resume {run_dir}` continues it", 1) from None
-    except PairloopError as exc:
-        raise _fail(
-            f"{exc.message}\nthe run stopped; fix the cause, then `pairloop resume {run_dir}`"
-        ) from None
+    with _errors_as_messages(_resume_command(run_dir, local=local)):
+        if local:
+            manifest = run_local(run_dir, console=console)
+        else:
+            manifest = run_until_signal(execute_run(run_dir, console=console))
     print_summary(run_dir, manifest, console=console)
 
 
@@ -153,29 +215,43 @@ def run(
     gpu_memory: Annotated[
         float, typer.Option(min=1, help="Memory of one GPU, GiB (with --gpus).")
     ] = 80,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="Start the services the config needs on this machine (its `local:` section), "
+            "run, and stop them.",
+        ),
+    ] = False,
 ) -> None:
     """Create a run from CONFIG and execute it."""
-    from orchestrator.config import ConfigError
-    from orchestrator.loop import create_run
+    from orchestrator.runs import create_run
 
     if gpus is not None:
         _check_plan(config, gpus, gpu_memory, None)
-    try:
+    with _errors_as_messages(None):
         run_dir = create_run(config, run_id=run_id)
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
-    _execute(run_dir)
+    _execute(run_dir, local=local)
 
 
 @app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (holds manifest.json).")],
+    local: Annotated[
+        bool,
+        typer.Option("--local", help="Restart the run's local stack on this machine and continue."),
+    ] = False,
 ) -> None:
     """Continue a run: finished stages and shards are not redone."""
     if not (run_dir / "manifest.json").is_file():
         raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
     (run_dir / "CANCEL").unlink(missing_ok=True)
-    _execute(run_dir.resolve())
+    if not local and (run_dir / "local" / "stack.json").is_file():
+        console.print(
+            "note: this run was started on a local stack; `--local` starts that stack again "
+            "(without it, the services in its config must be running)"
+        )
+    _execute(run_dir.resolve(), local=local)
 
 
 @app.command(hidden=True)
@@ -254,6 +330,9 @@ def cancel(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where models, runs and logs go.")] = Path("demo"),
     iterations: Annotated[int, typer.Option(min=1, help="DPO iterations.")] = 3,
+    new: Annotated[
+        bool, typer.Option("--new", help="Start a fresh demo run even if one is unfinished.")
+    ] = False,
     prompts: Annotated[
         Path | None,
         typer.Option(help="Your own prompts: JSONL (or .json/.parquet) rows with a prompt field."),
@@ -262,18 +341,24 @@ def demo(
         "prompt"
     ),
 ) -> None:
-    """The embedded default: the whole loop on this machine with tiny models and local services."""
+    """The embedded default: the whole loop on this machine with tiny models and local services.
+
+    Run again with the same --workdir, it continues an unfinished demo run (`--new`: a fresh one).
+    """
     from orchestrator.demo import run_demo
 
-    code = run_demo(
-        workdir.resolve(),
-        iterations=iterations,
-        console=console,
-        prompts_file=prompts,
-        prompt_field=prompt_field,
-    )
-    if code:
-        raise typer.Exit(code)
+    workdir = workdir.resolve()
+    # Running the demo again with the same work directory continues it.
+    again = f"pairloop demo --workdir {workdir}" + (f" --prompts {prompts}" if prompts else "")
+    with _errors_as_messages(again):
+        run_demo(
+            workdir,
+            iterations=iterations,
+            new=new,
+            console=console,
+            prompts_file=prompts,
+            prompt_field=prompt_field,
+        )
 
 
 @app.command()
@@ -316,10 +401,31 @@ def tiny_models(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit status (bad flags print a usage message, not a traceback)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `--debug` anywhere on the line (`pairloop run X --debug` as well as `pairloop --debug run X`).
+    if "--debug" in args:
+        args = ["--debug", *(a for a in args if a != "--debug")]
     try:
-        app(args=list(argv) if argv is not None else None, prog_name="pairloop")
+        app(args=args, prog_name="pairloop")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            raise
+        err_console.print("[red]interrupted[/red]")
+        return 130
+    except Exception as exc:  # the last net: a command without its own messages
+        if _state["debug"]:
+            raise
+        err_console.print(
+            f"[red]error:[/red] {type(exc).__name__}: {_one_line(str(exc))} "
+            "(`pairloop --debug ...` shows the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 1
     return 0
 
 

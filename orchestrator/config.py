@@ -20,13 +20,17 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pairloop.jobs import DPOHyperparameters, LoraSettings
+from pairloop.jobs import TRAIN_QUEUE, DPOHyperparameters, LoraSettings
 from pairloop.validation import describe_validation_error
 
 __all__ = [
     "ConfigError",
     "EvalPromptsConfig",
     "EvaluationConfig",
+    "LocalConfig",
+    "LocalRankerConfig",
+    "LocalServiceConfig",
+    "LocalTrainerConfig",
     "PairsConfig",
     "PromptsConfig",
     "RankerConfig",
@@ -197,6 +201,18 @@ class ServicesConfig(_Strict):
     request_timeout_s: float = Field(1800.0, gt=0)
     retries: int = Field(5, ge=0, description="retries on connection errors and 5xx (never on 4xx)")
     train_timeout_s: float = Field(7 * 24 * 3600.0, gt=0)
+    train_queue: str = Field(
+        TRAIN_QUEUE,
+        min_length=1,
+        description="the Celery queue training jobs go to (the workers' --queue); the local "
+        "stack uses one per run, so no other run's worker takes its jobs",
+    )
+    broker_outage_s: float = Field(
+        120.0,
+        gt=0,
+        description="how long the Celery broker (Redis) may stay unreachable before the run "
+        "fails; a restart or an outage shorter than this is waited out",
+    )
 
     @field_validator("generator_urls")
     @classmethod
@@ -212,6 +228,60 @@ class ServicesConfig(_Strict):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"{v!r} is not an http(s) URL")
         return v.rstrip("/")
+
+
+class LocalServiceConfig(_Strict):
+    """Where one service of the local stack runs (`pairloop run CONFIG --local`)."""
+
+    gpus: list[int] | None = Field(
+        None,
+        description="CUDA_VISIBLE_DEVICES for this service's processes; [] hides every GPU; "
+        "null: inherit the environment's",
+    )
+    port: int | None = Field(None, ge=1, le=65535, description="null: a free loopback port")
+    args: list[str] = Field(
+        default_factory=list,
+        description="extra flags for `python -m services.<name>` (see its --help)",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="extra environment variables for its processes"
+    )
+
+
+class LocalRankerConfig(LocalServiceConfig):
+    backend: str = Field("pairrm", description="pairrm | reward-model | scorer | module:factory")
+    model: str = Field(
+        "llm-blender/PairRM", description="checkpoint or hub name; scorer: package.module:function"
+    )
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N")
+
+
+class LocalTrainerConfig(LocalServiceConfig):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class LocalConfig(_Strict):
+    """The local stack: what `--local` starts beyond the loop's fields (never changes results)."""
+
+    redis: str = Field(
+        "auto",
+        description="auto: the machine's Redis (PAIRLOOP_REDIS_URL) if it answers, else a "
+        "private redis-server; private: always a private one (in RUN_DIR/local); or a redis:// URL",
+    )
+    cpu_threads: int = Field(
+        1, ge=1, description="OMP/MKL/torch threads per service process on CPU"
+    )
+    startup_timeout_s: float = Field(600.0, gt=0, description="per service, to become ready")
+    generator: LocalServiceConfig = Field(default_factory=LocalServiceConfig)
+    ranker: LocalRankerConfig = Field(default_factory=LocalRankerConfig)
+    trainer: LocalTrainerConfig = Field(default_factory=LocalTrainerConfig)
+
+    @field_validator("redis")
+    @classmethod
+    def _redis(cls, v: str) -> str:
+        if v not in ("auto", "private") and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be auto, private or a redis:// URL")
+        return v
 
 
 class RunConfig(_Strict):
@@ -240,10 +310,15 @@ class RunConfig(_Strict):
     lora: LoraSettings | None = None
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     services: ServicesConfig = Field(default_factory=ServicesConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (a resumed run must keep the same config)."""
-        payload = self.model_dump(exclude={"services"}, mode="json")
+        """Hash of everything that changes results (a resumed run must keep the same config).
+
+        Where the services run (`services`, `local`) is not part of it: a run may resume on
+        another stack.
+        """
+        payload = self.model_dump(exclude={"services", "local"}, mode="json")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

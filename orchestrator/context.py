@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class RunContext:
     fault_kill_after: str | None = None
     make_generator: Callable[[str], GeneratorClient] | None = None
     judge_client: RankerClient | None = None  # evaluation.judge; None: the run's ranker judges
+    # Set when the run is being interrupted: threads that wait on services (training) stop.
+    stopping: threading.Event = field(default_factory=threading.Event)
     _rr: itertools.cycle[GeneratorClient] = field(init=False, repr=False)
     _events: Counter[str] = field(default_factory=Counter, init=False, repr=False)
 

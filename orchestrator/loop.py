@@ -23,6 +23,8 @@ manifest records, what is skipped on resume, and how a failure or a cancel ends 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.clients import GeneratorClient, RankerClient, TrainerClient
+from orchestrator.config import ServicesConfig
 from orchestrator.context import RunCancelledError, RunContext, make_progress
 from orchestrator.manifest import Manifest
 from orchestrator.report import write_report
@@ -86,6 +89,13 @@ async def _preflight(ctx: RunContext) -> None:
     """Every service answers before any stage runs (each call retried with backoff)."""
     for client in [*ctx.generators, ctx.ranker, *([ctx.judge_client] if ctx.judge_client else [])]:
         await client.request("GET", "/ready")
+    await asyncio.to_thread(
+        ctx.trainer.ping_broker, should_stop=ctx.stopping.is_set
+    )  # Redis: waited for up to services.broker_outage_s
+
+
+def _interrupted(exc: BaseException) -> bool:
+    return isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError))
 
 
 async def execute_run(
@@ -93,15 +103,22 @@ async def execute_run(
     *,
     console: Console | None = None,
     settings: OrchestratorSettings | None = None,
+    services: ServicesConfig | None = None,
+    lock: bool = True,
 ) -> Manifest:
     """Execute (or resume) the run in `run_dir` to completion; return its final manifest.
 
-    Failures are recorded in the manifest (status failed, the stage's error) and re-raised.
+    Failures are recorded in the manifest (status failed, the stage's error) and re-raised;
+    a cancellation of this coroutine (Ctrl-C, SIGTERM) is recorded as status interrupted.
+    `services` replaces the frozen config's service addresses (the local stack's, which change
+    at every start); `lock=False` when the caller already holds `run_lock(run_dir)`.
     """
     run_path = Path(run_dir).resolve()
     console = console or Console()
     settings = settings or OrchestratorSettings()
     cfg, manifest = load_run(run_path)
+    if services is not None:
+        cfg = cfg.model_copy(update={"services": services})
     services = cfg.services
     token = (
         settings.generator_admin_token.get_secret_value()
@@ -124,8 +141,13 @@ async def execute_run(
         if judge_url and judge_url != ranker.base_url
         else None
     )
-    trainer = TrainerClient(services.redis_url or RedisSettings().redis_url)
-    with run_lock(run_path), make_progress(console) as progress:
+    trainer = TrainerClient(
+        services.redis_url or RedisSettings().redis_url,
+        outage_s=services.broker_outage_s,
+        queue=services.train_queue,
+    )
+    held = run_lock(run_path) if lock else contextlib.nullcontext()
+    with held, make_progress(console) as progress:
         ctx = RunContext(
             run_dir=run_path,
             cfg=cfg,
@@ -146,10 +168,15 @@ async def execute_run(
             await _preflight(ctx)
             await _run_stages(ctx)
         except BaseException as raw:
+            ctx.stopping.set()  # a training wait in its thread returns now
             exc = _first_error(raw)
-            cancelled = isinstance(exc, (RunCancelledError, InterruptedError))
-            manifest.status = "cancelled" if cancelled else "failed"
-            manifest.error = f"{type(exc).__name__}: {exc}"
+            if _interrupted(exc):
+                manifest.status = "interrupted"
+                manifest.error = f"interrupted; `pairloop resume {run_path}` continues it"
+            else:
+                cancelled = isinstance(exc, (RunCancelledError, InterruptedError))
+                manifest.status = "cancelled" if cancelled else "failed"
+                manifest.error = f"{type(exc).__name__}: {exc}"
             ctx.save()
             if exc is not raw and isinstance(exc, Exception):
                 raise exc from None

@@ -26,7 +26,8 @@ __all__ = ["MANIFEST_NAME", "Manifest", "RunStatus", "StageRecord", "StageState"
 MANIFEST_NAME = "manifest.json"
 
 StageState = Literal["pending", "running", "done", "failed"]
-RunStatus = Literal["created", "running", "completed", "failed", "cancelled"]
+# interrupted: stopped by a signal (Ctrl-C, SIGTERM); `pairloop resume` continues it.
+RunStatus = Literal["created", "running", "completed", "failed", "cancelled", "interrupted"]
 
 
 class StageRecord(BaseModel):

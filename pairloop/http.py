@@ -15,7 +15,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pairloop.errors import ErrorBody, ErrorResponse, PairloopError
+from pairloop.errors import (
+    EngineDeadError,
+    ErrorBody,
+    ErrorResponse,
+    PairloopError,
+    ServiceUnavailableError,
+)
 from pairloop.validation import field_errors
 
 __all__ = [
@@ -67,7 +73,11 @@ def register_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(PairloopError)
     async def _pairloop_error(_: Request, exc: PairloopError) -> JSONResponse:
-        if exc.status_code >= 500:
+        if isinstance(exc, ServiceUnavailableError) and not isinstance(exc, EngineDeadError):
+            # Expected while a model loads or weights swap (/ready polled ten times a second):
+            # the caller retries; an ERROR line per poll would bury the real errors.
+            log.debug("%s: %s", type(exc).__name__, exc.message)
+        elif exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         return JSONResponse(exc.to_response().model_dump(), status_code=exc.status_code)
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from celery.result import AsyncResult
 
 __all__ = [
+    "BROKER_RETRY_SECONDS",
     "DEFAULT_VISIBILITY_TIMEOUT",
     "TrainState",
     "celery_transport_config",
@@ -35,6 +36,9 @@ __all__ = [
 # Redis redelivers a message nobody acknowledged after this many seconds. Training jobs are acked
 # late (when they finish), so it must exceed the longest training: a 7B DPO epoch runs for hours.
 DEFAULT_VISIBILITY_TIMEOUT = 48 * 3600
+
+# How long (seconds, about) a worker keeps retrying a result write while Redis is down.
+BROKER_RETRY_SECONDS = 120
 
 
 def celery_transport_config(*, redis_url: str, visibility_timeout: int) -> dict[str, Any]:
@@ -53,8 +57,32 @@ def celery_transport_config(*, redis_url: str, visibility_timeout: int) -> dict[
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "broker_transport_options": dict(transport),
-        "result_backend_transport_options": dict(transport),
+        # A worker's progress reports and result survive a Redis restart of up to ~2 minutes:
+        # the backend's default (20 retries, 1 s apart) would fail the training task after 20 s.
+        "result_backend_transport_options": {
+            **transport,
+            "retry_policy": {
+                "max_retries": BROKER_RETRY_SECONDS,
+                "interval_start": 0,
+                "interval_step": 1,
+                "interval_max": 1,
+            },
+        },
+        # Every backend call, reads included (a progress write first reads the stored state),
+        # is retried through an outage: without this one read fails the whole training task.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": BROKER_RETRY_SECONDS,
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 1000,
+        # Workers reconnect to a restarted Redis by themselves, however long it is away.
+        "broker_connection_retry": True,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # A running training goes on through a broker outage (its result goes to the backend);
+        # cancelling it would throw away hours of work for a blip.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "redis_socket_connect_timeout": 5,
+        "redis_retry_on_timeout": True,
         "task_default_queue": TRAIN_QUEUE,
         "task_routes": {TRAIN_TASK_NAME: {"queue": TRAIN_QUEUE}},
         # Results carry the job, so `celery inspect`/flower and clients can see what ran.

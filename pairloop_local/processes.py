@@ -1,24 +1,44 @@
 """Starting pairloop's services as local processes on loopback, and stopping them for sure.
 
-Used by the embedded one-machine run and by the integration tests alike: each service is a real
-process (`python -m services.generator ...`), awaited on its `/health` or `/ready` URL with a
-deadline, and stopped with its whole process group (vLLM's engine core is a child process).
+Used by the local stack (`pairloop run CONFIG --local`, `pairloop demo`) and by the integration
+tests alike: each service is a real process (`python -m services.generator ...`) in a process
+group of its own, awaited on its `/health` or `/ready` URL with a deadline, and stopped with its
+whole group (vLLM's engine core and the Celery worker's pool children are in it).
+
+No orphans, whatever ends the parent (`kill -9` included), by two mechanisms:
+* every child started from the main thread gets the Linux parent-death signal
+  (PR_SET_PDEATHSIG = SIGKILL), so it dies with this process;
+* a `GroupReaper` process holds a pipe from the parent and a list of process groups: when the
+  pipe closes (the parent died, however) it SIGKILLs every group still registered, which takes
+  the grandchildren the parent-death signal does not reach (the training process, vLLM workers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import httpx
 
-__all__ = ["ManagedProcess", "ProcessFailedError", "free_port", "wait_for_http", "wait_until"]
+__all__ = [
+    "GroupReaper",
+    "ManagedProcess",
+    "ProcessFailedError",
+    "free_port",
+    "wait_for_http",
+    "wait_until",
+]
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class ProcessFailedError(RuntimeError):
@@ -53,6 +73,7 @@ def wait_for_http(
     """Poll `url` until it answers `expect_status`, `alive()` turns false, or `timeout` passes."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
+    pause = 0.05
     with httpx.Client(timeout=2.0) as client:
         while time.monotonic() < deadline:
             if not alive():
@@ -64,12 +85,102 @@ def wait_for_http(
                 last = f"HTTP {resp.status_code}"
             except httpx.TransportError as exc:
                 last = type(exc).__name__
-            time.sleep(0.1)
+            # Fast at first (a tiny model is ready in seconds), then at most once a second: a
+            # 7B model loads for minutes, and each poll is a line in the service's access log.
+            time.sleep(pause)
+            pause = min(pause * 1.5, 1.0)
     raise ProcessFailedError(f"{url} did not answer {expect_status} within {timeout:.0f}s ({last})")
 
 
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A preexec function: SIGKILL this child when its parent dies (Linux; elsewhere a no-op)."""
+
+    def preexec() -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The parent may have died between fork and prctl: then nobody would send the signal.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
+def _reap_main() -> None:
+    """The reaper process: read `+PGID`/`-PGID` lines from stdin; at EOF SIGKILL what is left."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops in order
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    groups: set[int] = set()
+    for line in sys.stdin:
+        op, _, num = line.strip().partition(" ")
+        if num.isdigit():
+            (groups.add if op == "+" else groups.discard)(int(num))
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+class GroupReaper:
+    """A watchdog process that SIGKILLs registered process groups once this process is gone.
+
+    It learns of the parent's death from its stdin pipe closing, which the kernel does for any
+    death, SIGKILL included; the write end is not inherited by other children (close_fds).
+    """
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> GroupReaper:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from pairloop_local.processes import _reap_main; _reap_main()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # not in the terminal's group: Ctrl-C must not end it first
+        )
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _send(self, line: str) -> None:
+        if self._proc is None or self._proc.stdin is None or self._proc.poll() is not None:
+            return
+        with self._lock, contextlib.suppress(BrokenPipeError, ValueError):
+            self._proc.stdin.write(line.encode())
+            self._proc.stdin.flush()
+
+    def register(self, pgid: int) -> None:
+        self._send(f"+ {pgid}\n")
+
+    def unregister(self, pgid: int) -> None:
+        self._send(f"- {pgid}\n")
+
+    def close(self) -> None:
+        """Close the pipe: the reaper kills whatever is still registered, then exits."""
+        if self._proc is None:
+            return
+        if self._proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self._proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=10)
+        self._proc = None
+
+    def __enter__(self) -> GroupReaper:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class ManagedProcess:
-    """A child process in its own process group, logging to a file, stopped with its children."""
+    """A child process in its own process group, logging to a file, stopped with its children.
+
+    It dies with its parent (parent-death signal); with a `reaper`, so does its whole group.
+    """
 
     def __init__(
         self,
@@ -79,12 +190,14 @@ class ManagedProcess:
         log_path: str | Path,
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
+        reaper: GroupReaper | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = Path(log_path)
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
+        self.reaper = reaper
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ManagedProcess:
@@ -99,9 +212,19 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                # preexec_fn is safe here: it only calls prctl (no locks, no allocation-heavy code).
+                # The kernel sends the signal when the *thread* that forked exits: only the main
+                # thread lives as long as the process (from others, the reaper is the guard).
+                preexec_fn=(
+                    _die_with_parent(os.getpid())
+                    if threading.current_thread() is threading.main_thread()
+                    else None
+                ),
             )
         finally:
             log.close()
+        if self.reaper is not None:
+            self.reaper.register(self.proc.pid)  # its pgid: start_new_session made it a leader
         return self
 
     @property
@@ -150,6 +273,8 @@ class ManagedProcess:
         # Children (vLLM's engine core) may outlive a leader that exited on its own.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.reaper is not None:
+            self.reaper.unregister(self.proc.pid)
 
     def __enter__(self) -> ManagedProcess:
         return self.start()

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pairloop_local.processes import ManagedProcess, ProcessFailedError, free_port
+from pairloop_local.processes import GroupReaper, ManagedProcess, ProcessFailedError, free_port
 
 __all__ = ["RedisHandle", "ensure_redis", "redis_answers", "redis_server_binary", "start_redis"]
 
@@ -63,9 +63,17 @@ class RedisHandle:
 
 
 def start_redis(
-    data_dir: str | Path, *, port: int | None = None, timeout: float = 20.0
+    data_dir: str | Path,
+    *,
+    port: int | None = None,
+    timeout: float = 20.0,
+    persist: bool = True,
+    reaper: GroupReaper | None = None,
 ) -> RedisHandle:
-    """Start a private redis-server on 127.0.0.1 with append-only persistence in `data_dir`."""
+    """Start a private redis-server on 127.0.0.1; with `persist`, append-only in `data_dir`.
+
+    Without `persist` a restart loses every key, as a crashed Redis pod without a volume would.
+    """
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -80,13 +88,14 @@ def start_redis(
             "--dir",
             str(data),
             "--appendonly",
-            "yes",
+            "yes" if persist else "no",
             "--save",
             "",
             "--protected-mode",
             "yes",
         ],
         log_path=data / "redis.log",
+        reaper=reaper,
     ).start()
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + timeout
@@ -98,8 +107,10 @@ def start_redis(
     return RedisHandle(url=url, process=proc)
 
 
-def ensure_redis(url: str | None, data_dir: str | Path) -> RedisHandle:
+def ensure_redis(
+    url: str | None, data_dir: str | Path, *, reaper: GroupReaper | None = None
+) -> RedisHandle:
     """Use the Redis at `url` if it answers, else start one whose data lives in `data_dir`."""
     if url and redis_answers(url):
         return RedisHandle(url=url)
-    return start_redis(data_dir)
+    return start_redis(data_dir, reaper=reaper)

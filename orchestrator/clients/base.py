@@ -8,6 +8,7 @@ spent inside calls is accumulated in `service_seconds`, which the orchestrator r
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Self, TypeVar
 
@@ -30,6 +31,21 @@ M = TypeVar("M", bound=BaseModel)
 
 class ServiceUnreachableError(ServerError):
     """A service did not answer (or kept answering 5xx) through every retry."""
+
+
+def describe_error(exc: BaseException | None) -> str:
+    """`Type: message`, with the OS's reason for a failed connect (httpx's own message is vague:
+    "All connection attempts failed" for a refused connection)."""
+    if exc is None:
+        return "no answer"
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, httpx.ConnectError):
+        cause: BaseException | None = exc
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, OSError) and cause.errno:
+            text = f"{type(exc).__name__}: {os.strerror(cause.errno)}"
+    return text
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -115,9 +131,10 @@ class ServiceClient:
                     return await self._send_once(method, path, payload, headers)
         except RetryError as exc:
             last = exc.last_attempt.exception()
+            times = "time" if attempts == 1 else "times"
             raise ServiceUnreachableError(
-                f"{self.service} at {self.base_url} failed {attempts} times on {method} {path}: "
-                f"{type(last).__name__}: {last}"
+                f"{self.service} at {self.base_url} failed {attempts} {times} on {method} {path}: "
+                f"{describe_error(last)}"
             ) from last
         raise AssertionError(
             "unreachable"

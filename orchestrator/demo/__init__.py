@@ -1,11 +1,15 @@
 """The embedded default: the whole loop on one machine, CPU included, with one command.
 
-    pairloop demo            # or: make demo
+    pairloop demo            # or: make demo; again with the same --workdir: resumes an unfinished one
+    pairloop demo --new      # a fresh run even if one is unfinished
 
-Builds a tiny Llama-architecture chat model, starts Redis (the machine's if one answers at
-PAIRLOOP_REDIS_URL, else a private one), the generator, the ranker and a Celery trainer worker as
-local processes on loopback, runs 3 iterations on the 400 shipped prompts (`prompts.jsonl`), writes
-the report, prints the summary table, and stops every process it started.
+Builds a tiny Llama-architecture chat model, then runs `configs/demo.yaml` (this package's
+`demo.yaml`) on the local stack, as `pairloop run configs/demo.yaml --local` would: Redis (the
+machine's if one answers at PAIRLOOP_REDIS_URL, else a private one), the generator, the ranker and
+a Celery trainer worker as local processes on loopback; 3 iterations on the 400 shipped prompts
+(`prompts.jsonl`), the report, the summary table; every process it started is stopped, even if
+the demo is killed. A demo that was interrupted (Ctrl-C, `kill -9`, a crash) is continued by
+running `pairloop demo` again.
 
     pairloop demo --prompts my_prompts.jsonl   # your own prompts (a `prompt` field per line)
 
@@ -19,21 +23,18 @@ prompts, judged by that scorer, is printed at the end.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import SecretStr
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from orchestrator.embedded import StackSpec
     from orchestrator.manifest import Manifest
 
-__all__ = ["DEMO_PREFERENCE", "DEMO_RANKER_ARGS", "demo_config", "run_demo"]
+__all__ = ["DEMO_PREFERENCE", "DEMO_RANKER_ARGS", "demo_config", "find_unfinished", "run_demo"]
 
 # The preference the demo aligns toward, and the ranker that encodes it.
 DEMO_PREFERENCE = (
@@ -79,15 +80,19 @@ def demo_config(
     *,
     store: Path,
     base_model: Path,
-    generator_url: str,
-    ranker_url: str,
-    redis_url: str,
     iterations: int,
+    generator_url: str | None = None,
+    ranker_url: str | None = None,
+    redis_url: str | None = None,
     prompts_file: Path | None = None,
     prompt_field: str = "prompt",
 ) -> dict[str, Any]:
-    """The demo's run config as a dict: the packaged YAML with this machine's paths and URLs;
-    `prompts_file` replaces the shipped prompts (its `prompt_field` holds the text)."""
+    """The demo's run config as a dict: the packaged YAML with this machine's paths;
+    `prompts_file` replaces the shipped prompts (its `prompt_field` holds the text).
+
+    Service URLs are only for running it on a stack started elsewhere (the tests' shared one);
+    `--local` fills them in itself.
+    """
     cfg: dict[str, Any] = yaml.safe_load(_packaged("demo.yaml").read_text())
     cfg.update(
         model_store=str(store),
@@ -97,97 +102,78 @@ def demo_config(
     cfg["prompts"]["source"] = str(_packaged("prompts.jsonl"))
     if prompts_file is not None:
         _prompt_source(cfg, iterations, prompts_file, prompt_field)
-    cfg["services"].update(
-        generator_urls=[generator_url], ranker_url=ranker_url, redis_url=redis_url
-    )
+    urls = {
+        "generator_urls": [generator_url] if generator_url else None,
+        "ranker_url": ranker_url,
+        "redis_url": redis_url,
+    }
+    cfg["services"].update({k: v for k, v in urls.items() if v is not None})
     return cfg
+
+
+def find_unfinished(
+    runs_root: Path, *, iterations: int, prompts_source: str | None = None
+) -> Path | None:
+    """The newest demo run under `runs_root` that did not complete, with `iterations` (and, if
+    given, the prompt source `prompts_source`)."""
+    from orchestrator.manifest import load_manifest
+    from orchestrator.runs import FROZEN_CONFIG
+
+    candidates = []
+    for manifest_path in runs_root.glob("demo-*/manifest.json"):
+        try:
+            m = load_manifest(manifest_path.parent)
+            frozen = yaml.safe_load((manifest_path.parent / FROZEN_CONFIG).read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            continue  # not a readable run: leave it alone
+        if prompts_source is not None and frozen["prompts"]["source"] != prompts_source:
+            continue  # another prompt file is another demo
+        if m.status != "completed" and m.iterations == iterations:
+            candidates.append((m.created_at, manifest_path.parent))
+    return max(candidates)[1] if candidates else None
 
 
 def run_demo(
     workdir: Path,
     *,
     iterations: int = 3,
+    new: bool = False,
     console: Console | None = None,
     prompts_file: Path | None = None,
     prompt_field: str = "prompt",
-) -> int:
-    """Run the demo under `workdir`; return the exit status (0: the loop completed)."""
+) -> tuple[Path, Manifest]:
+    """Run (or continue) the demo under `workdir`; return (run directory, final manifest).
+
+    Errors propagate (the CLI turns them into messages with the next step).
+    """
     from orchestrator.config import ConfigError
-    from orchestrator.embedded import StackSpec
-    from pairloop.errors import PairloopError
-    from pairloop.settings import RedisSettings
-    from pairloop_local.processes import ProcessFailedError
+    from orchestrator.local import run_local
+    from orchestrator.runs import create_run
+    from pairloop.atomic import atomic_write_text
     from pairloop_local.tiny_models import build_tiny_chat_model
 
     console = console or Console()
     if prompts_file is not None and not prompts_file.is_file():
-        console.print(f"[red]demo failed:[/red] --prompts: {prompts_file} is not a file")
-        return 2
+        raise ConfigError(f"--prompts: {prompts_file} is not a file")  # before anything is built
     started = time.monotonic()
     store = workdir / "store"
     base = store / "models" / "tiny-llama"
     if not (base / "config.json").is_file():
         console.print("building the tiny base model ...")
         build_tiny_chat_model(base, arch="llama", seed=0)
-    spec = StackSpec(
-        store=store,
-        base_model=base,
-        ranker_args=DEMO_RANKER_ARGS,
-        redis_url=RedisSettings().redis_url,
+    source = str((prompts_file or _packaged("prompts.jsonl")).resolve())
+    unfinished = (
+        None
+        if new
+        else find_unfinished(store / "runs", iterations=iterations, prompts_source=source)
     )
-    console.print(
-        f"starting redis, generator, ranker and trainer worker (logs: {workdir / 'logs'})"
-    )
-    try:
-        run_dir, manifest = _run_on_stack(
-            spec,
-            workdir,
-            iterations=iterations,
-            console=console,
-            prompts_file=prompts_file,
-            prompt_field=prompt_field,
-        )
-    except (PairloopError, ProcessFailedError, ConfigError) as exc:
-        message = exc.message if isinstance(exc, PairloopError) else str(exc)
-        console.print(f"[red]demo failed:[/red] {message}", highlight=False)
-        console.print(f"service logs: {workdir / 'logs'}")
-        return 1
-    _print_outcome(run_dir, manifest, iterations=iterations, console=console)
-    console.print(f"finished in {time.monotonic() - started:.0f} s")
-    return 0
-
-
-def _run_on_stack(
-    spec: StackSpec,
-    workdir: Path,
-    *,
-    iterations: int,
-    console: Console,
-    prompts_file: Path | None,
-    prompt_field: str,
-) -> tuple[Path, Manifest]:
-    """Start the local stack, create and execute the demo run, stop the stack."""
-    from orchestrator.embedded import LocalStack
-    from orchestrator.loop import create_run, execute_run
-    from orchestrator.settings import OrchestratorSettings
-    from pairloop.atomic import atomic_write_text
-
-    with LocalStack(spec, workdir) as stack:
-        redis_kind = (
-            "a private redis-server"
-            if stack.redis and stack.redis.started_here
-            else "the machine's Redis"
-        )
-        console.print(
-            f"stack up: generator {stack.generator_url}, ranker {stack.ranker_url}, "
-            f"{redis_kind} at {stack.redis_url}"
-        )
+    if unfinished is not None:
+        console.print(f"resuming run {unfinished.name} (`pairloop demo --new` starts a fresh one)")
+        run_dir = unfinished
+    else:
         cfg = demo_config(
-            store=spec.store,
-            base_model=spec.base_model,
-            generator_url=stack.generator_url,
-            ranker_url=stack.ranker_url,
-            redis_url=stack.redis_url,
+            store=store,
+            base_model=base,
             iterations=iterations,
             prompts_file=prompts_file,
             prompt_field=prompt_field,
@@ -195,8 +181,9 @@ def _run_on_stack(
         config_path = workdir / "demo-config.yaml"
         atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
         run_dir = create_run(config_path, run_id=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-        settings = OrchestratorSettings(generator_admin_token=SecretStr(stack.admin_token))
-        manifest = asyncio.run(execute_run(run_dir, console=console, settings=settings))
+    manifest = run_local(run_dir, console=console)
+    _print_outcome(run_dir, manifest, iterations=iterations, console=console)
+    console.print(f"finished in {time.monotonic() - started:.0f} s")
     return run_dir, manifest
 
 

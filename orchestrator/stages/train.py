@@ -48,13 +48,19 @@ async def run_training_job(ctx: RunContext, k: int) -> TrainResult:
             description=f"iter {k}: DPO {p.phase} loss={p.loss if p.loss is not None else '-'}",
         )
 
-    ctx.trainer.submit(job)
+    def stopping() -> bool:
+        return ctx.stopping.is_set() or (ctx.run_dir / "CANCEL").exists()
+
+    # In a thread: through a Redis outage the send is retried for minutes, and the event loop
+    # must stay free to take a Ctrl-C.
+    await asyncio.to_thread(ctx.trainer.submit, job, should_stop=stopping)
     result = await asyncio.to_thread(
         ctx.trainer.wait,
         job.job_id,
         timeout=ctx.cfg.services.train_timeout_s,
         on_progress=on_progress,
-        should_stop=lambda: (ctx.run_dir / "CANCEL").exists(),
+        should_stop=stopping,
+        resubmit=lambda: ctx.trainer.submit(job, should_stop=stopping),
     )
     ctx.progress.update(task, completed=result.steps, total=result.steps)
     return result

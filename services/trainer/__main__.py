@@ -6,6 +6,9 @@ Each flag is also an environment variable (`--model-store-root` = PAIRLOOP_TRAIN
 The flags are validated here, then handed to the canonical worker command through the environment:
 
     celery -A services.trainer.celery_app worker --without-gossip --without-mingle --without-heartbeat
+
+This is the one place that command is written: compose, Kubernetes and the local stack
+(`pairloop run --local`, `pairloop demo`) all start a worker as `python -m services.trainer`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def worker_argv(settings: TrainerSettings) -> list[str]:
         "--loglevel",
         settings.log_level,
         "--hostname",
-        "trainer@%h",
+        settings.hostname,
     ]
 
 

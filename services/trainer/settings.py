@@ -128,6 +128,11 @@ class TrainerSettings(BaseSettings):
         False, description="keep the job's trainer checkpoints after publishing (default: delete)"
     )
     log_level: str = Field("INFO", description="worker log level")
+    hostname: str = Field(
+        "trainer@%h",
+        description="the worker's Celery node name; unique per worker sharing one Redis "
+        "(control commands such as ping address it)",
+    )
 
     @model_validator(mode="after")
     def _limits(self) -> TrainerSettings:

@@ -59,7 +59,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
     (and theirs must not consume the loop's) on the session's shared Redis.
     """
     from orchestrator.demo import DEMO_RANKER_ARGS
-    from orchestrator.embedded import LocalStack, StackSpec
+    from orchestrator.local import LocalStack, StackSpec
 
     work = tmp_path_factory.mktemp("stack")
     store = work / "store"

@@ -159,6 +159,6 @@ def test_demo_prompts_file_that_does_not_exist_is_a_message(tmp_path: Path) -> N
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
-    out = " ".join(done.stdout.split())  # Rich wraps long paths
+    out = " ".join((done.stdout + done.stderr).split())  # errors go to stderr; Rich wraps paths
     assert "missing.jsonl is not a file" in out and "Traceback" not in done.stderr
     assert not (tmp_path / "store").exists(), "nothing was built or started"

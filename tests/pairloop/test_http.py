@@ -73,3 +73,30 @@ async def test_oversize_body_is_413(client: httpx.AsyncClient) -> None:
     )
     assert r.status_code == 413
     assert "larger than 100 bytes" in r.json()["error"]["message"]
+
+
+async def test_expected_503_is_logged_at_debug_a_dead_engine_at_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from pairloop.errors import EngineDeadError, ServiceUnavailableError
+
+    app = FastAPI()
+    register_exception_handlers(app)
+
+    @app.get("/ready")
+    async def ready() -> None:
+        raise ServiceUnavailableError("the engine is still loading")
+
+    @app.get("/dead")
+    async def dead() -> None:
+        raise EngineDeadError("the engine died")
+
+    caplog.set_level("DEBUG", logger="pairloop.http")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        assert (await c.get("/ready")).status_code == 503
+        loading = [r for r in caplog.records if "still loading" in r.getMessage()]
+        assert [r.levelname for r in loading] == ["DEBUG"]
+        assert (await c.get("/dead")).status_code == 503
+    died = [r for r in caplog.records if "engine died" in r.getMessage()]
+    assert [r.levelname for r in died] == ["ERROR"]

@@ -104,7 +104,7 @@ async def start_run(body: RunStartRequest, runs_root: RunsRootDep, _: AdminDep) 
 async def cancel_run(run_id: str, runs_root: RunsRootDep, _: AdminDep) -> dict[str, Any]:
     run_dir = _run_dir(runs_root, run_id)
     m = load_manifest(run_dir)
-    if m.status in ("completed", "failed", "cancelled"):
+    if m.status in ("completed", "failed", "cancelled", "interrupted"):
         raise ConflictError(f"run {run_id} is already {m.status}", param="run_id")
     atomic_write_text(run_dir / CANCEL_FILE, "cancel requested through the API\n")
     return _summary(m)

@@ -1,0 +1,141 @@
+"""Execute a run on the local stack: start what its config needs, run (or resume) it, stop it all.
+
+    manifest = run_local(run_dir, console=console)       # `pairloop run CONFIG --local`
+                                                          # `pairloop resume RUN_DIR --local`
+
+The stack lives in RUN_DIR/local/ (service logs, a private Redis's data, caches, `stack.json`
+with its addresses and process ids, and `secrets.json`), so a resume finds the admin token the
+killed run's generator used and the Redis data it left. The run's lock is taken before any service
+starts: a second `resume --local` of the same run fails at once instead of starting a second stack.
+
+SIGINT and SIGTERM cancel the run (recorded as interrupted), then the stack stops in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import SecretStr
+from rich.console import Console
+
+from orchestrator.local.secrets import load_or_create_admin_token
+from orchestrator.local.stack import LocalStack, StackSpec
+from orchestrator.manifest import Manifest
+from orchestrator.settings import OrchestratorSettings
+from pairloop.atomic import atomic_write_json
+from pairloop.jobs import TRAIN_QUEUE
+
+__all__ = ["LOCAL_DIR", "STACK_FILE", "run_local", "run_until_signal", "sigterm_interrupts"]
+
+LOCAL_DIR = "local"
+STACK_FILE = "stack.json"
+
+T = TypeVar("T")
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While inside, SIGTERM raises KeyboardInterrupt as Ctrl-C does: `finally` blocks run."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_until_signal(coro: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(coro)`, with SIGTERM cancelling it the way Ctrl-C does.
+
+    Raises KeyboardInterrupt (Ctrl-C) or asyncio.CancelledError (SIGTERM) once `coro` has
+    handled its cancellation (the loop records the run as interrupted).
+    """
+
+    async def main() -> T:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task is not None:
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await coro
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    with sigterm_interrupts():
+        try:
+            return asyncio.run(main())
+        finally:
+            # asyncio restores SIG_DFL on removal; SIGTERM must keep interrupting until we return.
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def run_local(
+    run_dir: Path,
+    *,
+    console: Console,
+    settings: OrchestratorSettings | None = None,
+    on_started: Callable[[LocalStack], None] | None = None,
+) -> Manifest:
+    """Start the stack RUN_DIR's config needs, execute the run to its end, stop the stack."""
+    from orchestrator.loop import execute_run
+    from orchestrator.runs import load_run, run_lock
+
+    run_dir = run_dir.resolve()
+    cfg, _ = load_run(run_dir)
+    local_dir = run_dir / LOCAL_DIR
+    token = load_or_create_admin_token(local_dir)
+    base = settings or OrchestratorSettings()
+    settings = base.model_copy(update={"generator_admin_token": SecretStr(token)})
+    with sigterm_interrupts(), run_lock(run_dir):
+        console.print(
+            f"starting the local stack: redis, generator, ranker, trainer worker "
+            f"(logs: {local_dir / 'logs'})"
+        )
+        # A queue of this run's own: on a shared Redis no other run's worker takes its jobs, and
+        # a job left there by a killed stack is only ever run by this run's next stack.
+        queue = f"{TRAIN_QUEUE}.{cfg.run_id}"
+        spec = StackSpec.from_config(cfg, train_queue=queue)
+        with LocalStack(spec, local_dir, admin_token=token) as stack:
+            redis_kind = (
+                "a private redis-server"
+                if stack.redis is not None and stack.redis.started_here
+                else "the Redis"
+            )
+            console.print(
+                f"stack up: generator {stack.generator_url}, ranker {stack.ranker_url}, "
+                f"{redis_kind} at {stack.redis_url}"
+            )
+            atomic_write_json(
+                local_dir / STACK_FILE,
+                {
+                    "generator_url": stack.generator_url,
+                    "ranker_url": stack.ranker_url,
+                    "redis_url": stack.redis_url,
+                    "process_groups": stack.pids(),
+                    "reaper_pid": stack.reaper.pid if stack.reaper else None,
+                },
+            )
+            if on_started is not None:
+                on_started(stack)
+            services = cfg.services.model_copy(
+                update={
+                    "generator_urls": [stack.generator_url],
+                    "generator_dns": None,
+                    "ranker_url": stack.ranker_url,
+                    "redis_url": stack.redis_url,
+                    "train_queue": queue,
+                }
+            )
+            return run_until_signal(
+                execute_run(
+                    run_dir, console=console, settings=settings, services=services, lock=False
+                )
+            )
