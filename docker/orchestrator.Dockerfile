@@ -6,7 +6,7 @@
 # Build arguments (defaults: the public registries; `make compose-test` builds the CPU images with
 # no registry at all, see README "Building without a registry"):
 #   PYTHON_IMAGE     a Debian 12 / Python 3.11 base with `python3 -m venv` (default python:3.11 slim)
-#   PIP_INDEX_URL    the package index;  PIP_NO_INDEX=1: only docker/wheelhouse/ (no index at all)
+#   PIP_INDEX_URL    the package index (unset: pip's own default);  PIP_NO_INDEX=1: only docker/wheelhouse/ (no index at all)
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 # --- shared stages: the same text in the generator, ranker and trainer Dockerfiles (the
@@ -22,7 +22,7 @@ RUN python3 -m venv /opt/venv
 
 # A wheel of pairloop itself: no source tree or build tools reach the runtime stages.
 FROM python AS wheel
-ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL
 ARG PIP_NO_INDEX=0
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -35,7 +35,7 @@ RUN --mount=type=bind,from=wheelhouse,target=/wheels \
 # --- end of the shared stages ------------------------------------------------------------------
 
 FROM python AS orchestrator-deps
-ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL
 ARG PIP_NO_INDEX=0
 COPY requirements/images/orchestrator.txt /opt/pairloop/requirements/orchestrator.txt
 RUN --mount=type=bind,from=wheelhouse,target=/wheels \

@@ -9,7 +9,7 @@
 # Build arguments (defaults: the public registries; `make compose-test` builds the CPU images with
 # no registry at all, see README "Building without a registry"):
 #   PYTHON_IMAGE     a Debian 12 / Python 3.11 base with `python3 -m venv` (default python:3.11 slim)
-#   PIP_INDEX_URL    the package index;  PIP_NO_INDEX=1: only docker/wheelhouse/ (no index at all)
+#   PIP_INDEX_URL    the package index (unset: pip's own default);  PIP_NO_INDEX=1: only docker/wheelhouse/ (no index at all)
 #   TORCH_INDEX_URL  where torch's CPU build comes from (CPU variant)
 ARG VARIANT=gpu
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
@@ -27,7 +27,7 @@ RUN python3 -m venv /opt/venv
 
 # A wheel of pairloop itself: no source tree or build tools reach the runtime stages.
 FROM python AS wheel
-ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL
 ARG PIP_NO_INDEX=0
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -41,7 +41,7 @@ RUN --mount=type=bind,from=wheelhouse,target=/wheels \
 # torch and transformers (requirements/images/models.txt, cut from the lock), --no-deps as
 # `make setup` installs. CPU: torch's CPU build (PyPI's Linux wheel is the CUDA one).
 FROM python AS models-cpu
-ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL
 ARG PIP_NO_INDEX=0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY requirements/images/models.txt /opt/pairloop/requirements/models.txt
@@ -52,7 +52,7 @@ RUN --mount=type=bind,from=wheelhouse,target=/wheels \
 # GPU: PyPI's torch==2.13.0 is the CUDA build and pins its CUDA runtime (nvidia-* wheels), so the
 # Python base plus the host driver is a complete CUDA PyTorch; the lock constrains what it adds.
 FROM python AS models-gpu
-ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL
 ARG PIP_NO_INDEX=0
 COPY requirements/images/models.txt /opt/pairloop/requirements/models.txt
 RUN --mount=type=bind,from=wheelhouse,target=/wheels \
@@ -62,7 +62,7 @@ RUN --mount=type=bind,from=wheelhouse,target=/wheels \
 
 # --- llm-blender's closure (requirements/images/ranker.txt) on the torch layer ---------------
 FROM models-${VARIANT} AS ranker-deps
-ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL
 ARG PIP_NO_INDEX=0
 COPY requirements/images/ranker.txt /opt/pairloop/requirements/ranker.txt
 RUN --mount=type=bind,from=wheelhouse,target=/wheels \
