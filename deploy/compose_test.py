@@ -294,6 +294,8 @@ def check_run_dir(stack: Stack, run: dict[str, Any]) -> None:
     """Datasets and report, copied off the volume; the datasets load with datasets.load_dataset."""
     import datasets
 
+    from pairloop.preference_data import PREFERENCE_COLUMNS
+
     undone = [name for name, st in run["stages"].items() if st["state"] != "done"]
     if undone:
         raise Failed(f"stages not done: {undone}", ["orchestrator"])
@@ -309,14 +311,7 @@ def check_run_dir(stack: Stack, run: dict[str, Any]) -> None:
             raise Failed(f"no report at {report.relative_to(tmp)}", ["orchestrator"])
         for k in (1, 2):
             ds = datasets.load_dataset(str(run_dir / "dataset"), split=f"train_iteration_{k}")
-            columns = {
-                "prompt_id",
-                "prompt",
-                "chosen",
-                "rejected",
-                "all_generated_responses",
-                "all_rm_scores",
-            }
+            columns = set(PREFERENCE_COLUMNS)
             if len(ds) == 0 or not columns <= set(ds.column_names):
                 raise Failed(f"train_iteration_{k}: {len(ds)} rows, columns {ds.column_names}")
             row = ds[0]

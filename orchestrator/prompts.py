@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,11 +100,7 @@ def load_prompt_source(cfg: PromptsConfig) -> PromptPool:
             pool.duplicates += 1
             continue
         seen.add(normalise_instruction(text))
-        if cfg.id_field and row.get(cfg.id_field) not in (None, ""):
-            pid = str(row[cfg.id_field])
-        else:
-            pid = hashlib.sha256(text.encode()).hexdigest()[:16]
-        pool.records.append({"prompt_id": pid, "prompt": text})
+        pool.records.append({"prompt_id": prompt_id(row, text, cfg.id_field), "prompt": text})
     return pool
 
 
@@ -129,6 +126,13 @@ def cut_slices(
         slices[f"iteration_{k}"] = ordered[start : start + cfg.per_iteration]
         start += cfg.per_iteration
     return slices
+
+
+def prompt_id(row: Mapping[str, Any], text: str, id_field: str | None) -> str:
+    """The row's own id where it has one, else a hash of the text (stable across runs)."""
+    if id_field and row.get(id_field) not in (None, ""):
+        return str(row[id_field])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def normalise_instruction(text: str) -> str:
@@ -161,11 +165,7 @@ def load_eval_prompts(cfg: EvalPromptsConfig) -> list[PromptRecord]:
         if not isinstance(text, str) or not text.strip() or normalise_instruction(text) in seen:
             continue
         seen.add(normalise_instruction(text))
-        if cfg.id_field and row.get(cfg.id_field) not in (None, ""):
-            pid = str(row[cfg.id_field])
-        else:
-            pid = hashlib.sha256(text.encode()).hexdigest()[:16]
-        record = {"prompt_id": pid, "prompt": text, "index": str(i)}
+        record = {"prompt_id": prompt_id(row, text, cfg.id_field), "prompt": text, "index": str(i)}
         if isinstance(row.get("dataset"), str):
             record["dataset"] = row["dataset"]
         out.append(record)

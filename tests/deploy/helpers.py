@@ -586,3 +586,24 @@ def image_extra(dockerfile: Path) -> str:
     found = re.findall(r"(?:\"?\.|\.whl\))\[([a-z-]+)\]", text)
     assert found, f"{dockerfile.name}: installs no pyproject extra"
     return found[-1]
+
+
+def unreachable_demo_config(tmp_path: Path, tiny_model: Path) -> tuple[Path, Path]:
+    """The compose demo's run config on a local store with the real tiny model, its services on
+    port 9 (discard: nothing listens, the first call fails at once): `pairloop run` creates the
+    run and stops there. Returns (store, config path)."""
+    store = tmp_path / "store"
+    cfg = yaml.safe_load((REPO / "configs" / "tiny-demo-compose.yaml").read_text())
+    # The real tiny model: run creation measures prompts with its tokenizer and context.
+    shutil.copytree(tiny_model, store / cfg["base_model"])
+    cfg["model_store"] = str(store)
+    cfg["prompts"]["source"] = str(REPO / "orchestrator" / "demo" / "prompts.jsonl")
+    cfg["services"].update(
+        generator_urls=["http://127.0.0.1:9"],
+        ranker_url="http://127.0.0.1:9",
+        redis_url="redis://127.0.0.1:9/0",
+        retries=0,
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return store, config

@@ -30,6 +30,7 @@ from .helpers import (
     parse_dockerfile,
     run_pairloop_with_only,
     service_env,
+    unreachable_demo_config,
 )
 
 GPU = ("docker-compose.yml",)
@@ -443,26 +444,10 @@ def test_orchestrator_image_runs_the_loop_up_to_the_services(
 ) -> None:
     """`pairloop run` with only the orchestrator image's packages importable creates the run
     (config, prompts, manifest) and stops at the first service call; `pairloop report` works."""
-    import shutil
-
-    import yaml
-
     services = compose_model(*CPU)["services"]
     svc = services["orchestrator"]
     extra = image_extra(REPO / svc["build"]["context"] / svc["build"]["dockerfile"])
-    store = tmp_path / "store"
-    cfg = yaml.safe_load((REPO / "configs" / "tiny-demo-compose.yaml").read_text())
-    shutil.copytree(tiny_models["llama"], store / cfg["base_model"])
-    cfg["model_store"] = str(store)
-    cfg["prompts"]["source"] = str(REPO / "orchestrator" / "demo" / "prompts.jsonl")
-    # Nothing listens on port 9 (discard): the first service call fails at once.
-    cfg["services"].update(
-        generator_urls=["http://127.0.0.1:9"],
-        ranker_url="http://127.0.0.1:9",
-        redis_url="redis://127.0.0.1:9/0",
-        retries=0,
-    )
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    store, _ = unreachable_demo_config(tmp_path, tiny_models["llama"])
     proc = run_pairloop_with_only(
         extra, ["pairloop", "run", "run.yaml", "--run-id", "r1"], cwd=tmp_path
     )

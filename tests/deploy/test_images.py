@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from .helpers import REPO
+from .helpers import REPO, unreachable_demo_config
 
 sys.path.insert(0, str(REPO / "deploy"))
 from image_requirements import IMAGES, SHARED, canon, read_lock
@@ -77,24 +76,7 @@ def test_each_image_carries_only_what_its_service_needs(image: str, absent: set[
 @pytest.fixture
 def fake_store(tmp_path: Path, tiny_models: dict[str, Path]) -> tuple[Path, Path]:
     """A run config whose services are unreachable: `pairloop run` creates the run, then stops."""
-    import shutil
-
-    store = tmp_path / "store"
-    cfg = yaml.safe_load((REPO / "configs" / "tiny-demo-compose.yaml").read_text())
-    # The real tiny model: run creation measures prompts with its tokenizer and context.
-    shutil.copytree(tiny_models["llama"], store / cfg["base_model"])
-    cfg["model_store"] = str(store)
-    cfg["prompts"]["source"] = str(REPO / "orchestrator" / "demo" / "prompts.jsonl")
-    # Nothing listens on port 9 (discard): the first service call fails at once.
-    cfg["services"].update(
-        generator_urls=["http://127.0.0.1:9"],
-        ranker_url="http://127.0.0.1:9",
-        redis_url="redis://127.0.0.1:9/0",
-        retries=0,
-    )
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    return store, config
+    return unreachable_demo_config(tmp_path, tiny_models["llama"])
 
 
 def _run_or_resume(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
