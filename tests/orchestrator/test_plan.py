@@ -118,13 +118,15 @@ def test_cli_plan_prints_the_table_and_exits_non_zero_when_it_cannot_fit(
     out = capsys.readouterr().out
     assert "trainer (fsdp, 8 GPUs)" in out and "gradient accumulation 2" in out
 
+    # The table goes to stdout, the refusal to stderr (where every CLI error goes).
     assert main(["plan", str(_recipe_copy(tmp_path, strategy="ddp")), "--gpus", "8"]) == 2
-    out = capsys.readouterr().out
-    assert "cannot fit these GPUs" in out and "strategy: fsdp" in out
-    assert "Traceback" not in out
+    captured = capsys.readouterr()
+    assert "memory per GPU" in captured.out
+    assert "cannot fit these GPUs" in captured.err and "strategy: fsdp" in captured.err
+    assert "Traceback" not in captured.out + captured.err
 
     assert main(["plan", str(RECIPE), "--gpus", "6"]) == 2  # 128 pairs do not split over 6 x 8
-    assert "per_device_train_batch_size" in capsys.readouterr().out
+    assert "per_device_train_batch_size" in capsys.readouterr().err
 
 
 def test_run_with_gpus_checks_the_plan_before_any_work(
@@ -133,5 +135,5 @@ def test_run_with_gpus_checks_the_plan_before_any_work(
     monkeypatch.chdir(tmp_path)
     config = _recipe_copy(tmp_path, strategy="ddp")
     assert main(["run", str(config), "--gpus", "8", "--gpu-memory", "80"]) == 2
-    assert "cannot fit these GPUs" in capsys.readouterr().out
+    assert "cannot fit these GPUs" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
