@@ -39,7 +39,9 @@ class TrainerCelery(Celery):
 def celery_config(settings: TrainerSettings) -> dict[str, object]:
     """The worker's Celery configuration (on top of the transport config clients share)."""
     conf = celery_transport_config(
-        redis_url=settings.redis_url, visibility_timeout=settings.visibility_timeout
+        redis_url=settings.redis_url,
+        visibility_timeout=settings.visibility_timeout,
+        result_retry_s=settings.result_retry_s,
     )
     conf.update(
         task_default_queue=settings.queue,

@@ -155,8 +155,12 @@ def run_train_job(
     settings: TrainerSettings,
     *,
     report: ProgressReport | None = None,
+    on_locked: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Train `job` and publish its weights, or return the result it already published."""
+    """Train `job` and publish its weights, or return the result it already published.
+
+    `on_locked` runs once the job's lock is held (the worker counts the delivery there).
+    """
     clock = _Clock()
     emit: ProgressReport = report or (lambda _p: None)
     paths = resolve_job_paths(job, settings)
@@ -169,6 +173,8 @@ def run_train_job(
         published = find_published(paths.output, job)
         if published is not None:
             return published
+        if on_locked is not None:
+            on_locked()
         _check_model_dir(paths.policy, "policy_path")
         _check_model_dir(paths.reference, "reference_path")
         _prepare_work_dir(paths, job)
