@@ -76,7 +76,7 @@ class ProgressPublisher:
         while (item := self._next()) is not None:
             try:
                 self._publish(item)
-            except Exception as exc:  # noqa: BLE001 - any failure to publish must spare training
+            except Exception as exc:  # any failure to publish must spare training
                 self.failures += 1
                 if delay == _FIRST_DELAY_S:
                     log.warning(

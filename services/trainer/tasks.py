@@ -85,7 +85,7 @@ class TrainRequest(Request):  # type: ignore[misc]  # celery ships no type hints
                     # Not a worker loss any more: Celery acknowledges the message and stores
                     # this error as the job's result.
                     exc_info = ExceptionInfo()
-            except Exception as ledger_error:  # noqa: BLE001 - Redis down: requeue as ever
+            except Exception as ledger_error:  # Redis down: requeued as ever
                 log.warning("job %s: worker loss not counted: %r", self.id, ledger_error)
         return super().on_failure(exc_info, send_failed_event, return_ok)
 
@@ -149,7 +149,7 @@ def train_dpo(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     if counted[0] or failure is None:
         try:
             ledger.end(parsed.job_id)
-        except Exception as exc:  # noqa: BLE001 - the count expires on its own
+        except Exception as exc:  # the count expires on its own
             log.warning("job %s: delivery count not cleared: %r", parsed.job_id, exc)
     if failure is not None:
         raise failure
