@@ -39,9 +39,7 @@ class ProgressPublisher:
         self._cond = threading.Condition()
         self.published = 0
         self.failures = 0
-        self._thread = threading.Thread(
-            target=self._run, name=f"progress-{job_id}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"progress-{job_id}", daemon=True)
         self._thread.start()
 
     def report(self, progress: TrainProgress) -> None:
