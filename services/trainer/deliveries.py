@@ -27,7 +27,7 @@ import logging
 import time
 from typing import Any
 
-from pairloop.errors import ServerError
+from pairloop.jobs import JobCrashLoopError
 
 __all__ = ["DeliveryLedger", "JobCrashLoopError", "ledger_key"]
 
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 
 # Counts of a job nobody submits again expire; a month outlives any training.
 _TTL_S = 30 * 24 * 3600
-
-
-class JobCrashLoopError(ServerError):
-    """The job lost its worker process `max_worker_losses` times in a row."""
 
 
 def ledger_key(job_id: str) -> str:
