@@ -72,7 +72,7 @@ def celery_config(settings: TrainerSettings) -> dict[str, object]:
     return conf
 
 
-class HeartbeatFile(bootsteps.StartStopStep):  # type: ignore[misc]  # celery ships no type hints
+class HeartbeatFile(bootsteps.StartStopStep):
     """Touches `settings.heartbeat_file` every `heartbeat_interval_s` while the worker runs.
 
     From a thread of the worker's main process, which neither the broker connection (it may be

@@ -57,7 +57,7 @@ def _ledger(task: Task) -> DeliveryLedger:
     return DeliveryLedger(settings.redis_url, max_losses=settings.max_worker_losses)
 
 
-class TrainRequest(Request):  # type: ignore[misc]  # celery ships no type hints
+class TrainRequest(Request):
     """The worker's main process's view of a training job: counts the job's lost workers.
 
     A pool child lost mid-job (killed by a signal, exited) is a `WorkerLostError` here; Celery
