@@ -37,8 +37,6 @@ class ProgressPublisher:
         self._latest: TrainProgress | None = None
         self._closed = False
         self._cond = threading.Condition()
-        self.published = 0
-        self.failures = 0
         self._thread = threading.Thread(target=self._run, name=f"progress-{job_id}", daemon=True)
         self._thread.start()
 
@@ -75,7 +73,6 @@ class ProgressPublisher:
             try:
                 self._publish(item)
             except Exception as exc:  # any failure to publish must spare training
-                self.failures += 1
                 if delay == _FIRST_DELAY_S:
                     log.warning(
                         "job %s: progress not published (%s: %s); training goes on, the newest "
@@ -94,7 +91,6 @@ class ProgressPublisher:
             if delay != _FIRST_DELAY_S:
                 log.info("job %s: progress published again", self._job_id)
             delay = _FIRST_DELAY_S
-            self.published += 1
 
 
 def redis_answers(url: str) -> bool:
