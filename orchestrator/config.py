@@ -213,6 +213,13 @@ class ServicesConfig(_Strict):
         description="how long the Celery broker (Redis) may stay unreachable before the run "
         "fails; a restart or an outage shorter than this is waited out",
     )
+    worker_absent_s: float = Field(
+        300.0,
+        gt=0,
+        description="how long no trainer worker may consume the training queue (none started, "
+        "all crashed) before the run fails; a worker restarted sooner (a restart policy, the "
+        "local stack's supervisor) takes the job again and it resumes from its checkpoint",
+    )
 
     @field_validator("generator_urls")
     @classmethod

@@ -145,6 +145,7 @@ async def execute_run(
         services.redis_url or RedisSettings().redis_url,
         outage_s=services.broker_outage_s,
         queue=services.train_queue,
+        worker_absent_s=services.worker_absent_s,
     )
     held = run_lock(run_path) if lock else contextlib.nullcontext()
     with held, make_progress(console) as progress:

@@ -19,10 +19,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pairloop.errors import ServerError
+
 __all__ = [
     "TRAIN_QUEUE",
     "TRAIN_TASK_NAME",
     "DPOHyperparameters",
+    "JobCrashLoopError",
     "LoraSettings",
     "RankReport",
     "Strategy",
@@ -35,6 +38,15 @@ __all__ = [
 TRAIN_TASK_NAME = "pairloop.train_dpo"
 # The queue trainer workers consume (`celery ... worker -Q`); clients send training jobs there.
 TRAIN_QUEUE = "pairloop.trainer"
+
+
+class JobCrashLoopError(ServerError):
+    """A training job lost its worker process `max_worker_losses` times in a row (an OOM kill, a
+    segfault, a killed pod) and is not delivered again; the message names each worker and signal.
+
+    Here, beside the job schema, so that a client that reads the failure resolves its type.
+    """
+
 
 # How several training processes split the work. ddp: every rank holds the whole policy, its
 # gradients, AdamW's moments and the reference (about 18 bytes per parameter with a bf16

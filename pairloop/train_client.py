@@ -41,11 +41,14 @@ DEFAULT_VISIBILITY_TIMEOUT = 48 * 3600
 BROKER_RETRY_SECONDS = 120
 
 
-def celery_transport_config(*, redis_url: str, visibility_timeout: int) -> dict[str, Any]:
+def celery_transport_config(
+    *, redis_url: str, visibility_timeout: int, result_retry_s: int = BROKER_RETRY_SECONDS
+) -> dict[str, Any]:
     """Broker, result backend and serialization settings both the worker and clients use.
 
     `visibility_timeout` is set everywhere Celery reads it: the broker's transport options (kombu
-    redelivery) and the Redis result backend's transport options.
+    redelivery) and the Redis result backend's transport options. `result_retry_s` bounds one
+    backend call's retries (about one a second) through a Redis outage.
     """
     transport = {"visibility_timeout": int(visibility_timeout)}
     return {
@@ -57,12 +60,14 @@ def celery_transport_config(*, redis_url: str, visibility_timeout: int) -> dict[
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "broker_transport_options": dict(transport),
-        # A worker's progress reports and result survive a Redis restart of up to ~2 minutes:
-        # the backend's default (20 retries, 1 s apart) would fail the training task after 20 s.
+        # One backend call rides out a Redis restart of up to `result_retry_s` (default ~2
+        # minutes; the default of 20 retries 1 s apart gives up after 20 s). The trainer never
+        # depends on it: progress is published from a thread of its own and the result waits
+        # on disk until Redis answers (services/trainer/progress.py).
         "result_backend_transport_options": {
             **transport,
             "retry_policy": {
-                "max_retries": BROKER_RETRY_SECONDS,
+                "max_retries": result_retry_s,
                 "interval_start": 0,
                 "interval_step": 1,
                 "interval_max": 1,
@@ -71,7 +76,7 @@ def celery_transport_config(*, redis_url: str, visibility_timeout: int) -> dict[
         # Every backend call, reads included (a progress write first reads the stored state),
         # is retried through an outage: without this one read fails the whole training task.
         "result_backend_always_retry": True,
-        "result_backend_max_retries": BROKER_RETRY_SECONDS,
+        "result_backend_max_retries": result_retry_s,
         "result_backend_base_sleep_between_retries_ms": 100,
         "result_backend_max_sleep_between_retries_ms": 1000,
         # Workers reconnect to a restarted Redis by themselves, however long it is away.

@@ -10,6 +10,15 @@ broker is unreachable (up to `outage_s`), and a job the broker lost (a Redis res
 persistence, or a worker killed with its message unacknowledged) is sent again under the same id
 once no worker holds it and it is not queued. Sending again is what the trainer's idempotency is
 for: a published job returns its result, an interrupted one resumes from its last checkpoint.
+
+A missing worker is not waited for forever: every `worker_check_s` the client asks the workers
+which queues they consume (Celery's `inspect active_queues`, answered by each worker's main
+process even while its pool child trains); when none has consumed the job's queue for
+`worker_absent_s`, the wait fails with `NoTrainerWorkerError`. A worker restarted within that
+bound (compose and Kubernetes restart policies, the local stack's supervisor) takes the job
+again, and it resumes from its last trainer checkpoint. Asking the workers, rather than reading
+heartbeat keys they would write, needs no state of ours, and the answer comes from a process
+that is alive right now.
 """
 
 from __future__ import annotations
@@ -36,7 +45,13 @@ from pairloop.train_client import (
     submit_train_job,
 )
 
-__all__ = ["BrokerUnreachableError", "TrainerClient", "TrainingFailedError", "broker_error"]
+__all__ = [
+    "BrokerUnreachableError",
+    "NoTrainerWorkerError",
+    "TrainerClient",
+    "TrainingFailedError",
+    "broker_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +67,10 @@ class TrainingFailedError(ServerError):
 
 class BrokerUnreachableError(ServerError):
     """The Celery broker (Redis) stayed unreachable for longer than the run waits."""
+
+
+class NoTrainerWorkerError(TrainingFailedError):
+    """No live trainer worker consumed the job's queue for longer than the run waits."""
 
 
 def broker_error(exc: BaseException) -> bool:
@@ -82,6 +101,8 @@ class TrainerClient:
         visibility_timeout: float | None = None,
         outage_s: float = 120.0,
         queue: str = TRAIN_QUEUE,
+        worker_absent_s: float = 300.0,
+        worker_check_s: float | None = None,
     ) -> None:
         kwargs = (
             {} if visibility_timeout is None else {"visibility_timeout": int(visibility_timeout)}
@@ -89,6 +110,10 @@ class TrainerClient:
         self.redis_url = redis_url
         self.outage_s = outage_s
         self.queue = queue
+        self.worker_absent_s = worker_absent_s
+        self.worker_check_s = (
+            worker_check_s if worker_check_s is not None else min(worker_absent_s / 4, 30.0)
+        )
         self.app = make_train_client(redis_url, **kwargs)
         # This client retries on its own (tenacity, interruptible); Celery's in-call retries
         # would hold a Ctrl-C for minutes during an outage.
@@ -181,6 +206,15 @@ class TrainerClient:
         replies = self.app.control.inspect(timeout=1.0).query_task(task_id) or {}
         return any(task_id in (tasks or {}) for tasks in replies.values())
 
+    def consumers(self) -> list[str]:
+        """Names of the live workers that consume this client's queue (asked with a 1 s bound)."""
+        replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
+        return sorted(
+            name
+            for name, queues in replies.items()
+            if any(q.get("name") == self.queue for q in queues or [])
+        )
+
     def job_lost(self, task_id: str) -> bool:
         """The task is neither queued nor held by any worker: nobody will ever run it.
 
@@ -202,11 +236,13 @@ class TrainerClient:
         """Follow the task until it succeeds (its result), fails (TrainingFailedError) or times out.
 
         With `resubmit`, a job found lost (see `job_lost`) is sent again under the same id.
+        NoTrainerWorkerError once no worker has consumed the queue for `worker_absent_s`.
         """
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
         handle = self.app.AsyncResult(task_id)
         last_change, last_seen, lost_seen = time.monotonic(), None, 0
+        next_worker_check, absent_since = time.monotonic(), None
         try:
             while True:
                 state: TrainState = self._call(
@@ -235,6 +271,22 @@ class TrainerClient:
                         )
                         resubmit()
                         lost_seen = 0
+                if time.monotonic() >= next_worker_check:
+                    found = self._call("look for workers", self.consumers, should_stop)
+                    next_worker_check = time.monotonic() + self.worker_check_s
+                    if found:
+                        absent_since = None
+                    elif absent_since is None:
+                        absent_since = time.monotonic()
+                        log.warning("no trainer worker consumes queue %s", self.queue)
+                    elif time.monotonic() - absent_since >= self.worker_absent_s:
+                        raise NoTrainerWorkerError(
+                            f"no trainer worker has consumed queue {self.queue} for "
+                            f"{time.monotonic() - absent_since:.0f}s while training job "
+                            f"{task_id} waits: start one (`python -m services.trainer`, or look "
+                            "at the trainer's pods or containers and their logs); `pairloop "
+                            "resume` then resumes the job from its last trainer checkpoint"
+                        )
                 if time.monotonic() > deadline:
                     raise TrainingFailedError(
                         f"training job {task_id} did not finish within {timeout:.0f}s (state "

@@ -15,6 +15,7 @@ seconds that its owner is gone and exits, so no orphan keeps the GPUs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -29,9 +30,17 @@ from services.trainer.dpo import resolve_precision
 from services.trainer.launch_entry import ERROR_FILE, OUTCOME_FILE, PROGRESS_FILE
 from services.trainer.process_group import LaunchedGroup, free_port
 from services.trainer.settings import TrainerSettings
-from services.trainer.spec import TrainingOutcome, TrainingSpec
+from services.trainer.spec import TrainingOutcome, TrainingSpec, attempt_id, job_lock_holder
 
-__all__ = ["SPEC_FILE", "accelerate_command", "join_training", "train_with_accelerate"]
+__all__ = [
+    "SPEC_FILE",
+    "accelerate_command",
+    "join_training",
+    "train_with_accelerate",
+    "wait_for_current_spec",
+]
+
+log = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.json"
 
@@ -105,7 +114,8 @@ def train_with_accelerate(
     for name in (PROGRESS_FILE, OUTCOME_FILE, ERROR_FILE):
         (work / name).unlink(missing_ok=True)
     spec_file = work / SPEC_FILE
-    spec = spec.model_copy(update={"owner_pid": os.getpid()})
+    # `attempt` is what this process wrote into the job's lock: joiners check both match.
+    spec = spec.model_copy(update={"owner_pid": os.getpid(), "attempt": attempt_id()})
     atomic_write_text(spec_file, spec.model_dump_json(indent=2) + "\n")
     argv = accelerate_command(spec_file, settings=settings, spec=spec)
     proc = LaunchedGroup(argv, log_path=work / "accelerate.log")
@@ -118,6 +128,7 @@ def train_with_accelerate(
         follower.poll()
     finally:
         proc.stop()
+        spec_file.unlink(missing_ok=True)  # an ended attempt leaves no spec to join
     if (work / ERROR_FILE).is_file():
         raise _typed_error(json.loads((work / ERROR_FILE).read_text()))
     if proc.returncode != 0 or not (work / OUTCOME_FILE).is_file():
@@ -128,19 +139,45 @@ def train_with_accelerate(
     return TrainingOutcome.model_validate_json((work / OUTCOME_FILE).read_text())
 
 
+def wait_for_current_spec(work: Path, *, timeout: float) -> TrainingSpec:
+    """Machine 0's spec for the attempt training the job now, waiting up to `timeout` seconds.
+
+    A `spec.json` counts only while the attempt that wrote it holds the job's lock: one left by
+    an earlier attempt (its worker killed) is ignored until the next attempt replaces it.
+    """
+    shared = work / SPEC_FILE
+    deadline = time.monotonic() + timeout
+    ignored: str | None = None
+    while True:
+        try:
+            spec = TrainingSpec.model_validate_json(shared.read_text())
+        except FileNotFoundError:
+            spec = None
+        if spec is not None:
+            holder = job_lock_holder(work)
+            if spec.attempt is not None and holder == spec.attempt:
+                return spec
+            if ignored != spec.attempt:
+                ignored = spec.attempt
+                log.warning(
+                    "ignoring %s: written by attempt %r, but the job's lock is held by %s",
+                    shared,
+                    spec.attempt,
+                    repr(holder) if holder else "nobody",
+                )
+        if time.monotonic() > deadline:
+            raise ServerError(
+                f"no training spec of a running attempt appeared at {shared} within "
+                f"{timeout:g}s{' (one left by an earlier attempt was ignored)' if ignored else ''}"
+                ": is machine 0's trainer worker running this job, on the same shared model store?"
+            )
+        time.sleep(_POLL_SECONDS)
+
+
 def join_training(work: Path, settings: TrainerSettings, *, timeout: float) -> int:
     """Machine k > 0: wait for machine 0's spec in the job's work directory, run this machine's
     ranks until training ends, and return their exit status (rank 0 reports the outcome)."""
-    shared = work / SPEC_FILE
-    deadline = time.monotonic() + timeout
-    while not shared.is_file():
-        if time.monotonic() > deadline:
-            raise ServerError(
-                f"no training spec appeared at {shared} within {timeout:g}s: is machine 0's "
-                "trainer worker running this job, on the same shared model store?"
-            )
-        time.sleep(_POLL_SECONDS)
-    spec = TrainingSpec.model_validate_json(shared.read_text())
+    spec = wait_for_current_spec(work, timeout=timeout)
     # The ranks here watch this process, not machine 0's worker (its pid means nothing here).
     local = work / f"spec-machine{settings.machine_rank}.json"
     atomic_write_text(local, spec.model_copy(update={"owner_pid": os.getpid()}).model_dump_json())
@@ -164,14 +201,19 @@ class _ProgressFollower:
         self.offset = 0
 
     def poll(self) -> None:
+        """Forward new lines; never raises: following progress must not stop the training."""
         try:
             with self.path.open("rb") as fh:
                 fh.seek(self.offset)
                 chunk = fh.read()
-        except FileNotFoundError:
+        except OSError:
             return
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self.offset += len(complete)
         for line in complete.splitlines():
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 self.report(TrainProgress.model_validate_json(line))
+            except Exception as exc:  # the report is the task's; training goes on regardless
+                log.warning("progress line not forwarded (%s: %s)", type(exc).__name__, exc)

@@ -9,6 +9,7 @@ their owner gone (`TrainingSpec.owner_pid`, `launch_entry.py`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["LaunchedGroup", "free_port"]
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -63,8 +66,12 @@ class LaunchedGroup:
         except OSError:
             return "(no log)"
 
-    def stop(self, *, grace: float = 10.0) -> None:
-        """SIGTERM the group, wait up to `grace` seconds, then SIGKILL whatever is left of it."""
+    def stop(self, *, grace: float = 10.0, kill_wait: float = 10.0) -> None:
+        """SIGTERM the group, wait up to `grace` seconds, then SIGKILL whatever is left of it.
+
+        After SIGKILL the wait is bounded too (`kill_wait`): a process in uninterruptible sleep
+        (a hung NFS or GPU driver call) may never exit, and the worker must not hang with it.
+        """
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -73,9 +80,21 @@ class LaunchedGroup:
             try:
                 self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(self.proc.pid, signal.SIGKILL)  # even if it left its group
+                try:
+                    self.proc.wait(timeout=kill_wait)
+                except subprocess.TimeoutExpired:
+                    log.error(
+                        "process %d (%s) did not exit within %gs of SIGKILL (uninterruptible "
+                        "I/O: a hung filesystem or device driver?); leaving it, see %s",
+                        self.proc.pid,
+                        " ".join(self.argv[:4]),
+                        kill_wait,
+                        self.log_path,
+                    )
         # Ranks may outlive a leader that exited on its own.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)

@@ -17,7 +17,6 @@ import gc
 import logging
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from services.trainer.publishing import (
     validate_trained,
 )
 from services.trainer.settings import TrainerSettings
-from services.trainer.spec import TrainingSpec, prepare_dataset
+from services.trainer.spec import LOCK_FILE, TrainingSpec, attempt_id, prepare_dataset
 
 __all__ = ["JobPaths", "resolve_job_paths", "run_train_job"]
 
@@ -97,7 +96,7 @@ def _check_model_dir(path: Path, param: str) -> None:
 def _job_lock(work: Path, job_id: str) -> Iterator[None]:
     """Exclusive per-job lock; the kernel drops it when the holder dies, even by SIGKILL."""
     work.mkdir(parents=True, exist_ok=True)
-    fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(work / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -108,7 +107,7 @@ def _job_lock(work: Path, job_id: str) -> Iterator[None]:
                 "finish (its result is returned to any resubmission)"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"{attempt_id()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
@@ -155,8 +154,12 @@ def run_train_job(
     settings: TrainerSettings,
     *,
     report: ProgressReport | None = None,
+    on_locked: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Train `job` and publish its weights, or return the result it already published."""
+    """Train `job` and publish its weights, or return the result it already published.
+
+    `on_locked` runs once the job's lock is held (the worker counts the delivery there).
+    """
     clock = _Clock()
     emit: ProgressReport = report or (lambda _p: None)
     paths = resolve_job_paths(job, settings)
@@ -169,6 +172,8 @@ def run_train_job(
         published = find_published(paths.output, job)
         if published is not None:
             return published
+        if on_locked is not None:
+            on_locked()
         _check_model_dir(paths.policy, "policy_path")
         _check_model_dir(paths.reference, "reference_path")
         _prepare_work_dir(paths, job)

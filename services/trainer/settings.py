@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -126,6 +127,31 @@ class TrainerSettings(BaseSettings):
     )
     keep_checkpoints: bool = Field(
         False, description="keep the job's trainer checkpoints after publishing (default: delete)"
+    )
+    max_worker_losses: int = Field(
+        3,
+        ge=1,
+        description="a job whose worker process is lost this many times in a row (OOM kill, "
+        "segfault, a killed pod) fails with the reason instead of being redelivered forever",
+    )
+    result_retry_s: int = Field(
+        120,
+        ge=1,
+        description="seconds one progress or result write retries through a Redis outage; "
+        "training never waits on it (progress is buffered, the result is kept on disk)",
+    )
+    heartbeat_file: Path = Field(
+        Path(tempfile.gettempdir()) / "pairloop-trainer.heartbeat",
+        description="file the worker process touches while it runs (the liveness probe reads "
+        "its age, so a Redis outage never gets a busy worker restarted)",
+    )
+    heartbeat_interval_s: float = Field(
+        10.0, gt=0, description="seconds between touches of heartbeat_file"
+    )
+    heartbeat_max_age_s: float = Field(
+        120.0,
+        gt=0,
+        description="`python -m services.trainer.liveness` fails when heartbeat_file is older",
     )
     log_level: str = Field("INFO", description="worker log level")
     hostname: str = Field(

@@ -7,6 +7,10 @@ write a `TrainingOutcome` back. Both are JSON, never pickle.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,11 +21,45 @@ from pairloop.jobs import RankReport, TrainJob
 from services.trainer.data import load_preference_split, to_conversational
 
 __all__ = [
+    "LOCK_FILE",
     "TrainingOutcome",
     "TrainingSpec",
+    "attempt_id",
+    "job_lock_holder",
     "last_complete_checkpoint",
     "prepare_dataset",
 ]
+
+# The job's lock in its work directory (`runner._job_lock`): held by the attempt that trains it.
+LOCK_FILE = ".lock"
+
+
+def attempt_id() -> str:
+    """This process's attempt at a job: what it writes into the job's lock file once it holds it."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def job_lock_holder(work: Path) -> str | None:
+    """The attempt holding the job's lock in `work` right now, or None when nobody holds it.
+
+    The kernel drops a lock whose holder died (even by SIGKILL), so a held lock names a live
+    attempt. Tested with a shared lock for an instant (never held); flock works across the
+    machines of an NFSv4 model store.
+    """
+    try:
+        fd = os.open(work / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 class TrainingSpec(BaseModel):
@@ -41,6 +79,9 @@ class TrainingSpec(BaseModel):
     save_total_limit: int = 2
     cpu_threads: int | None = None
     owner_pid: int | None = None  # launched ranks exit when this process (the task) is gone
+    # The attempt that wrote this spec (`attempt_id()`, as in the job's lock): a joiner uses a
+    # spec only while that attempt holds the job's lock, never one an earlier attempt left.
+    attempt: str | None = None
     strategy: Literal["single-process", "ddp", "fsdp", "deepspeed-zero3"] = "single-process"
     world_size: int = 1  # training processes over all machines
     publish_max_shard_size: str = "5GB"

@@ -171,20 +171,29 @@ def test_commands_are_the_real_entry_points(kustomization: str) -> None:
                 )
             for kind in ("livenessProbe", "readinessProbe"):
                 probe_cmd = c.get(kind, {}).get("exec", {}).get("command")
-                if probe_cmd and probe_cmd[:2] == ["sh", "-c"]:
-                    words = probe_cmd[2].replace("exec ", "").split()
-                    assert words[:5] == [
-                        "celery",
-                        "-A",
-                        "services.trainer.celery_app",
-                        "inspect",
-                        "ping",
-                    ]
-                    assert words[6] == "trainer@$POD_NAME"
-                    assert (
-                        container_env(c)["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]
-                        == "metadata.name"
-                    )
+                if probe_cmd and probe_cmd[:2] == ["python3", "-m"]:
+                    usage = help_text(*python_argv(probe_cmd)).splitlines()[0]
+                    assert f"python -m {probe_cmd[2]}" in usage, (c["name"], kind, probe_cmd)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_the_trainer_liveness_probe_does_not_depend_on_the_broker(kustomization: str) -> None:
+    """A Redis outage must not get a training worker restarted: the probe reads the worker's
+    heartbeat file, never Redis (no `celery inspect`/`control`, no Redis URL, no shell)."""
+    trainers = [
+        c
+        for doc in _workloads(render(kustomization))
+        for c in _containers(doc)
+        if c["command"][:3] == ["python3", "-m", "services.trainer"]
+    ]
+    assert trainers
+    for c in trainers:
+        probe = c["livenessProbe"]
+        assert probe["exec"]["command"] == ["python3", "-m", "services.trainer.liveness"]
+        words = " ".join(probe["exec"]["command"]).lower()
+        assert not any(w in words for w in ("celery", "inspect", "ping", "redis", "sh -c"))
+        # Failing only after minutes of a stale heartbeat (the worker touches it every 10 s).
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 60
 
 
 @pytest.mark.parametrize("kustomization", OVERLAYS, ids=_ids(OVERLAYS))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from services.trainer.process_group import LaunchedGroup, free_port
 
@@ -62,3 +66,35 @@ def test_a_leader_that_exits_on_its_own_reports_its_status(tmp_path: Path) -> No
     group.stop()
     assert group.returncode == 3 and group.log_tail() == "boom"
     assert 1024 < free_port() < 65536
+
+
+def test_stop_returns_in_bounded_time_when_sigkill_does_not_end_the_leader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process in uninterruptible sleep (a hung NFS or GPU driver call) outlives SIGKILL. Such
+    a kernel is simulated by dropping every SIGKILL this test's process sends; the leader (a real
+    process) ignores SIGTERM, so nothing ends it: `stop` must still return."""
+    ignores_term = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(600)"
+    )
+    group = LaunchedGroup([sys.executable, "-c", ignores_term], log_path=tmp_path / "g.log").start()
+    real_killpg, real_kill = os.killpg, os.kill
+    try:
+        _wait_for(lambda: "ready" in group.log_tail(), timeout=60)
+
+        def drop_sigkill(real: Callable[[int, int], None]) -> Callable[[int, int], None]:
+            return lambda pid, sig: None if sig == signal.SIGKILL else real(pid, sig)
+
+        monkeypatch.setattr(os, "killpg", drop_sigkill(real_killpg))
+        monkeypatch.setattr(os, "kill", drop_sigkill(real_kill))
+        stopper = threading.Thread(target=lambda: group.stop(grace=0.5), daemon=True)
+        stopper.start()
+        stopper.join(timeout=60)
+        assert not stopper.is_alive(), "stop() hangs on a process SIGKILL does not end"
+        assert group.alive()  # it really did outlive the (dropped) SIGKILL
+    finally:
+        monkeypatch.undo()
+        assert group.proc is not None
+        real_killpg(group.proc.pid, signal.SIGKILL)
+        group.proc.wait(timeout=30)
