@@ -119,3 +119,46 @@ print(json.dumps(out))
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"alpaca_eval evaluate [^\n]*(?:\\\n[^\n]*)*", readme)
     assert commands and all('--reference_outputs "$REF"' in c for c in commands)
+
+
+def _jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_non_text_prompt_fields_are_named_or_counted_as_what_they_are(tmp_path: Path) -> None:
+    good = [{"prompt": f"Question number {i}?", "messages": [{"role": "user"}]} for i in range(12)]
+    bad = [{"prompt": ["a", "list"]}, {"prompt": None}, {"prompt": 3}, {"prompt": "   "}]
+    path = _jsonl(tmp_path / "p.jsonl", good + bad)
+    pool = load_prompt_source(PromptsConfig(source=str(path), id_field=None))
+    assert len(pool.records) == 12
+    assert pool.not_string == {"list": 1, "null": 1, "number": 1}
+    assert pool.empty == 1  # only the blank one is "empty"
+    chats = _jsonl(tmp_path / "chats.jsonl", good)
+    with pytest.raises(ConfigError, match=r"^prompts\.field: column 'messages' .* holds list"):
+        load_prompt_source(PromptsConfig(source=str(chats), field="messages", id_field=None))
+    eval_path = _jsonl(tmp_path / "e.jsonl", [{"instruction": {"text": "x"}}] * 3)
+    with pytest.raises(ConfigError, match=r"evaluation\.prompts\.field: .* holds object values"):
+        load_eval_prompts(EvalPromptsConfig(source=str(eval_path)))
+
+
+def test_a_malformed_line_is_named_by_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "one"}\n\n{"prompt": "two"}\n{prompt: "three"}\n')
+    with pytest.raises(ConfigError) as err:
+        load_prompt_source(PromptsConfig(source=str(path)))
+    message = str(err.value)
+    assert message.startswith(f"prompts.source: {path} line 4 is not valid JSON")
+    assert "property name" in message and "\n" not in message
+    _jsonl(path, [{"prompt": "one"}, ["not", "an", "object"]])
+    with pytest.raises(ConfigError, match=r"line 2 holds a JSON list, not an object"):
+        load_prompt_source(PromptsConfig(source=str(path)))
+
+
+def test_one_id_for_two_prompts_is_an_error(tmp_path: Path) -> None:
+    rows = [{"prompt": f"Question {i}?", "prompt_id": f"id{i % 3}"} for i in range(5)]
+    path = _jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(ConfigError, match=r"^prompts\.id_field: id 'id0' .* two different"):
+        load_prompt_source(PromptsConfig(source=str(path)))
+    # Ids hashed from the text are unique by construction.
+    assert len(load_prompt_source(PromptsConfig(source=str(path), id_field=None)).records) == 5
