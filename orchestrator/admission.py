@@ -46,6 +46,7 @@ __all__ = [
     "admit_eval_prompts",
     "admit_prompts",
     "describe_prompt",
+    "generator_context",
     "prompt_limit",
 ]
 
@@ -128,8 +129,8 @@ class PromptLimit:
     reason: str
 
 
-def prompt_limit(cfg: RunConfig) -> PromptLimit:
-    """The tightest of the generator's room for a prompt and (optionally) the trainer's limit."""
+def generator_context(cfg: RunConfig) -> tuple[int, str]:
+    """The generator context (prompt + new tokens) the run assumes, and where it comes from."""
     native = model_context_length(cfg.base_model)
     cap = cfg.sampling.max_model_len
     if native is None and cap is None:
@@ -139,6 +140,12 @@ def prompt_limit(cfg: RunConfig) -> PromptLimit:
         )
     context = min(x for x in (native, cap) if x is not None)
     where = "sampling.max_model_len" if cap is not None and context == cap else "the base model's"
+    return context, where
+
+
+def prompt_limit(cfg: RunConfig) -> PromptLimit:
+    """The tightest of the generator's room for a prompt and (optionally) the trainer's limit."""
+    context, where = generator_context(cfg)
     new_tokens, field_name = cfg.sampling.max_tokens, "sampling.max_tokens"
     if cfg.evaluation.enabled and cfg.evaluation.max_tokens > new_tokens:
         new_tokens, field_name = cfg.evaluation.max_tokens, "evaluation.max_tokens"
