@@ -74,6 +74,8 @@ def test_defaults_are_alpaca_eval_2() -> None:
         Path(__file__).resolve().parents[2] / "configs/snorkel-mistral-pairrm.yaml"
     )
     assert recipe.evaluation.prompts == cfg and recipe.evaluation.best_of == [1, 16]
+    # Best-of-16 is picked by the run's ranker (PairRM): a judge of its own judges that row.
+    assert recipe.evaluation.judge not in (None, recipe.services.ranker_url)
 
 
 def test_exclusion_is_by_normalised_text() -> None:
