@@ -21,12 +21,12 @@ from orchestrator.prompts import load_eval_prompts, load_prompt_source
 ROOT = Path(__file__).resolve().parents[2]
 REVISION = "5f4c3a2b1e0d9c8b7a6f5e4d3c2b1a0f9e8d7c6b"
 # The loading script AlpacaEval's repo ships beside its JSON files (what datasets 5 refuses).
-SCRIPT = '''import datasets
+SCRIPT = """import datasets
 _URLS = {"alpaca_eval": "./alpaca_eval.json",
          "alpaca_eval_gpt4_baseline": "./alpaca_eval_gpt4_baseline.json"}
 class AlpacaFarmDataset(datasets.GeneratorBasedBuilder):
     pass
-'''
+"""
 
 
 def _alpaca_rows(generator: str) -> list[dict[str, str]]:
