@@ -206,7 +206,7 @@ class MicroBatcher(Generic[J, R]):
         fails. Any other error fails the whole pass.
         """
         try:
-            results = list(self._run_batch(jobs))
+            results: list[R | _OutOfMemory] = list(self._run_batch(jobs))
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
