@@ -45,7 +45,13 @@ async def check_generators(cfg: RunConfig, generators: Sequence[GeneratorClient]
         models = await client.call("GET", "/v1/models", ModelList)
         card = models.data[0] if models.data else None
         served = card.max_model_len if card else None
-        if served is None or served < context:
+        if served is None:
+            raise GeneratorMismatchError(
+                f"generator at {client.base_url} does not report its context (max_model_len in "
+                f"/v1/models), and the run's prompts were admitted for {context} ({where}); "
+                "run the generator of this version"
+            )
+        if served < context:
             raise GeneratorMismatchError(
                 f"generator at {client.base_url} serves a context of {served} tokens, but the "
                 f"run's prompts were admitted for {context} ({where}); start the generator with "

@@ -162,3 +162,31 @@ def test_one_id_for_two_prompts_is_an_error(tmp_path: Path) -> None:
         load_prompt_source(PromptsConfig(source=str(path)))
     # Ids hashed from the text are unique by construction.
     assert len(load_prompt_source(PromptsConfig(source=str(path), id_field=None)).records) == 5
+
+
+def test_dataset_loads_read_only_the_needed_columns(tmp_path: Path) -> None:
+    """A dataset repo's layout (parquet under data/), loaded through `datasets` as a hub name
+    would be: UltraFeedback-like rows carry every response, and only prompt and id come back."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.prompts import _rows_from_hub
+
+    repo = tmp_path / "ultrafeedback-like"
+    (repo / "data").mkdir(parents=True)
+    table = pa.table(
+        {
+            "prompt": [f"Question {i}?" for i in range(6)],
+            "prompt_id": [f"id{i}" for i in range(6)],
+            "messages": [[{"role": "user", "content": "x" * 1000}]] * 6,
+            "score_chosen": [9.0] * 6,
+        }
+    )
+    pq.write_table(table, repo / "data" / "train_prefs-00000-of-00001.parquet")
+    rows = _rows_from_hub(str(repo), "train_prefs", None, ["prompt", "prompt_id"], "prompts.source")
+    assert rows == [{"prompt": f"Question {i}?", "prompt_id": f"id{i}"} for i in range(6)]
+    pool = load_prompt_source(PromptsConfig(source=str(repo), split="train_prefs"))
+    assert [r["prompt_id"] for r in pool.records] == [f"id{i}" for i in range(6)]
+    with pytest.raises(ConfigError) as err:  # a split the dataset lacks: one line, the way out
+        load_prompt_source(PromptsConfig(source=str(repo), split="test_prefs"))
+    assert "\n" not in str(err.value) and "local .jsonl/.json/.parquet file" in str(err.value)
