@@ -25,17 +25,28 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from orchestrator.config import ConfigError, RunConfig
-from orchestrator.prompts import PromptPool, PromptRecord, cut_slices, needed, shuffled
+from orchestrator.prompts import (
+    PromptPool,
+    PromptRecord,
+    cut_slices,
+    describe_not_string,
+    needed,
+    shuffled,
+)
 from pairloop.model_config import model_context_length
+from pairloop.truncation import keep_end
 
 __all__ = [
     "AdmissionReport",
+    "EvalAdmission",
     "PromptLimit",
     "PromptMeter",
     "TokenizerMeter",
     "admission_summary",
+    "admit_eval_prompts",
     "admit_prompts",
     "describe_prompt",
+    "generator_context",
     "prompt_limit",
 ]
 
@@ -92,12 +103,17 @@ class TokenizerMeter:
         return [len(x) for x in ids["input_ids"]]
 
     def truncate(self, prompt: str, max_tokens: int) -> str:
-        """The longest start of `prompt` whose rendering has at most `max_tokens` tokens."""
+        """The longest end of `prompt` whose rendering has at most `max_tokens` tokens.
+
+        The end, as the trainer keeps it (`pairloop.truncation.keep_end`): a long UltraFeedback
+        prompt puts its question last, after the material it is about.
+        """
         content = self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
         overhead = self.count([""])[0]
         keep = max(0, max_tokens - overhead)
         for _ in range(8):  # re-tokenizing a cut can merge differently: shrink until it fits
-            text = str(self.tokenizer.decode(content[:keep], skip_special_tokens=True))
+            kept = keep_end(content, keep)
+            text = str(self.tokenizer.decode(kept, skip_special_tokens=True))
             excess = self.count([text])[0] - max_tokens
             if excess <= 0:
                 return text
@@ -113,8 +129,8 @@ class PromptLimit:
     reason: str
 
 
-def prompt_limit(cfg: RunConfig) -> PromptLimit:
-    """The tightest of the generator's room for a prompt and (optionally) the trainer's limit."""
+def generator_context(cfg: RunConfig) -> tuple[int, str]:
+    """The generator context (prompt + new tokens) the run assumes, and where it comes from."""
     native = model_context_length(cfg.base_model)
     cap = cfg.sampling.max_model_len
     if native is None and cap is None:
@@ -124,6 +140,12 @@ def prompt_limit(cfg: RunConfig) -> PromptLimit:
         )
     context = min(x for x in (native, cap) if x is not None)
     where = "sampling.max_model_len" if cap is not None and context == cap else "the base model's"
+    return context, where
+
+
+def prompt_limit(cfg: RunConfig) -> PromptLimit:
+    """The tightest of the generator's room for a prompt and (optionally) the trainer's limit."""
+    context, where = generator_context(cfg)
     new_tokens, field_name = cfg.sampling.max_tokens, "sampling.max_tokens"
     if cfg.evaluation.enabled and cfg.evaluation.max_tokens > new_tokens:
         new_tokens, field_name = cfg.evaluation.max_tokens, "evaluation.max_tokens"
@@ -173,6 +195,7 @@ class AdmissionReport:
             "pool_rows": self.pool.rows,
             "pool_distinct": len(self.pool.records),
             "empty_skipped": self.pool.empty,
+            "not_string_skipped": dict(self.pool.not_string),
             "duplicates_dropped": self.pool.duplicates,
             "examined": self.examined,
             "admitted": self.admitted,
@@ -191,6 +214,8 @@ class AdmissionReport:
 def _shortage(report: AdmissionReport, cfg: RunConfig) -> ConfigError:
     p = cfg.prompts
     refused = []
+    if report.pool.not_string:
+        refused.append(describe_not_string(report.pool.not_string))
     if report.pool.empty:
         refused.append(f"{report.pool.empty} empty or whitespace-only")
     if report.pool.duplicates:
@@ -229,7 +254,6 @@ def admit_prompts(
     need = needed(cfg.prompts, cfg.iterations)
     report = AdmissionReport(limit=limit, policy=cfg.prompts.too_long, pool=pool, needed=need)
     order = shuffled(pool.records, cfg.prompts.seed)
-    trainer_limit = cfg.dpo.max_prompt_length
     admitted: list[PromptRecord] = []
     start = 0
     while len(admitted) < need and start < len(order):
@@ -238,38 +262,105 @@ def admit_prompts(
         for record, tokens in zip(chunk, meter.count([r["prompt"] for r in chunk]), strict=True):
             if len(admitted) == need:
                 break
-            report.examined += 1
-            if tokens > limit.tokens:
-                report.too_long += 1
-                skipped = {
-                    "prompt_id": record["prompt_id"],
-                    "prompt": describe_prompt(record),
-                    "tokens": tokens,
-                    "limit": limit.tokens,
-                    "reason": limit.reason,
-                    "action": cfg.prompts.too_long,
-                }
-                if len(report.skipped) < _EXAMPLES:
-                    report.skipped.append(skipped)
-                if on_skip is not None:
-                    on_skip(skipped)
-                cut = ""
-                if cfg.prompts.too_long == "truncate":
-                    cut = meter.truncate(record["prompt"], limit.tokens)
-                if not cut.strip():  # skipped (or nothing of it fits: a skip after all)
-                    report.too_long_skipped += 1
-                    continue
-                record = {**record, "prompt": cut}
-                tokens = meter.count([cut])[0]
-                report.truncated += 1
-            if tokens > trainer_limit:
-                report.over_max_prompt_length += 1
-            report.longest_admitted = max(report.longest_admitted, tokens)
-            admitted.append(record)
+            kept = _admit_one(record, tokens, report, cfg, meter, on_skip)
+            if kept is not None:
+                admitted.append(kept)
     report.admitted = len(admitted)
     if len(admitted) < need:
         raise _shortage(report, cfg)
     return cut_slices(admitted, cfg.prompts, cfg.iterations), report
+
+
+def _admit_one(
+    record: PromptRecord,
+    tokens: int,
+    report: AdmissionReport,
+    cfg: RunConfig,
+    meter: PromptMeter,
+    on_skip: Callable[[dict[str, Any]], None] | None,
+) -> PromptRecord | None:
+    """The one rule for every prompt a run uses: `record` as admitted (maybe cut), or None."""
+    limit = report.limit
+    report.examined += 1
+    if tokens > limit.tokens:
+        report.too_long += 1
+        skipped = {
+            "prompt_id": record["prompt_id"],
+            "prompt": describe_prompt(record),
+            "tokens": tokens,
+            "limit": limit.tokens,
+            "reason": limit.reason,
+            "action": cfg.prompts.too_long,
+        }
+        if len(report.skipped) < _EXAMPLES:
+            report.skipped.append(skipped)
+        if on_skip is not None:
+            on_skip(skipped)
+        cut = ""
+        if cfg.prompts.too_long == "truncate":
+            cut = meter.truncate(record["prompt"], limit.tokens)
+        if not cut.strip():  # skipped (or nothing of it fits: a skip after all)
+            report.too_long_skipped += 1
+            return None
+        record = {**record, "prompt": cut}
+        tokens = meter.count([cut])[0]
+        report.truncated += 1
+    if tokens > cfg.dpo.max_prompt_length:
+        report.over_max_prompt_length += 1
+    report.longest_admitted = max(report.longest_admitted, tokens)
+    return record
+
+
+@dataclass
+class EvalAdmission:
+    """The evaluation's own instructions after admission (none replaced: the set is fixed)."""
+
+    prompts: list[PromptRecord]
+    report: AdmissionReport
+
+    def metrics(self) -> dict[str, Any]:
+        r = self.report
+        return {
+            "instructions": r.examined,
+            "admitted": r.admitted,
+            "too_long_skipped": r.too_long_skipped,
+            "too_long_truncated": r.truncated,
+            "prompt_token_limit": r.limit.tokens,
+            "skipped_examples": r.skipped[:_EXAMPLES],
+        }
+
+
+def admit_eval_prompts(
+    instructions: list[PromptRecord],
+    cfg: RunConfig,
+    *,
+    meter: PromptMeter | None = None,
+    on_skip: Callable[[dict[str, Any]], None] | None = None,
+) -> EvalAdmission:
+    """The evaluation's instructions that fit, by the training prompts' rule (`_admit_one`).
+
+    An instruction that cannot fit would fail at generation and score as a loss; it is left out
+    (or cut, with `prompts.too_long: truncate`) and counted, never answered with nothing.
+    """
+    meter = meter or TokenizerMeter.from_pretrained(cfg.base_model)
+    pool = PromptPool(records=instructions, rows=len(instructions))
+    report = AdmissionReport(
+        limit=prompt_limit(cfg), policy=cfg.prompts.too_long, pool=pool, needed=len(instructions)
+    )
+    admitted = []
+    for start in range(0, len(instructions), _CHUNK):
+        chunk = instructions[start : start + _CHUNK]
+        for record, tokens in zip(chunk, meter.count([r["prompt"] for r in chunk]), strict=True):
+            kept = _admit_one(record, tokens, report, cfg, meter, on_skip)
+            if kept is not None:
+                admitted.append(kept)
+    report.admitted = len(admitted)
+    if not admitted:
+        raise ConfigError(
+            f"evaluation.prompts: none of the {len(instructions)} instructions fits the limit of "
+            f"{report.limit.tokens} prompt tokens ({report.limit.reason})"
+        )
+    return EvalAdmission(admitted, report)
 
 
 def admission_summary(metrics: dict[str, Any]) -> str:
@@ -278,7 +369,13 @@ def admission_summary(metrics: dict[str, Any]) -> str:
     return (
         f"{m['admitted']} prompts admitted of {m['examined']} examined "
         f"({m['pool_distinct']} distinct in {m['pool_rows']} rows); skipped: "
-        f"{m['too_long_skipped']} too long, {m['empty_skipped']} empty; "
+        f"{m['too_long_skipped']} too long, {m['empty_skipped']} empty"
+        + (
+            f", {describe_not_string(m['not_string_skipped'])}"
+            if m.get("not_string_skipped")
+            else ""
+        )
+        + "; "
         f"{m['too_long_truncated']} truncated; {m['duplicates_dropped']} duplicates dropped; "
         f"limit {m['prompt_token_limit']} prompt tokens ({m['prompt_token_limit_reason']}); "
         f"{m['over_max_prompt_length']} above dpo.max_prompt_length (the trainer truncates them)"

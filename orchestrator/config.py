@@ -93,6 +93,18 @@ class SamplingConfig(_Strict):
         description="the generator's context (prompt + completion tokens), when its "
         "--max-model-len caps the model's own; default: the base model's max_position_embeddings",
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="the dtype the generator must serve the policy in (its --dtype); auto: the "
+        "base checkpoint's own, the generator's default. Checked before any work",
+    )
+    max_failed_share: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="share of a generation's prompts (training or evaluation) the generator may "
+        "fail to answer before the stage stops; the failures are counted either way",
+    )
 
 
 class RankerConfig(_Strict):

@@ -68,8 +68,9 @@ def alpaca_annotations(
     return rows
 
 
-def win_rate(annotated: Sequence[dict[str, Any]], *, glm: GLM) -> WinRate:
-    """Win rate figures of `generator_2` over `generator_1` from AlpacaEval annotations."""
+def win_rate(annotated: Sequence[dict[str, Any]], *, glm: GLM | None = None) -> WinRate:
+    """Win rate figures of `generator_2` over `generator_1` from AlpacaEval annotations; the LC
+    GLM is `glm`, or the one `lc_winrate.choose_glm` picks for these annotations' judge."""
     if not annotated:
         raise ValueError("win_rate needs at least one annotation")
     probs = np.asarray([a["preference"] - 1.0 for a in annotated], dtype=float)

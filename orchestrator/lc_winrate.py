@@ -21,7 +21,12 @@ its answers were as long as the reference's. Two of the package's GLMs are used:
   way `glm_winrate._get_featurized_data` builds it, and fitted by the package's own
   `make_dmatrix_for_model` and `fit_LogisticRegressionCV` (tests compare the two).
 
-A `length_controlled_v1` that cannot fetch its hub file falls back to the minimal GLM and says so.
+The leaderboard GLM's intercept, length term and instruction difficulties are GPT-4 Turbo's
+judgements against `gpt4_1106_preview`: `choose_glm` picks it only for annotations by AlpacaEval's
+own annotator against that reference, on AlpacaEval's instructions (a user importing AlpacaEval's
+annotations); any other judge or reference gets the minimal GLM. A `length_controlled_v1` that
+cannot fetch its hub file falls back to the minimal GLM and says so (`note`). The minimal GLM
+predicts one value for every instruction, so it has no standard error (None, not 0).
 The package is imported lazily (it takes seconds and pulls scikit-learn).
 """
 
@@ -34,12 +39,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["GLM", "LENGTH_TERM", "LengthControlled", "length_controlled"]
+__all__ = [
+    "ALPACA_EVAL_ANNOTATORS",
+    "ALPACA_EVAL_REFERENCE",
+    "GLM",
+    "LENGTH_TERM",
+    "LengthControlled",
+    "choose_glm",
+    "length_controlled",
+]
 
 GLM = Literal["length_controlled_v1", "length_controlled_minimal"]
 LENGTH_TERM = "np.tanh(std_delta_len)"  # the GLM's column name for the length term
 # GroupKFold(n_splits=5) inside the package needs at least 5 distinct instructions.
 _MIN_ANNOTATIONS = 5
+# AlpacaEval 2.0's reference generator and its annotators (the leaderboard's judge and its
+# GPT-4 Turbo variants): the only judgements the leaderboard GLM was fitted on.
+ALPACA_EVAL_REFERENCE = "gpt4_1106_preview"
+ALPACA_EVAL_ANNOTATORS = frozenset(
+    {"weighted_alpaca_eval_gpt4_turbo", "alpaca_eval_gpt4_turbo_fn", "alpaca_eval_clf_gpt4_turbo"}
+)
+
+
+def choose_glm(annotations: Sequence[dict[str, Any]]) -> GLM:
+    """`length_controlled_v1` only for AlpacaEval's own judge and reference on its instructions
+    (every annotation: `annotator`, `generator_1`, an `index`); else `length_controlled_minimal`."""
+    own = bool(annotations) and all(
+        a.get("annotator") in ALPACA_EVAL_ANNOTATORS
+        and a.get("generator_1") == ALPACA_EVAL_REFERENCE
+        and a.get("index") is not None
+        for a in annotations
+    )
+    return "length_controlled_v1" if own else "length_controlled_minimal"
 
 
 @dataclass(frozen=True)
@@ -113,7 +144,9 @@ def _minimal(annotations: Sequence[dict[str, Any]], note: str | None) -> LengthC
     weights = dict(zip(x_test.columns, model.coef_[0], strict=True))
     return LengthControlled(
         win_rate=float(predicted.mean()),
-        standard_error=float(predicted.std(ddof=1) / len(predicted) ** 0.5),
+        # One prediction for every instruction (nothing instruction-specific): the package's
+        # standard error of their mean is 0 by construction, not a measured uncertainty.
+        standard_error=None,
         length_coef=float(weights[LENGTH_TERM]),
         glm="length_controlled_minimal",
         note=note,
@@ -121,9 +154,11 @@ def _minimal(annotations: Sequence[dict[str, Any]], note: str | None) -> LengthC
 
 
 def length_controlled(
-    annotations: Sequence[dict[str, Any]], *, glm: GLM = "length_controlled_minimal"
+    annotations: Sequence[dict[str, Any]], *, glm: GLM | None = None
 ) -> LengthControlled:
-    """AlpacaEval's LC win rate of `generator_2` over `generator_1` on these annotations."""
+    """AlpacaEval's LC win rate of `generator_2` over `generator_1` on these annotations;
+    `glm` None: `choose_glm(annotations)`."""
+    glm = glm or choose_glm(annotations)
     if len(annotations) < _MIN_ANNOTATIONS:
         return LengthControlled(
             None, None, None, glm, f"needs at least {_MIN_ANNOTATIONS} annotations"

@@ -35,6 +35,7 @@ from orchestrator.clients import GeneratorClient, RankerClient, TrainerClient
 from orchestrator.config import ServicesConfig
 from orchestrator.context import RunCancelledError, RunContext, make_progress
 from orchestrator.manifest import Manifest
+from orchestrator.preflight import check_generators
 from orchestrator.report import write_report
 from orchestrator.runs import RunLockedError, create_run, load_run, run_lock
 from orchestrator.settings import OrchestratorSettings
@@ -89,6 +90,7 @@ async def _preflight(ctx: RunContext) -> None:
     """Every service answers before any stage runs (each call retried with backoff)."""
     for client in [*ctx.generators, ctx.ranker, *([ctx.judge_client] if ctx.judge_client else [])]:
         await client.request("GET", "/ready")
+    await check_generators(ctx.cfg, ctx.generators)  # the context and dtype admission assumed
     await asyncio.to_thread(
         ctx.trainer.ping_broker, should_stop=ctx.stopping.is_set
     )  # Redis: waited for up to services.broker_outage_s

@@ -30,16 +30,20 @@ class PairStats:
     too_few_responses: int = 0
     generation_errors: int = 0
     empty_responses: int = 0
+    bubble_pairs: int = 0  # ordered by a bubble pass: best and worst known, no scores
     chosen_scores: list[float] = field(default_factory=list)
     rejected_scores: list[float] = field(default_factory=list)
     chosen_lengths: list[int] = field(default_factory=list)
     rejected_lengths: list[int] = field(default_factory=list)
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
         """The stage's figures: counts, and mean scores and lengths of chosen and rejected."""
 
         def mean(xs: list[float] | list[int]) -> float:
             return float(sum(xs) / len(xs)) if xs else 0.0
+
+        def mean_score(xs: list[float]) -> float | None:
+            return float(sum(xs) / len(xs)) if xs else None  # bubble mode: no scores at all
 
         return {
             "prompts": self.prompts,
@@ -48,8 +52,9 @@ class PairStats:
             "too_few_responses": self.too_few_responses,
             "generation_errors": self.generation_errors,
             "empty_responses": self.empty_responses,
-            "mean_chosen_score": mean(self.chosen_scores),
-            "mean_rejected_score": mean(self.rejected_scores),
+            "bubble_pairs": self.bubble_pairs,
+            "mean_chosen_score": mean_score(self.chosen_scores),
+            "mean_rejected_score": mean_score(self.rejected_scores),
             "mean_chosen_length": mean(self.chosen_lengths),
             "mean_rejected_length": mean(self.rejected_lengths),
         }
@@ -65,10 +70,11 @@ def is_test_prompt(prompt_id: str, fraction: float) -> bool:
 
 def _choose(
     scores: list[float] | None, best: int, worst: int, lengths: list[int], cfg: PairsConfig
-) -> tuple[int, int, float, float] | None:
-    """(chosen, rejected, chosen score, rejected score), or None for a tie."""
-    if scores is None:  # bubble mode: the ranker only knows best and worst
-        return None if best == worst else (best, worst, 1.0, 0.0)
+) -> tuple[int, int, float | None, float | None] | None:
+    """(chosen, rejected, chosen score, rejected score), or None for a tie; the scores are None
+    in bubble mode, where the ranker only knows best and worst (ranks, not scores)."""
+    if scores is None:
+        return None if best == worst else (best, worst, None, None)
     adjusted = list(scores)
     if cfg.rule == "length_penalised":
         adjusted = [
@@ -112,8 +118,11 @@ def build_pairs(
             rejected_index=rejected,
         )
         stats.pairs += 1
-        stats.chosen_scores.append(chosen_score)
-        stats.rejected_scores.append(rejected_score)
+        if chosen_score is None or rejected_score is None:
+            stats.bubble_pairs += 1
+        else:
+            stats.chosen_scores.append(chosen_score)
+            stats.rejected_scores.append(rejected_score)
         stats.chosen_lengths.append(lengths[chosen])
         stats.rejected_lengths.append(lengths[rejected])
         (test if is_test_prompt(rec.prompt_id, cfg.test_fraction) else train).append(row)

@@ -16,13 +16,29 @@ from orchestrator.admission import admission_summary
 from orchestrator.manifest import Manifest, StageRecord
 from pairloop.atomic import atomic_write_text
 
-__all__ = ["best_of_rows", "iteration_rows", "judge_line", "write_report"]
+__all__ = ["best_of_rows", "iteration_rows", "judge_line", "lc_cell", "write_report"]
 
 STAGES = ("generate", "rank", "pairs", "train", "swap", "evaluate")
 
 
 def _num(value: Any, fmt: str = "{:.3f}") -> str:
     return fmt.format(value) if isinstance(value, (int, float)) else "-"
+
+
+def lc_cell(value: Any, glm: Any) -> str:
+    """An LC figure with its GLM's name beside it: two GLMs' figures never read as one."""
+    if not isinstance(value, (int, float)):
+        return "-"
+    name = str(glm or "?").removeprefix("length_controlled_")
+    return f"{value:.3f} ({name})"
+
+
+def _score(value: Any, bubble_pairs: Any, rank: str) -> str:
+    """A mean ranker score; in bubble mode the ranker gives ranks only (best / worst), never a
+    score, and the cell says so rather than print a number nobody measured."""
+    if not isinstance(value, (int, float)) and bubble_pairs:
+        return f"{rank} (bubble ranks)"
+    return _num(value)
 
 
 def iteration_rows(manifest: Manifest) -> list[dict[str, Any]]:
@@ -43,6 +59,7 @@ def iteration_rows(manifest: Manifest) -> list[dict[str, Any]]:
                 "iteration": k,
                 "pairs": m("pairs", "pairs"),
                 "ties_dropped": m("pairs", "ties_dropped"),
+                "bubble_pairs": m("pairs", "bubble_pairs"),
                 "mean_chosen_score": m("pairs", "mean_chosen_score"),
                 "mean_rejected_score": m("pairs", "mean_rejected_score"),
                 "train_loss": m("train", "dpo/train_loss"),
@@ -74,14 +91,17 @@ def best_of_rows(manifest: Manifest) -> list[dict[str, Any]]:
     """One row per (policy, n) of the best-of-n evaluation, n = 1 included, judged vs the base."""
     rows: list[dict[str, Any]] = []
     for k, metrics in _eval_records(manifest):
+        # The base's plain answers are the reference: no comparison, so no figure (not 0.5).
         plain = metrics.get("vs_base") or {}
         rows.append(
             {
                 "policy": k,
                 "n": 1,
-                "win_rate_vs_base": plain.get("win_rate", 0.5 if k == 0 else None),
+                "win_rate_vs_base": plain.get("win_rate"),
                 "lc_win_rate_vs_base": plain.get("lc_win_rate"),
+                "lc_glm": plain.get("lc_glm"),
                 "mean_length": metrics.get("mean_length"),
+                "self_judged": False,
             }
         )
         for n, row in sorted((metrics.get("best_of") or {}).items(), key=lambda i: int(i[0])):
@@ -92,7 +112,10 @@ def best_of_rows(manifest: Manifest) -> list[dict[str, Any]]:
                     "n": int(n),
                     "win_rate_vs_base": vs_base.get("win_rate"),
                     "lc_win_rate_vs_base": vs_base.get("lc_win_rate"),
+                    "lc_glm": vs_base.get("lc_glm"),
                     "mean_length": row.get("mean_length"),
+                    # Older manifests lack the flag: their judge defaulted to the picker.
+                    "self_judged": row.get("self_judged", metrics.get("judge_is_run_ranker")),
                 }
             )
     return rows
@@ -225,11 +248,53 @@ def _prompt_lines(manifest: Manifest) -> list[str]:
     }
     if failed:
         lines.append(
-            "Prompts the generator answered with an error (kept out of pairs and scored as empty "
-            "answers in evaluation): "
+            "Prompts the generator answered with an error (kept out of pairs, and out of "
+            "evaluation outputs and comparisons): "
             + ", ".join(f"{name} {count}" for name, count in failed.items())
         )
     return [*lines, ""]
+
+
+def _evaluation_lines(manifest: Manifest) -> list[str]:
+    """What the evaluation figures rest on: instructions admitted, failures, judge truncation,
+    best-of-n rows judged by their own picker, and any LC GLM fallback (each on its own line)."""
+    setup = manifest.stages.get("setup")
+    lines = []
+    ea = setup.metrics.get("eval_admission") if setup else None
+    if ea:
+        lines.append(
+            f"- Evaluation instructions admitted: {ea['admitted']} of {ea['instructions']} "
+            f"({ea['too_long_skipped']} longer than {ea['prompt_token_limit']} prompt tokens left "
+            f"out, {ea['too_long_truncated']} truncated)."
+        )
+    notes: set[str] = set()
+    for k, metrics in _eval_records(manifest):
+        figures = [(f"policy {k}", metrics)] + [
+            (f"policy {k} best-of-{n}", row) for n, row in (metrics.get("best_of") or {}).items()
+        ]
+        for name, fig in figures:
+            if fig.get("failed_prompts"):
+                lines.append(
+                    f"- {name}: {fig['failed_prompts']} instructions the generator could not "
+                    "answer (left out of its outputs and comparisons)."
+                )
+            for side in ("vs_base", "vs_previous"):
+                cmp = fig.get(side) or {}
+                if cmp.get("judge_truncated"):
+                    lines.append(
+                        f"- {name} {side.replace('_', ' ')}: the judge cut {cmp['judge_truncated']}"
+                        f" of {cmp.get('n', '?')} comparisons to its input limits."
+                    )
+                if cmp.get("lc_note"):
+                    notes.add(f"- LC ({cmp.get('lc_glm')}): {cmp['lc_note']}.")
+            if fig.get("self_judged"):
+                lines.append(
+                    f"- {name}: self-judged (the ranker that picked the samples also judged "
+                    "them: inflated by construction; set evaluation.judge to a judge that did not "
+                    "pick)."
+                )
+    lines += sorted(notes)
+    return ["## Evaluation notes", "", *lines, ""] if lines else []
 
 
 def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
@@ -257,6 +322,7 @@ def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
         '(`datasets.load_dataset("dataset", split="train_iteration_1")`).',
         "",
         *_prompt_lines(manifest),
+        *_evaluation_lines(manifest),
         "| iteration | pairs | ties dropped | chosen score | rejected score | DPO loss | reward margin "
         "| reward acc. | swap s | win vs base | LC win vs base | win vs prev. | mean length |",
         "|---" * 13 + "|",
@@ -269,14 +335,14 @@ def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
                     str(r["iteration"]),
                     _num(r.get("pairs"), "{}"),
                     _num(r.get("ties_dropped"), "{}"),
-                    _num(r.get("mean_chosen_score")),
-                    _num(r.get("mean_rejected_score")),
+                    _score(r.get("mean_chosen_score"), r.get("bubble_pairs"), "best"),
+                    _score(r.get("mean_rejected_score"), r.get("bubble_pairs"), "worst"),
                     _num(r.get("train_loss"), "{:.4f}"),
                     _num(r.get("reward_margin"), "{:.4f}"),
                     _num(r.get("reward_accuracy"), "{:.2f}"),
                     _num(r.get("swap_seconds"), "{:.3f}"),
                     _num(r.get("win_rate_vs_base")),
-                    _num(r.get("lc_win_rate_vs_base")),
+                    lc_cell(r.get("lc_win_rate_vs_base"), r.get("lc_glm")),
                     _num(r.get("win_rate_vs_previous")),
                     _num(r.get("mean_length"), "{:.1f}"),
                 ]
@@ -288,13 +354,14 @@ def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
             "",
             "## Best-of-n (n samples, the run's ranker picks; judged against the base's answers)",
             "",
-            "| policy | n | win vs base | LC win vs base | mean length |",
-            "|---" * 5 + "|",
+            "| policy | n | win vs base | LC win vs base | mean length | self-judged |",
+            "|---" * 6 + "|",
         ]
         for b in bests:
             lines.append(
                 f"| {b['policy']} | {b['n']} | {_num(b['win_rate_vs_base'])} | "
-                f"{_num(b['lc_win_rate_vs_base'])} | {_num(b['mean_length'], '{:.1f}')} |"
+                f"{lc_cell(b['lc_win_rate_vs_base'], b['lc_glm'])} | "
+                f"{_num(b['mean_length'], '{:.1f}')} | {'yes' if b['self_judged'] else 'no'} |"
             )
     lines += [
         "",

@@ -15,18 +15,20 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.admission import PromptMeter, admit_prompts
+from orchestrator.admission import PromptMeter, TokenizerMeter, admit_eval_prompts, admit_prompts
 from orchestrator.config import ConfigError, RunConfig, check_paths, load_run_config
 from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
 from orchestrator.prompts import (
     exclude_instructions,
     load_eval_prompts,
     load_prompt_source,
+    normalise_instruction,
+    read_prompts,
     write_prompts,
 )
 from pairloop.atomic import atomic_write_text
 
-__all__ = ["FROZEN_CONFIG", "RunLockedError", "create_run", "load_run", "run_lock"]
+__all__ = ["FROZEN_CONFIG", "RunLockedError", "create_run", "eval_overlap", "load_run", "run_lock"]
 
 FROZEN_CONFIG = "config.yaml"
 
@@ -54,6 +56,7 @@ def create_run(
     pool = load_prompt_source(cfg.prompts)
     eval_source = cfg.evaluation.prompts
     excluded = 0
+    eval_admission = None
     if eval_source is None:
         slices, admission = admit_prompts(pool, cfg, meter=meter, on_skip=skipped.append)
     else:
@@ -61,6 +64,15 @@ def create_run(
         # training prompt is held out for it.
         eval_prompts = load_eval_prompts(eval_source)
         pool.records, excluded = exclude_instructions(pool.records, eval_prompts)
+        meter = meter or TokenizerMeter.from_pretrained(cfg.base_model)
+        # The same rule as training prompts: an instruction that cannot fit is left out (or cut)
+        # and counted, never generated into an error and scored as an empty answer.
+        eval_admission = admit_eval_prompts(
+            eval_prompts,
+            cfg,
+            meter=meter,
+            on_skip=lambda s: skipped.append({**s, "slice": "eval"}),
+        )
         no_holdout = cfg.prompts.model_copy(update={"eval_prompts": 0})
         slices, admission = admit_prompts(
             pool,
@@ -68,7 +80,7 @@ def create_run(
             meter=meter,
             on_skip=skipped.append,
         )
-        slices["eval"] = eval_prompts
+        slices["eval"] = eval_admission.prompts
     rid = cfg.run_id or f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"run_id": rid})
     run_dir = Path(cfg.model_store) / "runs" / rid
@@ -82,18 +94,30 @@ def create_run(
     )
     manifest = Manifest(run_id=rid, config_fingerprint=cfg.fingerprint(), iterations=cfg.iterations)
     manifest.stage("setup").state = "done"
-    training = [p for name, ps in slices.items() if name != "eval" for p in ps]
     manifest.stage("setup").metrics = {
         **{name: len(p) for name, p in slices.items()},
         "prompts": admission.metrics(),
+        **({"eval_admission": eval_admission.metrics()} if eval_admission else {}),
         "eval_source": eval_source.source if eval_source else "held out of prompts.source",
         "training_prompts_removed_as_eval": excluded,
-        "eval_instructions_in_training": len(training)
-        - len(exclude_instructions(training, slices["eval"])[0]),
+        # Read back from the files just written: what later stages will actually use.
+        "eval_instructions_in_training": eval_overlap(run_dir),
     }
     manifest.stage("setup").artifacts = {"skipped_prompts": "prompts/skipped.jsonl"}
     manifest.save(run_dir)
     return run_dir
+
+
+def eval_overlap(run_dir: Path) -> int:
+    """Training prompts (every `iteration_k` slice on disk) whose text is an evaluation instruction
+    (`eval.jsonl`, and `evaluation.prompts`' source rows were compared the same way): must be 0."""
+    folder = run_dir / "prompts"
+    evaluation = {normalise_instruction(p["prompt"]) for p in read_prompts(folder / "eval.jsonl")}
+    return sum(
+        normalise_instruction(p["prompt"]) in evaluation
+        for path in sorted(folder.glob("iteration_*.jsonl"))
+        for p in read_prompts(path)
+    )
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.manifest import Manifest
-from orchestrator.report import iteration_rows
+from orchestrator.report import iteration_rows, lc_cell
 
 __all__ = ["print_summary"]
 
@@ -46,7 +46,7 @@ def print_summary(run_dir: Path, manifest: Manifest, *, console: Console) -> Non
             _fmt(r.get("train_loss"), "{:.4f}"),
             _fmt(r.get("swap_seconds")),
             _fmt(r.get("win_rate_vs_base")),
-            _fmt(r.get("lc_win_rate_vs_base")),
+            lc_cell(r.get("lc_win_rate_vs_base"), r.get("lc_glm")),  # with its GLM's name
             _fmt(r.get("win_rate_vs_previous")),
             _fmt(r.get("mean_length"), "{:.1f}"),
         )

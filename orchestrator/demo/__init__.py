@@ -212,6 +212,7 @@ def _print_outcome(run_dir: Path, manifest: Manifest, *, iterations: int, consol
                 f"policy {row['policy']} best-of-{row['n']} (the ranker picks) vs base: win rate "
                 f"{_fmt(row['win_rate_vs_base'])}, length-controlled "
                 f"{_fmt(row['lc_win_rate_vs_base'])}, mean length {_fmt(row['mean_length'], '{:.1f}')}"
+                + ("; self-judged (that ranker also judged)" if row["self_judged"] else "")
             )
     console.print(f"run directory: {run_dir}")
 

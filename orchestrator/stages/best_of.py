@@ -18,7 +18,7 @@ from orchestrator.context import RunContext
 from orchestrator.prompts import PromptRecord
 from orchestrator.records import BestOfPick, GenerationRecord
 from orchestrator.shards import ShardStore, chunk
-from orchestrator.stages.generate import generate_shards
+from orchestrator.stages.generate import check_failures, generate_shards
 from pairloop.contracts.ranker import RankItem, SelectRequest
 
 __all__ = ["best_of_dir", "best_of_outputs", "generate_best_of"]
@@ -66,8 +66,9 @@ async def _pick(ctx: RunContext, records: list[GenerationRecord]) -> list[BestOf
 
 async def generate_best_of(
     ctx: RunContext, k: int, n: int, prompts: list[PromptRecord]
-) -> list[dict[str, Any]]:
-    """Policy k's best-of-n answers to `prompts` (generated and picked where not done yet)."""
+) -> tuple[list[dict[str, Any]], int]:
+    """Policy k's best-of-n answers to `prompts` (generated and picked where not done yet), and
+    how many prompts the generator could not answer (left out of the answers)."""
     ev = ctx.cfg.evaluation
     root = best_of_dir(ctx, k, n)
     samples = await generate_shards(
@@ -82,6 +83,13 @@ async def generate_best_of(
         description=f"policy {k}: best-of-{n} samples",
         stage=f"policy{k}.best_of_{n}.generate",
     )
+    failed = check_failures(
+        samples,
+        prompts,
+        shard_size=ctx.cfg.shard_size,
+        max_share=ctx.cfg.sampling.max_failed_share,
+        stage=f"policy{k}.best_of_{n}",
+    )
     picks = ShardStore(root / "picks", BestOfPick)
     count = len(chunk(prompts, ctx.cfg.shard_size))
     todo = picks.missing(count)
@@ -92,10 +100,22 @@ async def generate_best_of(
         picks.write(index, await _pick(ctx, samples.read(index)))
         ctx.progress.advance(task, 1)
         ctx.checkpoint_event(f"policy{k}.best_of_{n}.select")
-    return best_of_outputs(ctx, k, n, count)
+    return best_of_outputs(ctx, k, n, prompts), failed
 
 
-def best_of_outputs(ctx: RunContext, k: int, n: int, count: int) -> list[dict[str, Any]]:
-    """[{prompt_id, prompt, output, index, score, samples}] of the picks, in prompt order."""
+def best_of_outputs(
+    ctx: RunContext, k: int, n: int, prompts: list[PromptRecord]
+) -> list[dict[str, Any]]:
+    """The picks of the prompts the generator answered, in prompt order: the instruction's record
+    (`prompt_id`, `prompt`, `index`, `dataset`) plus `output`, `index` among the samples as
+    `sample_index`, `score`, `samples`."""
     store = ShardStore(best_of_dir(ctx, k, n) / "picks", BestOfPick)
-    return [p.model_dump() for p in store.read_all(count)]
+    by_id = {p["prompt_id"]: p for p in prompts}
+    out = []
+    for pick in store.read_all(len(chunk(prompts, ctx.cfg.shard_size))):
+        if pick.samples == 0:  # the generator could not answer it: counted, not an answer
+            continue
+        row = pick.model_dump()
+        row["sample_index"] = row.pop("index")
+        out.append({**row, **by_id[pick.prompt_id]})
+    return out

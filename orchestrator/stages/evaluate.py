@@ -2,11 +2,14 @@
 
 Per policy k (0 = base), for every n in `evaluation.best_of`:
 - n = 1: one answer per instruction (greedy by default), as AlpacaEval generates;
-- n > 1: n samples, the run's ranker picks one (orchestrator/stages/best_of.py).
+- n > 1: n samples, the run's ranker picks one (orchestrator/stages/best_of.py); a row judged by
+  that same ranker is marked `self_judged` (the recipe names a separate judge).
 Each is written in AlpacaEval's format (`eval/policy{k}[/best_of_{n}]/alpaca_eval_outputs.json`,
 for AlpacaEval 2.0 proper), and judged against the base's plain answers (and, for n = 1, against
 policy k-1's) by the judge: `evaluation.judge`, or the run's ranker. The judgments are written as
 AlpacaEval annotations, and the figures include AlpacaEval's length-controlled win rate.
+Instructions the generator could not answer are counted (`failed_prompts`), left out of the
+outputs file and of every comparison; more than `sampling.max_failed_share` stops the stage.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ from typing import Any
 
 from orchestrator.context import RunContext
 from orchestrator.evaluation import alpaca_annotations, win_rate
-from orchestrator.lc_winrate import GLM
 from orchestrator.prompts import PromptRecord, read_prompts
 from orchestrator.records import GenerationRecord
 from orchestrator.shards import ShardStore, chunk
 from orchestrator.stages.best_of import best_of_dir, generate_best_of
-from orchestrator.stages.generate import generate_shards
+from orchestrator.stages.generate import check_failures, generate_shards
 from orchestrator.stages.swap import ensure_version
 from pairloop.atomic import atomic_write_json
 from pairloop.contracts.ranker import CompareItem, CompareRequest
@@ -38,18 +40,17 @@ def _prompts(ctx: RunContext) -> list[PromptRecord]:
 
 
 def eval_outputs(ctx: RunContext, k: int) -> list[dict[str, Any]]:
-    """[{prompt_id, prompt, output}] of policy k's plain answers, in instruction order."""
+    """Policy k's plain answers, in instruction order: the instruction's record (`prompt_id`,
+    `prompt`, `index`, `dataset`) plus `output`. Instructions the generator could not answer are
+    left out (they are counted, never scored or published as empty answers)."""
     prompts = _prompts(ctx)
     store = ShardStore(_out_dir(ctx, k) / "shards", GenerationRecord)
     count = len(chunk(prompts, ctx.cfg.shard_size))
+    by_id = {p["prompt_id"]: p for p in prompts}
     return [
-        {
-            "prompt_id": r.prompt_id,
-            "prompt": r.prompt,
-            # A prompt the generator could not answer has no response: an empty answer loses.
-            "output": r.responses[0] if r.responses else "",
-        }
+        {**by_id[r.prompt_id], "output": r.responses[0]}
         for r in store.read_all(count)
+        if r.error is None and r.responses
     ]
 
 
@@ -57,24 +58,23 @@ def _generator_name(ctx: RunContext, k: int, n: int) -> str:
     return ctx.version_label(k) if n == 1 else f"{ctx.version_label(k)}.best_of_{n}"
 
 
-def _write_alpaca_outputs(
-    path: Path, prompts: list[PromptRecord], outputs: list[dict[str, Any]], generator: str
-) -> None:
-    """AlpacaEval's model_outputs.json: exactly the evaluation instructions, its fields."""
+def _write_alpaca_outputs(path: Path, outputs: list[dict[str, Any]], generator: str) -> None:
+    """AlpacaEval's model_outputs.json: the answered evaluation instructions, its fields."""
     rows = []
-    for p, o in zip(prompts, outputs, strict=True):
-        row = {"instruction": p["prompt"], "output": o["output"], "generator": generator}
-        if "dataset" in p:
-            row["dataset"] = p["dataset"]
+    for o in outputs:
+        row = {"instruction": o["prompt"], "output": o["output"], "generator": generator}
+        if "dataset" in o:
+            row["dataset"] = o["dataset"]
         rows.append(row)
     atomic_write_json(path, rows)
 
 
-async def generate_eval_outputs(ctx: RunContext, k: int) -> list[dict[str, Any]]:
-    """Policy k's plain answers (generated where not done yet); writes its AlpacaEval file."""
+async def generate_eval_outputs(ctx: RunContext, k: int) -> tuple[list[dict[str, Any]], int]:
+    """Policy k's plain answers (generated where not done yet), and how many instructions the
+    generator could not answer; writes its AlpacaEval file."""
     ev = ctx.cfg.evaluation
     prompts = _prompts(ctx)
-    await generate_shards(
+    store = await generate_shards(
         ctx,
         prompts=prompts,
         out_dir=_out_dir(ctx, k) / "shards",
@@ -86,17 +86,27 @@ async def generate_eval_outputs(ctx: RunContext, k: int) -> list[dict[str, Any]]
         description=f"policy {k}: eval answers",
         stage=f"policy{k}.eval",
     )
+    failed = check_failures(
+        store,
+        prompts,
+        shard_size=ctx.cfg.shard_size,
+        max_share=ctx.cfg.sampling.max_failed_share,
+        stage=f"policy{k}.evaluate",
+    )
     outputs = eval_outputs(ctx, k)
     _write_alpaca_outputs(
-        _out_dir(ctx, k) / "alpaca_eval_outputs.json", prompts, outputs, _generator_name(ctx, k, 1)
+        _out_dir(ctx, k) / "alpaca_eval_outputs.json", outputs, _generator_name(ctx, k, 1)
     )
-    return outputs
+    return outputs, failed
 
 
 async def _judge(
     ctx: RunContext, new: list[dict[str, Any]], ref: list[dict[str, Any]]
-) -> list[float]:
-    """P(new beats ref) per prompt. Identical answers tie; an empty answer loses to a non-empty one."""
+) -> tuple[list[float], int]:
+    """P(new beats ref) per prompt, and how many comparisons the judge had to cut to its input
+    limits (it saw less than the whole answer). Identical answers tie; an empty answer loses to a
+    non-empty one."""
+    truncated = 0
     probs: list[float | None] = []
     items: list[tuple[int, CompareItem]] = []
     for i, (a, b) in enumerate(zip(new, ref, strict=True)):
@@ -115,19 +125,8 @@ async def _judge(
         reply = await ctx.judge.compare(CompareRequest(items=[it for _, it in batch]))
         for (i, _), res in zip(batch, reply.results, strict=True):
             probs[i] = res.prob_a_beats_b
-    return [float(p) for p in probs if p is not None]
-
-
-def _lc_glm(ctx: RunContext) -> GLM:
-    """AlpacaEval 2.0's leaderboard GLM on AlpacaEval's own instructions, else the minimal one."""
-    ep = ctx.cfg.evaluation.prompts
-    whole_alpaca_eval = (
-        ep is not None
-        and ep.source == "tatsu-lab/alpaca_eval"
-        and ep.name == "alpaca_eval"
-        and ep.limit is None
-    )
-    return "length_controlled_v1" if whole_alpaca_eval else "length_controlled_minimal"
+            truncated += res.truncated.any
+    return [float(p) for p in probs if p is not None], truncated
 
 
 async def _compare(
@@ -140,9 +139,13 @@ async def _compare(
     path: Path,
 ) -> dict[str, Any]:
     """Judge `new` against `ref`; write AlpacaEval annotations to `path`; return the figures."""
-    probs = await _judge(ctx, new, ref)
+    # Only instructions both sides answered are compared (a failure is counted, not scored).
+    ref_by_id = {o["prompt_id"]: o for o in ref}
+    new = [o for o in new if o["prompt_id"] in ref_by_id]
+    ref = [ref_by_id[o["prompt_id"]] for o in new]
+    probs, truncated = await _judge(ctx, new, ref)
     annotated = alpaca_annotations(
-        prompts=_prompts(ctx),
+        prompts=new,
         outputs=[o["output"] for o in new],
         reference_outputs=[o["output"] for o in ref],
         probs=probs,
@@ -151,11 +154,14 @@ async def _compare(
         judge=ctx.judge.base_url,
     )
     atomic_write_json(path, annotated)
-    return win_rate(annotated, glm=_lc_glm(ctx)).as_dict()
+    # The judge is a ranker service and the reference a policy of this run, never AlpacaEval's
+    # annotator and gpt4_1106_preview: choose_glm gives the minimal GLM, whose name goes with
+    # every figure (the leaderboard GLM would lend them another judge's length term).
+    return {**win_rate(annotated).as_dict(), "judge_truncated": truncated}
 
 
-def _mean_length(outputs: list[dict[str, Any]]) -> float:
-    return sum(len(o["output"]) for o in outputs) / len(outputs)
+def _mean_length(outputs: list[dict[str, Any]]) -> float | None:
+    return sum(len(o["output"]) for o in outputs) / len(outputs) if outputs else None
 
 
 async def _best_of_rows(
@@ -167,13 +173,17 @@ async def _best_of_rows(
     for n in ctx.cfg.evaluation.best_of:
         if n == 1:
             continue
-        picked = await generate_best_of(ctx, k, n, prompts)
+        picked, failed = await generate_best_of(ctx, k, n, prompts)
         root = best_of_dir(ctx, k, n)
-        _write_alpaca_outputs(
-            root / "alpaca_eval_outputs.json", prompts, picked, _generator_name(ctx, k, n)
-        )
+        _write_alpaca_outputs(root / "alpaca_eval_outputs.json", picked, _generator_name(ctx, k, n))
         rows[str(n)] = {
             "mean_length": _mean_length(picked),
+            "failed_prompts": failed,
+            # The ranker that picked the sample prefers it by construction: its own verdict on
+            # the pick is inflated. `evaluation.judge` names a judge that did not pick.
+            "picked_by": ctx.ranker.base_url,
+            "judge": ctx.judge.base_url,
+            "self_judged": ctx.judge is ctx.ranker,
             "vs_base": await _compare(
                 ctx,
                 new=picked,
@@ -188,10 +198,11 @@ async def _best_of_rows(
 
 async def evaluate_policy(ctx: RunContext, k: int) -> dict[str, Any]:
     """Figures of policy k: lengths, win rates vs base and vs policy k-1, best-of-n rows."""
-    outputs = await generate_eval_outputs(ctx, k)
+    outputs, failed = await generate_eval_outputs(ctx, k)
     metrics: dict[str, Any] = {
         "mean_length": _mean_length(outputs),
-        "eval_prompts": len(outputs),
+        "eval_prompts": len(outputs) + failed,
+        "failed_prompts": failed,
         "judge": ctx.judge.base_url,
         "judge_is_run_ranker": ctx.judge is ctx.ranker,
     }
@@ -215,10 +226,11 @@ async def evaluate_policy(ctx: RunContext, k: int) -> dict[str, Any]:
 async def run_base(ctx: RunContext) -> dict[str, Any]:
     """policy0.evaluate: the base model's answers, which every later policy is judged against."""
     await ensure_version(ctx, 0)
-    outputs = await generate_eval_outputs(ctx, 0)
+    outputs, failed = await generate_eval_outputs(ctx, 0)
     return {
         "mean_length": _mean_length(outputs),
-        "eval_prompts": len(outputs),
+        "eval_prompts": len(outputs) + failed,
+        "failed_prompts": failed,
         "judge": ctx.judge.base_url,
         "judge_is_run_ranker": ctx.judge is ctx.ranker,
         "best_of": await _best_of_rows(ctx, 0, outputs),

@@ -6,6 +6,8 @@ Seeds are derived per (run seed, iteration, shard), so a resumed run asks for ex
 uninterrupted one asked for. A prompt the generator could not answer (its batch route answers per
 item) is recorded in the shard with its `error` and no responses, logged with its id and first
 characters, and counted (`failed_prompts`); the rest of its batch is kept, and later stages skip it.
+When more than `sampling.max_failed_share` of a generation's prompts failed, the stage stops
+(`check_failures`): the shards holding failures are made again on resume, once the cause is fixed.
 """
 
 from __future__ import annotations
@@ -23,15 +25,27 @@ from orchestrator.records import GenerationRecord
 from orchestrator.shards import ShardStore, chunk
 from orchestrator.stages.swap import ensure_version
 from pairloop.contracts.generator import BatchChatRequest, ChatMessage
-from pairloop.errors import ServerError
+from pairloop.errors import PairloopError, ServerError
 
-__all__ = ["VersionMismatchError", "count_failed", "derive_seed", "generate_shards", "run"]
+__all__ = [
+    "TooManyFailuresError",
+    "VersionMismatchError",
+    "check_failures",
+    "count_failed",
+    "derive_seed",
+    "generate_shards",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
 
 class VersionMismatchError(ServerError):
     """The generator served a different weight version than the stage expects."""
+
+
+class TooManyFailuresError(PairloopError):
+    """More of a generation's prompts failed than `sampling.max_failed_share` allows."""
 
 
 def derive_seed(*parts: object) -> int:
@@ -119,6 +133,39 @@ def count_failed(
     return sum(1 for r in store.read_all(count) if r.error)
 
 
+def check_failures(
+    store: ShardStore[GenerationRecord],
+    prompts: list[PromptRecord],
+    *,
+    shard_size: int,
+    max_share: float,
+    stage: str,
+) -> int:
+    """How many of `prompts` the generator failed; TooManyFailuresError above `max_share`.
+
+    Before raising, the shards that hold failures are removed: a resume after the cause is fixed
+    (a generator with too small a context, say) makes exactly those again, and keeps the rest.
+    """
+    failed: list[GenerationRecord] = []
+    shards_with_failures = []
+    for index in range(len(chunk(prompts, shard_size))):
+        errors = [r for r in store.read(index) if r.error]
+        if errors:
+            shards_with_failures.append(index)
+            failed += errors
+    if len(failed) <= max_share * len(prompts):
+        return len(failed)
+    for index in shards_with_failures:
+        store.path(index).unlink()
+    first = failed[0]
+    raise TooManyFailuresError(
+        f"{stage}: the generator could not answer {len(failed)} of {len(prompts)} prompts "
+        f"({len(failed) / len(prompts):.1%}, above sampling.max_failed_share "
+        f"{max_share:.1%}); the first, {describe_prompt(first.model_dump())}: {first.error}. "
+        f"Their {len(shards_with_failures)} shard(s) are made again on resume"
+    )
+
+
 async def run(ctx: RunContext, k: int) -> dict[str, Any]:
     """iter{k}.generate: policy k-1 answers the iteration's prompts n times (swapped to first)."""
     swap_seconds = await ensure_version(ctx, k - 1)
@@ -137,7 +184,13 @@ async def run(ctx: RunContext, k: int) -> dict[str, Any]:
     )
     return {
         "prompts": len(prompts),
-        "failed_prompts": count_failed(store, prompts, ctx.cfg.shard_size),
+        "failed_prompts": check_failures(
+            store,
+            prompts,
+            shard_size=ctx.cfg.shard_size,
+            max_share=ctx.cfg.sampling.max_failed_share,
+            stage=f"iter{k}.generate",
+        ),
         "version": ctx.version_label(k - 1),
         "preswap_seconds": swap_seconds,
     }

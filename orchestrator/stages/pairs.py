@@ -9,14 +9,36 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.context import RunContext
-from orchestrator.pairs import build_pairs
+from orchestrator.pairs import PairStats, build_pairs
 from orchestrator.records import RankedRecord
 from orchestrator.shards import ShardStore
 from orchestrator.stages.rank import shard_count
 from pairloop.errors import PairloopError
 from pairloop.preference_data import write_preference_split
 
-__all__ = ["run"]
+__all__ = ["no_pairs_advice", "run"]
+
+
+def no_pairs_advice(stats: PairStats) -> str:
+    """What to change, for the cause that cost the most pairs (a longer max_tokens never helps:
+    it only shrinks the room left for the prompt)."""
+    causes = {
+        "errors": stats.generation_errors,
+        "ties": stats.ties_dropped,
+        "empty": stats.too_few_responses,
+    }
+    worst = max(causes, key=lambda c: causes[c])
+    if worst == "errors":
+        return (
+            "read the generate stage's warnings for the generator's errors (a generator serving "
+            "a shorter context than sampling.max_model_len fails long prompts)"
+        )
+    if worst == "ties":
+        return "raise sampling.temperature so that the answers differ, or use more prompts"
+    return (
+        "the answers came back empty: check the base model's chat template and stop tokens, "
+        "or use more prompts"
+    )
 
 
 async def run(ctx: RunContext, k: int) -> dict[str, Any]:
@@ -28,8 +50,7 @@ async def run(ctx: RunContext, k: int) -> dict[str, Any]:
         raise PairloopError(
             f"iteration {k}: no training pairs ({stats.ties_dropped} ties, "
             f"{stats.too_few_responses} prompts with <2 non-empty responses, "
-            f"{stats.generation_errors} the generator could not answer); raise sampling.temperature "
-            "or max_tokens, or use more prompts"
+            f"{stats.generation_errors} the generator could not answer); {no_pairs_advice(stats)}"
         )
     write_preference_split(ctx.dataset_dir, f"train_iteration_{k}", train)
     if test:

@@ -93,14 +93,17 @@ def _completion_logprobs(lps: list[TokenLogprob], offset: int) -> CompletionLogp
     return CompletionLogprobs(
         tokens=[lp.token for lp in lps],
         token_logprobs=[lp.logprob for lp in lps],
-        top_logprobs=[_top_by_text(lp.top) for lp in lps],
+        # OpenAI's completions format: the sampled token is always among a position's
+        # alternatives (up to logprobs + 1 of them), also when sampling picked one outside the top.
+        top_logprobs=[_top_by_text([(lp.token, lp.logprob), *lp.top]) for lp in lps],
         text_offset=offsets,
     )
 
 
 def _top_by_text(top: list[tuple[str, float]]) -> dict[str, float]:
     """The legacy format keys alternatives by text; two token ids can decode to the same text
-    (byte-level pieces of one character both read as U+FFFD), and then the likelier one stays."""
+    (byte-level pieces of one character both read as U+FFFD), and then the first one stays (the
+    sampled token, then the likelier one)."""
     out: dict[str, float] = {}
     for text, value in top:
         out.setdefault(text, value)

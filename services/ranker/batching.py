@@ -206,7 +206,7 @@ class MicroBatcher(Generic[J, R]):
         fails. Any other error fails the whole pass.
         """
         try:
-            return list(self._run_batch(jobs))
+            results: list[R | _OutOfMemory] = list(self._run_batch(jobs))
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -214,6 +214,10 @@ class MicroBatcher(Generic[J, R]):
                 log.error("out of memory on a single row of %d tokens", longest)
                 return [_OutOfMemory(str(exc).splitlines()[0][:200])]
             log.warning("out of memory on %d rows x %d tokens: splitting", len(jobs), longest)
+        else:
+            if self.budget is not None:
+                self.budget.note_fit()  # enough of these lift an out-of-memory's limit again
+            return results
         # Outside the except block: its traceback would keep the failed pass's tensors alive.
         self._metrics.oom_splits.inc()
         if self.budget is not None:

@@ -13,7 +13,9 @@ would need ~94 GB, next to a vLLM holding most of the GPU.
 
 The estimate is deliberately simple (and a little generous); a CUDA out-of-memory is still caught
 by the batcher, which splits the pass in halves and retries (and lowers the budget to what then
-worked), so an estimate that is off costs time, never a failed request.
+worked), so an estimate that is off costs time, never a failed request. The lowered budget is not
+forever: an out-of-memory is often transient (a neighbour's peak), so after `recover_after` passes
+in a row that fit, the limit doubles, until the free-memory reading bounds the passes again.
 """
 
 from __future__ import annotations
@@ -74,13 +76,39 @@ def cuda_free_bytes(device: str) -> int:
     return int(free + max(0, cached))
 
 
+# How device out-of-memory reads when it is not raised as torch.OutOfMemoryError: the caching
+# allocator's message, a CUDA runtime error from a kernel or a stream, cuBLAS/cuDNN failing to
+# allocate their workspace, and the MPS, HIP and XPU backends' own wording.
+_OOM_MESSAGES = (
+    "out of memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "cusolver_status_alloc_failed",
+    "cufft_alloc_failed",
+    "hipblas_status_alloc_failed",
+)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch's out-of-memory error (CUDA's, and MPS's), whatever raised it."""
+    """True for device out-of-memory in any of the forms torch raises it: `torch.OutOfMemoryError`
+    (CUDA's caching allocator, MPS), or a RuntimeError whose message says so ("CUDA error: out of
+    memory", "CUBLAS_STATUS_ALLOC_FAILED", ...), also as the cause of another error."""
     try:
         import torch
     except ImportError:  # a backend without torch cannot run out of device memory
         return False
-    return isinstance(exc, torch.OutOfMemoryError)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, torch.OutOfMemoryError):
+            return True
+        if isinstance(current, RuntimeError):
+            text = str(current).casefold()
+            if any(m in text for m in _OOM_MESSAGES):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class MemoryBudget:
@@ -99,24 +127,49 @@ class MemoryBudget:
         fraction: float,
         cap_bytes: int | None,
         free_bytes: Callable[[], int] | None = None,
+        recover_after: int = 16,
     ) -> None:
         self.cost = cost
         self.fraction = fraction
         self.cap_bytes = cap_bytes
+        self.recover_after = recover_after
+        self._fits = 0  # passes in a row that fitted since the last out-of-memory or recovery
         if free_bytes is None and device.startswith("cuda"):
             free_bytes = lambda: cuda_free_bytes(device)  # noqa: E731
         self._free_bytes = free_bytes
         self.after_oom: int | None = None
 
-    def bytes(self) -> int | None:
-        """The budget now; None when nothing bounds it (CPU without a cap)."""
-        limits = [x for x in (self.cap_bytes, self.after_oom) if x is not None]
+    def _other_limits(self) -> list[int]:
+        limits = [] if self.cap_bytes is None else [self.cap_bytes]
         if self._free_bytes is not None:
             limits.append(int(self.fraction * self._free_bytes()))
+        return limits
+
+    def bytes(self) -> int | None:
+        """The budget now; None when nothing bounds it (CPU without a cap)."""
+        limits = self._other_limits() + ([] if self.after_oom is None else [self.after_oom])
         return min(limits) if limits else None
+
+    def note_fit(self) -> None:
+        """A pass fitted. After `recover_after` in a row, the out-of-memory limit doubles; once it
+        is no tighter than the cap and the free memory, it is dropped (they bound passes again)."""
+        if self.after_oom is None:
+            return
+        self._fits += 1
+        if self._fits < self.recover_after:
+            return
+        self._fits = 0
+        self.after_oom *= 2
+        others = self._other_limits()
+        if others and self.after_oom >= min(others):
+            self.after_oom = None
+            log.info("%d passes fitted: the out-of-memory limit is lifted", self.recover_after)
+        else:
+            log.info("passes fitted: now planned within %.2f GB", self.after_oom / 1e9)
 
     def note_out_of_memory(self, rows: int, length: int) -> None:
         """A pass of `rows` x `length` ran out of memory: plan no more than half of it again."""
+        self._fits = 0
         half = self.cost.pass_bytes(max(1, rows // 2), length)
         if self.after_oom is None or half < self.after_oom:
             self.after_oom = half

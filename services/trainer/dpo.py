@@ -196,6 +196,8 @@ def _load_causal_lm(path: str, dtype: str, *, what: str) -> Any:
 def dpo_trainer_class() -> type[Any]:
     from trl import DPOTrainer
 
+    from pairloop.truncation import keep_end  # the rule prompt admission cuts by, too
+
     class PairloopDPOTrainer(DPOTrainer):
         """DPOTrainer that also caps prompt length, as `max_prompt_length` did before TRL 1.x.
 
@@ -217,7 +219,7 @@ def dpo_trainer_class() -> type[Any]:
             finally:
                 args.max_length = max_length
             return dataset.map(
-                lambda ex: {"prompt_ids": ex["prompt_ids"][-cap:]},
+                lambda ex: {"prompt_ids": keep_end(ex["prompt_ids"], cap)},
                 desc=f"Truncating {dataset_name} prompts to {cap} tokens",
             )
 

@@ -35,7 +35,8 @@ def write_pool(path: Path, rows: list[dict[str, Any]]) -> Path:
 def pool_rows(n_short: int, long_ids: list[int], *, long_words: int = 3000) -> list[dict[str, Any]]:
     rows = []
     for i in range(n_short):
-        text = f"Tell me a very long story. {i} " + "word " * long_words if i in long_ids else ""
+        long = f"Tell me a very long story. {i} " + "word " * long_words + f"What happens in {i}?"
+        text = long if i in long_ids else ""
         rows.append({"prompt_id": f"p{i}", "prompt": text or f"Question number {i}?"})
     return rows
 
@@ -55,6 +56,7 @@ def test_overlong_and_empty_prompts_are_skipped_replaced_and_counted(
     rows = pool_rows(50, long_ids)
     rows += [{"prompt_id": "blank", "prompt": "   \n\t"}, {"prompt_id": "none", "prompt": ""}]
     rows += [{"prompt_id": "dup", "prompt": "Question number 4?"}]
+    rows += [{"prompt_id": f"x{i}", "prompt": v} for i, v in enumerate([["a"], None, 3])]
     source = write_pool(tmp_path / "pool.jsonl", rows)
     run_dir = create_run(run_config(write_config, source))
 
@@ -79,6 +81,9 @@ def test_overlong_and_empty_prompts_are_skipped_replaced_and_counted(
     for s in skipped:
         assert s["tokens"] > limit and s["limit"] == limit and "Tell me a very long" in s["prompt"]
     assert f"limit {limit} prompt tokens" in admission_summary(m)
+    # Rows whose prompt is no text are counted as what they are, not as "empty".
+    assert m["not_string_skipped"] == {"list": 1, "null": 1, "number": 1}
+    assert "2 empty, 3 not a string (1 list, 1 null, 1 number);" in admission_summary(m)
 
 
 def test_the_limit_is_exact_at_the_boundary(
@@ -122,7 +127,9 @@ def test_truncate_cuts_overlong_prompts_to_fit(
     for pid in ("p0", "p5", "p9"):
         tokens = meter.count([prompts[pid]])[0]
         assert CONTEXT - NEW - 8 <= tokens <= CONTEXT - NEW
-        assert prompts[pid].startswith(f"Tell me a very long story. {pid[1:]} word word")
+        # The end is kept, as the trainer keeps it: the question comes last.
+        assert prompts[pid].endswith(f"word word What happens in {pid[1:]}?")
+        assert not prompts[pid].startswith("Tell me")
     m = load_manifest(run_dir).stages["setup"].metrics["prompts"]
     assert (m["too_long_truncated"], m["too_long_skipped"]) == (3, 0)
 

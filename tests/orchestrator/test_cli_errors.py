@@ -43,3 +43,15 @@ def test_a_bad_config_is_exit_status_2_without_traceback(write_config: Callable[
     done = run_cli("run", str(write_config(sampling={"temperature": 9})))
     assert done.returncode == 2
     assert "sampling.temperature" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_malformed_prompt_file_names_its_line_and_offers_no_resume(
+    write_config: Callable[..., Path], prompts_file: Path
+) -> None:
+    with prompts_file.open("a") as fh:
+        fh.write('{"prompt_id": "bad", prompt: "no quotes"}\n')
+    done = run_cli("run", str(write_config()))
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"{prompts_file} line 51 is not valid JSON" in line
+    assert "resume" not in line and "continues" not in line and "Traceback" not in line

@@ -15,7 +15,9 @@ from orchestrator.prompts import (
     load_eval_prompts,
     normalise_instruction,
     read_prompts,
+    write_prompts,
 )
+from orchestrator.runs import eval_overlap
 
 
 def alpaca_rows() -> list[dict[str, str]]:
@@ -72,6 +74,8 @@ def test_defaults_are_alpaca_eval_2() -> None:
         Path(__file__).resolve().parents[2] / "configs/snorkel-mistral-pairrm.yaml"
     )
     assert recipe.evaluation.prompts == cfg and recipe.evaluation.best_of == [1, 16]
+    # Best-of-16 is picked by the run's ranker (PairRM): a judge of its own judges that row.
+    assert recipe.evaluation.judge not in (None, recipe.services.ranker_url)
 
 
 def test_exclusion_is_by_normalised_text() -> None:
@@ -101,6 +105,50 @@ def test_create_run_uses_the_eval_file_and_trains_on_none_of_it(
     setup = load_manifest(run_dir).stages["setup"].metrics
     assert setup["training_prompts_removed_as_eval"] == 2
     assert setup["eval_instructions_in_training"] == 0 and setup["eval"] == 4
+
+
+def test_the_separation_check_reads_the_slices_on_disk_and_can_fail(
+    write_config, tmp_path: Path
+) -> None:
+    path = tmp_path / "alpaca_eval.json"
+    path.write_text(json.dumps(alpaca_rows()))
+    run_dir = create_run(write_config(evaluation={"prompts": {"source": str(path)}}))
+    assert eval_overlap(run_dir) == 0
+    # A training slice that holds an evaluation instruction (spelled otherwise) is counted.
+    slice_file = run_dir / "prompts" / "iteration_2.jsonl"
+    rows = read_prompts(slice_file)
+    rows[3]["prompt"] = "  WHAT is the capital   of Peru?"
+    write_prompts(slice_file, rows)
+    assert eval_overlap(run_dir) == 1
+
+
+@pytest.mark.parametrize("too_long", ["skip", "truncate"])
+def test_evaluation_instructions_go_through_admission(
+    write_config, tmp_path: Path, too_long: str
+) -> None:
+    rows = alpaca_rows()[2:4]
+    long_text = "Read this. " + "word " * 3000 + "Now: what is the last word?"
+    rows.insert(1, {"instruction": long_text, "dataset": "koala"})
+    path = tmp_path / "alpaca_eval.json"
+    path.write_text(json.dumps(rows))
+    run_dir = create_run(
+        write_config(
+            prompts={"too_long": too_long},
+            sampling={"max_tokens": 64},
+            evaluation={"prompts": {"source": str(path)}, "max_tokens": 64},
+        )
+    )
+    evals = read_prompts(run_dir / "prompts" / "eval.jsonl")
+    setup = load_manifest(run_dir).stages["setup"].metrics
+    skipped = read_prompts(run_dir / "prompts" / "skipped.jsonl")
+    assert [s["slice"] for s in skipped] == ["eval"]
+    if too_long == "skip":
+        assert [e["prompt"] for e in evals] == [rows[0]["instruction"], rows[2]["instruction"]]
+        assert setup["eval_admission"]["too_long_skipped"] == 1 and setup["eval"] == 2
+    else:  # cut to fit, keeping the end (the question), and its source index
+        assert evals[1]["prompt"].endswith("Now: what is the last word?")
+        assert len(evals[1]["prompt"]) < len(long_text) and evals[1]["index"] == "1"
+        assert setup["eval_admission"]["too_long_truncated"] == 1 and setup["eval"] == 3
 
 
 @pytest.mark.parametrize(

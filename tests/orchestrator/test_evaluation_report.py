@@ -34,7 +34,16 @@ def _manifest(judge_is_run_ranker: bool) -> Manifest:
     m = Manifest(run_id="r", config_fingerprint="f", iterations=2, status="completed")
     m.stage("setup").state = "done"
     m.stage("setup").metrics = {"eval_source": "alpaca.json"}
-    best = {"4": {"mean_length": 60.0, "vs_base": {"win_rate": 0.7, "lc_win_rate": 0.65}}}
+    best = {
+        "4": {
+            "mean_length": 60.0,
+            "vs_base": {
+                "win_rate": 0.7,
+                "lc_win_rate": 0.65,
+                "lc_glm": "length_controlled_minimal",
+            },
+        }
+    }
     m.stage("policy0.evaluate").state = "done"
     m.stage("policy0.evaluate").metrics = {
         "mean_length": 50.0,
@@ -87,11 +96,12 @@ def test_report_has_tables_best_of_rows_judge_and_plots(tmp_path: Path) -> None:
         (2, 1),
         (2, 4),
     ]
-    assert bests[0]["win_rate_vs_base"] == 0.5 and bests[1]["win_rate_vs_base"] == 0.7
+    # The base's plain answers are the reference: no figure is made up for them.
+    assert bests[0]["win_rate_vs_base"] is None and bests[1]["win_rate_vs_base"] == 0.7
     path = write_report(tmp_path, m)
     text = path.read_text()
     assert "| 2 | 20 | 1 |" in text and "0.600" in text
-    assert "| 1 | 4 | 0.700 | 0.650 | 60.0 |" in text
+    assert "| 1 | 4 | 0.700 | 0.650 (minimal) | 60.0 | no |" in text
     assert "a separate ranker service at http://127.0.0.1:9" in text
     assert "length_controlled_minimal" in text and "alpaca.json" in text
     for png in (
@@ -105,3 +115,40 @@ def test_report_has_tables_best_of_rows_judge_and_plots(tmp_path: Path) -> None:
     ):
         assert (tmp_path / "report" / png).stat().st_size > 1000
     assert "the run's own ranker" in judge_line(_manifest(judge_is_run_ranker=True))
+
+
+def test_report_marks_bubble_ranks_self_judged_rows_glm_fallbacks_and_failures(
+    tmp_path: Path,
+) -> None:
+    m = _manifest(judge_is_run_ranker=True)
+    m.stage("setup").metrics["eval_admission"] = {
+        "instructions": 805,
+        "admitted": 803,
+        "too_long_skipped": 2,
+        "too_long_truncated": 0,
+        "prompt_token_limit": 30720,
+    }
+    # Bubble mode: the ranker knows best and worst only; the pairs stage records no scores.
+    m.stage("iter1.pairs").metrics.update(
+        bubble_pairs=10, mean_chosen_score=None, mean_rejected_score=None
+    )
+    final = m.stage("iter2.evaluate").metrics
+    final["failed_prompts"] = 3
+    final["vs_base"].update(
+        judge_truncated=4,
+        n=802,
+        lc_note="length_controlled_v1 needs df_gamed.csv (offline); fell back",
+    )
+    final["best_of"] = {
+        "4": {**final["best_of"]["4"], "self_judged": True, "judge": "http://127.0.0.1:9"}
+    }
+    text = write_report(tmp_path, m).read_text()
+    row1 = next(line for line in text.splitlines() if line.startswith("| 1 | 10 |"))
+    assert "best (bubble ranks) | worst (bubble ranks)" in row1 and "1.000" not in row1
+    assert "| 2 | 20 | 1 | 1.000 | -1.000 |" in text  # scores where the ranker gave scores
+    assert "Evaluation instructions admitted: 803 of 805 (2 longer than 30720" in text
+    assert "policy 2: 3 instructions the generator could not answer" in text
+    assert "the judge cut 4 of 802 comparisons" in text
+    assert "policy 2 best-of-4: self-judged" in text and "| 2 | 4 | 0.700 |" in text
+    assert "| 2 | 4 | 0.700 | 0.650 (minimal) | 60.0 | yes |" in text
+    assert "- LC (length_controlled_minimal): length_controlled_v1 needs df_gamed.csv" in text

@@ -16,7 +16,11 @@ import pandas as pd
 import pytest
 
 from orchestrator.evaluation import alpaca_annotations, win_rate
-from orchestrator.lc_winrate import length_controlled
+from orchestrator.lc_winrate import (
+    ALPACA_EVAL_REFERENCE,
+    choose_glm,
+    length_controlled,
+)
 
 
 def fixed_annotations(n: int, *, seed: int, length_effect: float) -> list[dict[str, Any]]:
@@ -61,7 +65,10 @@ def test_minimal_glm_equals_the_package(package_glm: Any, seed: int, effect: flo
     ours = length_controlled(ann, glm="length_controlled_minimal")
     assert ours.glm == "length_controlled_minimal" and ours.note is None
     assert ours.win_rate == pytest.approx(theirs["length_controlled_winrate"] / 100, abs=1e-12)
-    assert ours.standard_error == pytest.approx(theirs["lc_standard_error"] / 100, abs=1e-12)
+    # One prediction for every instruction: the package's standard error is 0 by construction,
+    # and no standard error is reported for it.
+    assert theirs["lc_standard_error"] == pytest.approx(0, abs=1e-9)
+    assert ours.standard_error is None
     raw = win_rate(ann, glm="length_controlled_minimal")
     assert raw.win_rate == pytest.approx(theirs["win_rate"] / 100, abs=1e-12)
 
@@ -89,6 +96,26 @@ def test_lc_removes_a_pure_length_effect() -> None:
     assert figures.lc_win_rate is not None and abs(figures.lc_win_rate - 0.5) < 0.1
     # delta_len is reference minus policy in AlpacaEval's GLM: a length-loving judge is negative.
     assert figures.lc_length_coef is not None and figures.lc_length_coef < 0
+
+
+def test_the_leaderboard_glm_only_for_alpaca_evals_own_judge_and_reference() -> None:
+    ours = fixed_annotations(40, seed=4, length_effect=0.5)
+    for i, a in enumerate(ours):
+        a["index"] = i  # AlpacaEval's own instructions, judged by a ranker against policy 0
+    assert choose_glm(ours) == "length_controlled_minimal"
+    assert length_controlled(ours).glm == "length_controlled_minimal"
+    assert win_rate(ours).lc_glm == "length_controlled_minimal"
+    imported = [
+        {**a, "annotator": "weighted_alpaca_eval_gpt4_turbo", "generator_1": ALPACA_EVAL_REFERENCE}
+        for a in ours
+    ]
+    assert choose_glm(imported) == "length_controlled_v1"
+    assert choose_glm([{k: v for k, v in a.items() if k != "index"} for a in imported]) == (
+        "length_controlled_minimal"
+    )
+    # The hub is out of reach here: the leaderboard GLM falls back, and says so.
+    lc = length_controlled(imported)
+    assert lc.glm == "length_controlled_minimal" and lc.note and "fell back" in lc.note
 
 
 def test_leaderboard_glm_falls_back_offline_and_says_so() -> None:

@@ -90,6 +90,8 @@ def test_user_prompts_too_long_for_the_model_are_skipped_and_the_run_completes(
     cfg["shard_size"] = 8
     cfg["dpo"]["num_train_epochs"] = 1
     cfg["evaluation"]["max_tokens"] = 16
+    # One failure in 25 training prompts and one in 7 evaluation instructions are tolerated here.
+    cfg["sampling"]["max_failed_share"] = 0.2
     config = tmp_path / "mine.yaml"
     config.write_text(yaml.safe_dump(cfg))
     run_dir = create_run(config, run_id="user-prompts")
@@ -99,6 +101,11 @@ def test_user_prompts_too_long_for_the_model_are_skipped_and_the_run_completes(
     lines = it1.read_text().splitlines()
     lines.insert(3, json.dumps({"prompt_id": "injected-long", "prompt": LONG}))
     it1.write_text("\n".join(lines) + "\n")
+    # And one evaluation instruction: left out of the outputs and comparisons, counted.
+    evals = run_dir / "prompts" / "eval.jsonl"
+    lines = evals.read_text().splitlines()
+    lines.insert(2, json.dumps({"prompt_id": "injected-eval", "prompt": LONG}))
+    evals.write_text("\n".join(lines) + "\n")
 
     done = cli(stack, "resume", str(run_dir))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -127,10 +134,22 @@ def test_user_prompts_too_long_for_the_model_are_skipped_and_the_run_completes(
     report = (run_dir / "report" / "report.md").read_text()
     assert f"{admission['too_long_skipped']} too long, 2 empty" in report
     assert "iter1.generate 1" in report
+    for k, stage in ((0, "policy0.evaluate"), (1, "iter1.evaluate")):
+        ev = m.stages[stage].metrics
+        assert (ev["failed_prompts"], ev["eval_prompts"]) == (1, 7)
+        outputs = json.loads(
+            (run_dir / "eval" / f"policy{k}" / "alpaca_eval_outputs.json").read_text()
+        )
+        assert len(outputs) == 6 and all(o["instruction"] != LONG and o["output"] for o in outputs)
+        assert f"policy {k}: 1 instructions the generator could not answer" in report
+    annotations = json.loads(
+        (run_dir / "eval" / "policy1" / "annotations_vs_base.json").read_text()
+    )
+    assert len(annotations) == 6 and m.stages["iter1.evaluate"].metrics["vs_base"]["n"] == 6
     status = cli(stack, "status", str(run_dir))
     assert status.returncode == 0
     assert f"skipped: {admission['too_long_skipped']} too long" in status.stdout
-    assert "prompts the generator could not answer: 1" in status.stdout
+    assert "prompts the generator could not answer: 3" in status.stdout
 
     # The stack's generator was started without --dtype: `auto` served the checkpoint's float32,
     # so its greedy answer to a long chat prompt is transformers' own, token for token (vLLM's own

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import ConfigError, PairsConfig, PromptsConfig
-from orchestrator.pairs import build_pairs, is_test_prompt
+from orchestrator.pairs import PairStats, build_pairs, is_test_prompt
 from orchestrator.prompts import slice_prompts
 from orchestrator.records import RankedRecord
+from orchestrator.stages.pairs import no_pairs_advice
 
 
 def prompts(n: int) -> list[dict[str, str]]:
@@ -87,6 +88,19 @@ def test_bubble_mode_uses_best_and_worst_indices() -> None:
     )
     assert train[0]["chosen"][1]["content"] == "w" and train[0]["rejected"][1]["content"] == "u"
     assert train[0]["all_rm_scores"] == [] and stats.pairs == 1
+    # Ranks only: no score is made up for chosen (1.0) or rejected (0.0).
+    summary = stats.summary()
+    assert summary["mean_chosen_score"] is None and summary["mean_rejected_score"] is None
+    assert summary["bubble_pairs"] == 1
+
+
+def test_no_pairs_advice_follows_the_cause_and_never_asks_for_more_max_tokens() -> None:
+    errors = no_pairs_advice(PairStats(generation_errors=9, ties_dropped=1))
+    assert "generator" in errors and "max_model_len" in errors
+    assert "temperature" in no_pairs_advice(PairStats(ties_dropped=9, too_few_responses=1))
+    assert "empty" in no_pairs_advice(PairStats(too_few_responses=9))
+    for stats in (PairStats(generation_errors=1), PairStats(ties_dropped=1)):
+        assert "max_tokens" not in no_pairs_advice(stats)
 
 
 def test_test_split_is_deterministic_by_prompt_id() -> None:

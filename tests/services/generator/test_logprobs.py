@@ -146,3 +146,26 @@ def test_no_logprobs_unless_asked_and_top_logprobs_needs_logprobs(client: openai
             model="tiny-llama", messages=CHAT, max_tokens=2, top_logprobs=2
         )
     assert "top_logprobs needs logprobs" in str(err.value)
+
+
+def test_sampled_completion_logprobs_always_hold_the_sampled_token(
+    client: openai.OpenAI,
+) -> None:
+    """At a high temperature the sampled token is often outside the top `logprobs`: OpenAI's
+    completions format still lists it among the alternatives (up to logprobs + 1 entries)."""
+    resp = client.completions.create(
+        model="tiny-llama",
+        prompt="The sea is blue because",
+        temperature=2.0,
+        max_tokens=24,
+        logprobs=1,
+        seed=7,
+    )
+    lp = resp.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == len(lp.top_logprobs) > 0
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 1 <= len(top) <= 2
+        assert top[token] == pytest.approx(value, abs=1e-6)
+        assert max(top.values()) >= value - 1e-6  # the other entry, if any, is the top-1
+    # The case this is about happened: a sampled token that was not the most likely one.
+    assert any(len(top) == 2 for top in lp.top_logprobs)

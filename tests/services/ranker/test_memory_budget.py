@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 
 from pairloop.errors import ServerError
 from services.ranker.batching import MicroBatcher, plan_batches
-from services.ranker.memory import ATTENTION_COPIES, MemoryBudget, PassCost
+from services.ranker.memory import ATTENTION_COPIES, MemoryBudget, PassCost, is_out_of_memory
 from services.ranker.metrics import RankerMetrics
 
 PAIRRM = PassCost(heads=16, hidden=1024, dtype_bytes=2)  # DeBERTa-v3-large
@@ -101,16 +101,23 @@ class OomAbove:
     """The real forward, raising torch's OutOfMemoryError for passes above `max_rows` rows or,
     given `capacity`, whose estimated bytes (PairRM's cost) exceed it: a device that small."""
 
-    def __init__(self, model: Any, max_rows: int, capacity: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        max_rows: int,
+        capacity: int | None = None,
+        error: BaseException | None = None,
+    ) -> None:
         self.model = model
         self.max_rows = max_rows
         self.capacity = capacity
+        self.error = error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 25 GiB")
         self.passes: list[int] = []
 
     def __call__(self, rows: list[Any]) -> list[np.float32]:
         need = PAIRRM.pass_bytes(len(rows), max(map(row_length, rows)))
         if len(rows) > self.max_rows or (self.capacity is not None and need > self.capacity):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 25.00 GiB")
+            raise self.error
         self.passes.append(len(rows))
         return list(self.model.compare(rows))
 
@@ -221,3 +228,70 @@ async def test_only_the_row_that_cannot_fit_alone_fails(
     for i, value in enumerate(got):
         if i != longest:
             assert abs(float(value) - float(expected[i])) < 1e-5
+
+
+def _wrapped(cause: BaseException) -> BaseException:
+    try:
+        raise ValueError("ranking failed") from cause
+    except ValueError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    ("error", "oom"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be async"), True),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+        (RuntimeError("MPS backend out of memory (MPS allocated: 9.0 GB)"), True),
+        (RuntimeError("HIP out of memory. Tried to allocate 1.00 GiB"), True),
+        (_wrapped(RuntimeError("CUDA error: out of memory")), True),
+        (RuntimeError("The size of tensor a (4) must match the size of tensor b (5)"), False),
+        (ValueError("bad input"), False),
+    ],
+)
+def test_every_device_out_of_memory_form_is_recognised(error: BaseException, oom: bool) -> None:
+    assert is_out_of_memory(error) is oom
+
+
+async def test_the_budget_recovers_after_passes_that_fit(
+    pairrm_model: Any, items_factory: Any
+) -> None:
+    """A transient out-of-memory (a neighbour's peak, raised as CUDA's runtime error) lowers the
+    budget; once memory is back, passes that fit lift the limit again, to full-size passes."""
+    rows = rows_of(pairrm_model, items_factory, 8)
+    expected = pairrm_model.compare(rows)
+    longest = max(map(row_length, rows))
+    metrics = RankerMetrics()
+    forward = OomAbove(
+        pairrm_model,
+        max_rows=8,
+        capacity=PAIRRM.pass_bytes(2, longest),
+        error=RuntimeError("CUDA error: out of memory"),
+    )
+    budget = MemoryBudget(
+        PAIRRM, device="cuda", fraction=1.0, cap_bytes=None,
+        free_bytes=lambda: PAIRRM.pass_bytes(8, longest), recover_after=2,
+    )  # fmt: skip
+    batcher = MicroBatcher(
+        forward, metrics=metrics, max_batch_size=8, max_batch_tokens=1 << 20,
+        max_wait_s=0.5, sort_window=8, budget=budget,
+    )  # fmt: skip
+    batcher.start()
+    try:
+        got = await run_all(batcher, rows)
+        assert splits(metrics) >= 1 and budget.after_oom is not None
+        forward.capacity = None  # the neighbour gave its memory back
+        for _ in range(6):
+            got += await run_all(batcher, rows)
+            if budget.after_oom is None:
+                break
+        forward.passes.clear()
+        got += await run_all(batcher, rows)
+    finally:
+        await batcher.close()
+    for i in range(0, len(got), 8):
+        np.testing.assert_allclose(np.array(got[i : i + 8], dtype=np.float32), expected, atol=1e-5)
+    assert budget.after_oom is None, "the out-of-memory limit was lifted"
+    assert forward.passes == [8], "full-size passes again"
