@@ -21,11 +21,12 @@ from pydantic_settings import BaseSettings
 
 from pairloop.settings import service_config
 
-__all__ = ["DEFAULT_MODEL", "GeneratorSettings", "SwapMode"]
+__all__ = ["DEFAULT_MODEL", "GeneratorSettings", "ReleaseMode", "SwapMode"]
 
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 
 SwapMode = Literal["wait", "abort"]
+ReleaseMode = Literal["auto", "sleep", "shutdown"]
 
 
 class GeneratorSettings(BaseSettings):
@@ -115,6 +116,19 @@ class GeneratorSettings(BaseSettings):
         600.0,
         gt=0.0,
         description="how long a swap waits for in-flight requests before giving up (nothing changes)",
+    )
+
+    # --- time-shared placement (POST /admin/release, /admin/wake) ---------------------------
+    release_mode: ReleaseMode = Field(
+        "auto",
+        description="how /admin/release frees the engine's memory: sleep (vLLM sleep mode level "
+        "2: GPU memory freed, the process stays; CUDA/ROCm/XPU only), shutdown (the engine's "
+        "processes end; a wake builds it again), auto: sleep where vLLM supports it, else shutdown",
+    )
+    release_retry_after_s: int = Field(
+        60,
+        ge=1,
+        description="Retry-After (seconds) sent with the 503 of requests that arrive while released",
     )
 
     # --- serving ----------------------------------------------------------------------------
