@@ -11,6 +11,7 @@ training and wakes it onto the right policy.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_time_shared_run_releases_before_training_and_wakes_onto_the_new_policy(
     st = m.stages
     assert "iter1.swap" not in st  # the wake is the swap
     order = ["iter1.generate", "iter1.rank", "iter1.release", "iter1.train", "iter1.wake"]
-    for before, after in zip(order, order[1:], strict=False):
+    for before, after in itertools.pairwise(order):
         assert st[before].finished_at <= st[after].started_at, (before, after)
     # The resume released again (a no-op: it was released) before training went on.
     assert st["iter1.release"].attempts == 2
