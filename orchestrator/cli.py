@@ -318,9 +318,7 @@ def plan(
             "strategy": memory.strategy,
             "gradient_accumulation_steps": memory.gradient_accumulation_steps,
             "global_batch_size": memory.global_batch_size,
-            "stages": [
-                {**asdict(s), "total": s.total, "fits": s.fits} for s in memory.stages
-            ],
+            "stages": [{**asdict(s), "total": s.total, "fits": s.fits} for s in memory.stages],
             **phases.as_json(),
             "fits": not problems,
             "problems": problems,

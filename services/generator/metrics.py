@@ -95,7 +95,10 @@ class GeneratorMetrics:
             self.swaps.labels(outcome=outcome)
         # Time-shared placement: the engine gives its memory back for training, then wakes.
         self.releases = Counter(
-            f"{p}_releases", "engine releases by outcome (ok, noop, timeout)", ["outcome"], registry=r
+            f"{p}_releases",
+            "engine releases by outcome (ok, noop, timeout)",
+            ["outcome"],
+            registry=r,
         )
         self.wakes = Counter(
             f"{p}_wakes",

@@ -132,7 +132,10 @@ class ReleaseController:
         self.metrics.released.set(1)
         self.metrics.engine_ready.set(0)
         log.info(
-            "released the engine (%s) serving %s in %.3fs", self.engine.release_mode, version, seconds
+            "released the engine (%s) serving %s in %.3fs",
+            self.engine.release_mode,
+            version,
+            seconds,
         )
         return ReleaseResponse(
             state="released", version=version, how=self.engine.release_mode, seconds=seconds
@@ -173,7 +176,9 @@ class ReleaseController:
                     await self.engine.wake_onto(path)
                 except ReloadError as exc:
                     failure = f"vLLM could not load {path}: {exc}"
-                    log.error("waking onto %s failed (%s); waking onto %s", path, exc, previous_path)
+                    log.error(
+                        "waking onto %s failed (%s); waking onto %s", path, exc, previous_path
+                    )
                 except EngineDeadError:
                     self._die(f"the engine died while waking onto {path}")
                     raise

@@ -66,7 +66,9 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def admin(service: GeneratorService, route: str, body: dict[str, Any] | None = None) -> httpx.Response:
+def admin(
+    service: GeneratorService, route: str, body: dict[str, Any] | None = None
+) -> httpx.Response:
     return httpx.post(
         f"{service.base_url}/admin/{route}",
         json=body,
