@@ -101,6 +101,7 @@ def engine_args(settings: GeneratorSettings) -> AsyncEngineArgs:
         enforce_eager=settings.enforce_eager,
         enable_prefix_caching=settings.prefix_caching,
         tensor_parallel_size=settings.tensor_parallel_size,
+        data_parallel_size=settings.data_parallel_size,
         seed=settings.seed,
         disable_log_stats=not settings.engine_log_stats,
         gpu_memory_utilization=settings.gpu_memory_utilization,

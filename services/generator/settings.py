@@ -76,6 +76,13 @@ class GeneratorSettings(BaseSettings):
         None, ge=1, description="most sequences decoded in one engine step (default: vLLM's)"
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica")
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM engines behind this one server, one per GPU group (GPUs = this x "
+        "tensor_parallel_size): requests are balanced over them, and a swap, release or wake "
+        "reaches every engine (vLLM sends utility calls to each)",
+    )
     cpu_threads: int = Field(
         0,
         ge=0,
