@@ -47,7 +47,7 @@ from bench._generator_service import (
 from pairloop.atomic import atomic_write_json
 from pairloop_local.processes import ManagedProcess, free_port
 
-SHAPES: dict[str, dict[str, int]] = {
+SHAPES: dict[str, dict[str, Any]] = {
     "7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000},
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
