@@ -19,7 +19,7 @@ CPU_BENCHMARKS = (
     "trainer_dpo",
     "orchestrator_overhead",
 )
-GPU_BENCHMARKS = ("trainer_dpo_gpu", "weights_io", "ranker_gpu_memory")
+GPU_BENCHMARKS = ("trainer_dpo_gpu", "weights_io", "ranker_gpu_memory", "generator_sleep_gpu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
+    from orchestrator.phases import PhasePlan
     from orchestrator.plan import Plan
 
 app = typer.Typer(
@@ -154,14 +156,14 @@ def _print_plan(plan: Plan) -> None:
     )
 
 
-def _check_plan(
+def _make_plan(
     config: Path,
     gpus: int,
     gpu_memory: float,
     model_config: Path | None,
     strategy: str | None = None,
-) -> None:
-    """Fail (exit 2) before any work when a stage cannot fit the GPUs."""
+) -> tuple[RunConfig, Plan]:
+    """The run config and its memory plan; exit 2 on a bad config or an unknown model shape."""
     from orchestrator.config import ConfigError, load_run_config
     from orchestrator.plan import PlanError, load_shape, plan_run
 
@@ -178,15 +180,67 @@ def _check_plan(
         shape_source=source,
         strategy=strategy,  # type: ignore[arg-type]  # typer checked it against the choices
     )
+    return cfg, plan
+
+
+def _check_plan(
+    config: Path,
+    gpus: int,
+    gpu_memory: float,
+    model_config: Path | None,
+    strategy: str | None = None,
+) -> None:
+    """Fail (exit 2) before any work when a stage cannot fit the GPUs."""
+    _, plan = _make_plan(config, gpus, gpu_memory, model_config, strategy)
     _print_plan(plan)
     if not plan.fits:
         raise _fail("this run cannot fit these GPUs:\n  " + "\n  ".join(plan.problems), 2)
 
 
+def _print_phases(phases: PhasePlan) -> None:
+    from orchestrator.plan import GIB
+
+    table = Table(
+        title=f"phases of one iteration ({phases.placement} placement, "
+        f"{phases.iterations} iterations)"
+    )
+    for col in ("phase", "GPUs", "GiB per GPU", "time", "work"):
+        table.add_column(col, justify="right" if col in ("GiB per GPU", "time") else "left")
+    for p in phases.phases:
+        gpus = f"{p.gpus[0]}-{p.gpus[-1]}" if len(p.gpus) > 1 else str(p.gpus[0])
+        verdict = "" if p.fits else " [red]does not fit[/red]"
+        table.add_row(
+            p.phase,
+            f"{gpus} ({len(p.gpus)})",
+            f"{p.bytes_per_gpu / GIB:.1f} of {p.budget / GIB:.1f}{verdict}",
+            f"{p.seconds / 3600:.2f} h",
+            p.work,
+        )
+    out = console if console.is_terminal else Console(width=max(console.width, 160))
+    out.print(table)
+    if phases.switch_seconds:
+        console.print(
+            f"release + wake of the generator: {phases.switch_seconds:.0f} s per iteration"
+        )
+    for phase, idle in phases.idle_gpus.items():
+        console.print(f"idle during {phase}: GPUs {', '.join(map(str, idle))}")
+    console.print(
+        f"generator: gpu_memory_utilization at most {phases.generator_memory_utilization:.2f} "
+        "(the ranker shares its GPUs)"
+    )
+    console.print(
+        f"estimated wall time: {phases.seconds_per_iteration / 3600:.2f} h per iteration, "
+        f"{phases.total_seconds / 3600:.2f} h for {phases.iterations} iterations "
+        "(throughput assumptions: see pairloop plan --help)"
+    )
+
+
 @app.command()
 def plan(
     config: Annotated[Path, typer.Argument(help="YAML run config (see configs/).")],
-    gpus: Annotated[int, typer.Option(min=1, help="GPUs the trainer shards over.")] = 8,
+    gpus: Annotated[
+        int, typer.Option(min=1, help="GPUs of the node (the trainer shards over them).")
+    ] = 8,
     gpu_memory: Annotated[float, typer.Option(min=1, help="Memory of one GPU, GiB.")] = 80,
     model_config: Annotated[
         Path | None, typer.Option(help="The base model's config.json (default: its own).")
@@ -195,11 +249,88 @@ def plan(
         str | None,
         typer.Option(help="ddp, fsdp or deepspeed-zero3 (default: dpo.strategy, else fsdp)."),
     ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the plan as JSON (phases, memory, wall time).")
+    ] = False,
+    placement: Annotated[
+        str | None,
+        typer.Option(help="time_shared or dedicated (default: the config's placement)."),
+    ] = None,
+    generation_gpus: Annotated[
+        int, typer.Option(min=1, help="dedicated placement: GPUs of generation and ranking.")
+    ] = 1,
+    generation_tokens_per_s: Annotated[
+        float,
+        typer.Option(min=1e-3, help="Generated tokens/s per GPU for a 7B model (vLLM, bf16)."),
+    ] = 8000.0,
+    ranking_passes_per_s: Annotated[
+        float, typer.Option(min=1e-3, help="PairRM forward passes/s per GPU.")
+    ] = 185.0,
+    training_tokens_per_s: Annotated[
+        float,
+        typer.Option(min=1e-3, help="DPO tokens/s per GPU for a 7B model (FSDP, bf16)."),
+    ] = 2500.0,
+    response_tokens: Annotated[
+        int, typer.Option(min=1, help="Mean tokens of a generated response.")
+    ] = 400,
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="Mean tokens of a prompt.")] = 200,
+    wake_s: Annotated[
+        float, typer.Option(min=0, help="Seconds of a generator wake (reload of the weights).")
+    ] = 60.0,
+    release_s: Annotated[
+        float, typer.Option(min=0, help="Seconds of a generator release (vLLM sleep).")
+    ] = 5.0,
 ) -> None:
-    """Estimate each stage's memory per GPU; exit 2 naming the knob to turn if one cannot fit."""
+    """Each phase's GPUs, memory per GPU and wall time; exit 2 naming the knob to turn if a
+    stage cannot fit. Throughputs are per GPU for the recipe's 7B model on an H100-class GPU,
+    scaled by parameter count for other models (orchestrator/phases.py says where they come from)."""
+    from orchestrator.phases import Throughput, plan_phases
+
     if strategy not in (None, "ddp", "fsdp", "deepspeed-zero3"):
         raise typer.BadParameter("choose ddp, fsdp or deepspeed-zero3", param_hint="--strategy")
-    _check_plan(config, gpus, gpu_memory, model_config, strategy)
+    if placement not in (None, "time_shared", "dedicated"):
+        raise typer.BadParameter("choose time_shared or dedicated", param_hint="--placement")
+    cfg, memory = _make_plan(config, gpus, gpu_memory, model_config, strategy)
+    phases = plan_phases(
+        cfg,
+        memory,
+        placement=placement,  # type: ignore[arg-type]  # checked against the choices above
+        generation_gpus=generation_gpus,
+        throughput=Throughput(
+            generation_tokens_per_s=generation_tokens_per_s,
+            ranking_passes_per_s=ranking_passes_per_s,
+            training_tokens_per_s=training_tokens_per_s,
+            response_tokens=response_tokens,
+            prompt_tokens=prompt_tokens,
+            release_s=release_s,
+            wake_s=wake_s,
+        ),
+    )
+    problems = memory.problems + phases.problems
+    if json_out:
+        import json
+        from dataclasses import asdict
+
+        payload = {
+            "gpus": memory.gpus,
+            "gpu_memory_gib": memory.gpu_memory_gib,
+            "parameters": memory.parameters,
+            "strategy": memory.strategy,
+            "gradient_accumulation_steps": memory.gradient_accumulation_steps,
+            "global_batch_size": memory.global_batch_size,
+            "stages": [{**asdict(s), "total": s.total, "fits": s.fits} for s in memory.stages],
+            **phases.as_json(),
+            "fits": not problems,
+            "problems": problems,
+        }
+        typer.echo(json.dumps(payload, indent=2))
+        if problems:
+            raise typer.Exit(2)
+        return
+    _print_plan(memory)
+    _print_phases(phases)
+    if problems:
+        raise _fail("this run cannot fit these GPUs:\n  " + "\n  ".join(problems), 2)
 
 
 @app.command()

@@ -328,16 +328,22 @@ class RunConfig(_Strict):
     dpo: DPOHyperparameters = Field(default_factory=DPOHyperparameters)
     lora: LoraSettings | None = None
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    placement: Literal["dedicated", "time_shared"] = Field(
+        "dedicated",
+        description="dedicated: generator and trainer keep GPUs of their own, the generator "
+        "swaps weights in place; time_shared: one node, every GPU in every phase: the generator "
+        "releases its GPU memory before training and wakes onto the new policy after it",
+    )
     services: ServicesConfig = Field(default_factory=ServicesConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (a resumed run must keep the same config).
 
-        Where the services run (`services`, `local`) is not part of it: a run may resume on
-        another stack.
+        Where the services run (`services`, `local`, `placement`) is not part of it: a run may
+        resume on another stack.
         """
-        payload = self.model_dump(exclude={"services", "local"}, mode="json")
+        payload = self.model_dump(exclude={"services", "local", "placement"}, mode="json")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -12,8 +12,10 @@ unfinished shards):
     iter{k}.generate             policy k-1 answers n times per prompt   (swaps to k-1 first if needed)
     iter{k}.rank                 ranker scores every answer
     iter{k}.pairs                chosen/rejected -> dataset splits train_iteration_k / test_iteration_k
+    iter{k}.release              (placement time_shared) the generator frees its GPUs for training
     iter{k}.train                Celery DPO job -> checkpoints/policy{k}
     iter{k}.swap                 generator swaps to policy k in place
+      or iter{k}.wake            (time_shared) the generator wakes straight onto policy k
     iter{k}.evaluate             win rates vs base and vs policy k-1, lengths, LC win rate
     report                       report.md + plots
 
@@ -39,7 +41,7 @@ from orchestrator.preflight import check_generators
 from orchestrator.report import write_report
 from orchestrator.runs import RunLockedError, create_run, load_run, run_lock
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.stages import evaluate, generate, pairs, rank, report, swap, train
+from orchestrator.stages import evaluate, generate, pairs, placement, rank, report, swap, train
 from pairloop.settings import RedisSettings
 
 # create_run and RunLockedError are re-exported: `from orchestrator.loop import create_run` stays.
@@ -58,9 +60,11 @@ async def _stage(
     name: str,
     coro_fn: Callable[..., Awaitable[dict[str, Any]]],
     *args: Any,
+    redo: bool = False,
 ) -> dict[str, Any]:
-    """Run a stage unless done; record wall time, service time and metrics in the manifest."""
-    if ctx.manifest.is_done(name):
+    """Run a stage unless done (or `redo`: an idempotent stage that must hold again now); record
+    wall time, service time and metrics in the manifest."""
+    if ctx.manifest.is_done(name) and not redo:
         return ctx.manifest.stages[name].metrics
     ctx.check_cancel()
     before = ctx.service_seconds()
@@ -73,14 +77,23 @@ async def _stage(
 
 async def _run_stages(ctx: RunContext) -> None:
     evaluating = ctx.cfg.evaluation.enabled
+    time_shared = ctx.cfg.placement == "time_shared"
     if evaluating:
         await _stage(ctx, "policy0.evaluate", evaluate.run_base)
     for k in range(1, ctx.cfg.iterations + 1):
         await _stage(ctx, f"iter{k}.generate", generate.run, k)
         await _stage(ctx, f"iter{k}.rank", rank.run, k)
         await _stage(ctx, f"iter{k}.pairs", pairs.run, k)
+        if time_shared:
+            # Redone on every resume until training is done: a generator restarted meanwhile
+            # would hold the GPUs the trainer's ranks need.
+            trained = ctx.manifest.is_done(f"iter{k}.train")
+            await _stage(ctx, f"iter{k}.release", placement.release, k, redo=not trained)
         await _stage(ctx, f"iter{k}.train", train.run, k)
-        await _stage(ctx, f"iter{k}.swap", swap.run, k)
+        if time_shared:
+            await _stage(ctx, f"iter{k}.wake", placement.wake, k)
+        else:
+            await _stage(ctx, f"iter{k}.swap", swap.run, k)
         if evaluating:
             await _stage(ctx, f"iter{k}.evaluate", evaluate.run, k)
     await _stage(ctx, "report", report.run)
@@ -88,7 +101,11 @@ async def _run_stages(ctx: RunContext) -> None:
 
 async def _preflight(ctx: RunContext) -> None:
     """Every service answers before any stage runs (each call retried with backoff)."""
-    for client in [*ctx.generators, ctx.ranker, *([ctx.judge_client] if ctx.judge_client else [])]:
+    for generator in ctx.generators:
+        # /v1/models, not /ready: a generator released by an interrupted time-shared run answers
+        # it (state released) and the run's next stage wakes it.
+        await generator.model_card()
+    for client in [ctx.ranker, *([ctx.judge_client] if ctx.judge_client else [])]:
         await client.request("GET", "/ready")
     await check_generators(ctx.cfg, ctx.generators)  # the context and dtype admission assumed
     await asyncio.to_thread(

@@ -18,7 +18,7 @@ from pairloop.atomic import atomic_write_text
 
 __all__ = ["best_of_rows", "iteration_rows", "judge_line", "lc_cell", "write_report"]
 
-STAGES = ("generate", "rank", "pairs", "train", "swap", "evaluate")
+STAGES = ("generate", "rank", "pairs", "release", "train", "swap", "wake", "evaluate")
 
 
 def _num(value: Any, fmt: str = "{:.3f}") -> str:
@@ -65,7 +65,8 @@ def iteration_rows(manifest: Manifest) -> list[dict[str, Any]]:
                 "train_loss": m("train", "dpo/train_loss"),
                 "reward_margin": m("train", "dpo/rewards/margins"),
                 "reward_accuracy": m("train", "dpo/rewards/accuracies"),
-                "swap_seconds": m("swap", "swap_seconds"),
+                # Time-shared placement: the wake is the swap.
+                "swap_seconds": m("wake" if "wake" in st else "swap", "swap_seconds"),
                 "win_rate_vs_base": vs_base.get("win_rate"),
                 "lc_win_rate_vs_base": vs_base.get("lc_win_rate"),
                 "lc_glm": vs_base.get("lc_glm"),

@@ -18,6 +18,7 @@ __all__ = [
     "ClientError",
     "ConflictError",
     "EngineDeadError",
+    "EngineReleasedError",
     "ErrorBody",
     "ErrorResponse",
     "ForbiddenError",
@@ -106,16 +107,30 @@ class ServerError(PairloopError):
 
 
 class ServiceUnavailableError(ServerError):
-    """Not ready yet, or busy: retry later."""
+    """Not ready yet, or busy: retry later (after `retry_after` seconds, when it is known)."""
 
     status_code = 503
     error_type = "service_unavailable"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        # Sent as the Retry-After header: clients and load balancers back off that long.
+        self.retry_after = retry_after
 
 
 class EngineDeadError(ServiceUnavailableError):
     """The model engine died; the process must be restarted."""
 
     error_type = "engine_dead"
+
+
+class EngineReleasedError(ServiceUnavailableError):
+    """The engine gave its accelerator memory back (time-shared placement); it serves again
+    after `POST /admin/wake`."""
+
+    error_type = "engine_released"
 
 
 _BY_STATUS: dict[int, type[PairloopError]] = {

@@ -4,8 +4,10 @@
     generate.run        iter{k}.generate
     rank.run            iter{k}.rank
     pairs.run           iter{k}.pairs
+    placement.release   iter{k}.release   (placement: time_shared)
     train.run           iter{k}.train
-    swap.run            iter{k}.swap
+    swap.run            iter{k}.swap      (placement: dedicated)
+    placement.wake      iter{k}.wake      (placement: time_shared; the wake is the swap)
     evaluate.run        iter{k}.evaluate
     report.run          report
 

@@ -34,12 +34,17 @@ __all__ = [
     "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
+    "EngineState",
     "ModelCard",
     "ModelList",
+    "ReleaseRequest",
+    "ReleaseResponse",
     "SamplingFields",
     "StreamOptions",
     "TopLogprob",
     "Usage",
+    "WakeRequest",
+    "WakeResponse",
     "WeightSwapRequest",
     "WeightSwapResponse",
 ]
@@ -48,6 +53,10 @@ VERSION_HEADER = "X-Model-Version"
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "abort"] | None
+# serving: answers requests; releasing / released / waking: the engine's accelerator memory is
+# being given back, is free (time-shared placement: the trainer has the GPUs), or is being taken
+# again; requests get 503 with Retry-After meanwhile, never a wrong answer.
+EngineState = Literal["serving", "releasing", "released", "waking"]
 
 
 class ChatMessage(BaseModel):
@@ -290,6 +299,9 @@ class ModelCard(BaseModel):
     weight_version: str
     dtype: str | None = Field(None, description="dtype the weights are served in")
     max_model_len: int | None = Field(None, description="context length (prompt + completion)")
+    state: EngineState = Field(
+        "serving", description="serving, or released (POST /admin/wake brings it back)"
+    )
 
 
 class ModelList(BaseModel):
@@ -363,3 +375,36 @@ class WeightSwapResponse(BaseModel):
     seconds: float = Field(description="wall time of the whole swap, validation included")
     paused_seconds: float = Field(description="time new requests were held back")
     requeued_requests: int = 0
+
+
+class ReleaseRequest(BaseModel):
+    """`POST /admin/release`: give the engine's accelerator memory back until `/admin/wake`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["wait", "abort"] | None = Field(
+        None,
+        description="in-flight requests: 'wait' lets them finish first; 'abort' stops them (their "
+        "callers get 503 and retry after the wake). Default: the server's swap_mode.",
+    )
+
+
+class ReleaseResponse(BaseModel):
+    state: EngineState
+    version: str = Field(description="the weight version that was serving (and is released)")
+    how: Literal["sleep", "shutdown"] = Field(
+        description="sleep: vLLM's sleep mode level 2 (GPU); shutdown: the engine's processes "
+        "ended (CPU, or where sleep mode is unavailable)"
+    )
+    seconds: float
+    already_released: bool = Field(False, description="true: it was released before this call")
+
+
+class WakeRequest(WeightSwapRequest):
+    """`POST /admin/wake`: bring a released engine back straight onto the checkpoint at `path`
+    (the wake is the swap: same validation, version label and rollback). On a serving engine it
+    is a weight swap (a no-op when `version` already serves from `path`), so it is idempotent."""
+
+
+class WakeResponse(WeightSwapResponse):
+    woke: bool = Field(description="true: the engine was released and woke; false: it was serving")

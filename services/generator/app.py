@@ -34,6 +34,7 @@ async def build_runtime(settings: GeneratorSettings, metrics: GeneratorMetrics) 
     # Imported in a worker thread: vLLM takes seconds to import, and the event loop must answer
     # /health and /ready meanwhile.
     engine_module = await asyncio.to_thread(importlib.import_module, "services.generator.engine")
+    from services.generator.release import ReleaseController
     from services.generator.swap import WeightSwapper
 
     engine = await engine_module.start_engine(settings)
@@ -69,7 +70,12 @@ async def build_runtime(settings: GeneratorSettings, metrics: GeneratorMetrics) 
     metrics.in_flight.set_function(lambda: gate.active)
     metrics.waiting_for_swap.set_function(lambda: gate.waiting)
     metrics.gate_closed.set_function(lambda: float(gate.closed))
-    return Runtime(engine, gate, generation, swapper, reason)
+    release = (
+        ReleaseController(swapper, retry_after_s=settings.release_retry_after_s)
+        if swapper is not None
+        else None
+    )
+    return Runtime(engine, gate, generation, swapper, reason, release)
 
 
 @asynccontextmanager

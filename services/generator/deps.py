@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from pairloop.auth import check_bearer
+from pairloop.contracts.generator import EngineState
 from pairloop.errors import EngineDeadError, ServiceUnavailableError
 from services.generator.gate import SwapGate
 from services.generator.generation import GenerationService
@@ -15,9 +16,18 @@ from services.generator.settings import GeneratorSettings
 
 if TYPE_CHECKING:
     from services.generator.engine import VllmEngine
+    from services.generator.release import ReleaseController
     from services.generator.swap import WeightSwapper
 
-__all__ = ["AdminDep", "Runtime", "RuntimeDep", "SettingsDep", "get_runtime", "require_admin"]
+__all__ = [
+    "AdminDep",
+    "AnyStateRuntimeDep",
+    "Runtime",
+    "RuntimeDep",
+    "SettingsDep",
+    "get_runtime",
+    "require_admin",
+]
 
 
 @dataclass
@@ -30,17 +40,35 @@ class Runtime:
     # None when the starting checkpoint has no safetensors manifest to validate swaps against.
     swapper: WeightSwapper | None
     swap_unavailable_reason: str | None = None
+    # Release and wake (time-shared placement); None exactly when `swapper` is.
+    release: ReleaseController | None = None
+
+    @property
+    def state(self) -> EngineState:
+        """serving | releasing | released | waking"""
+        return self.release.state if self.release is not None else "serving"
 
 
 def engine_state(request: Request) -> str:
-    """loading | ready | dead | failed"""
+    """loading | ready | dead | failed | releasing | released | waking"""
     state = request.app.state
     if state.runtime is None:
         return "failed" if state.load_error else "loading"
-    return "dead" if state.runtime.engine.dead_reason else "ready"
+    if state.runtime.engine.dead_reason:
+        return "dead"
+    return "ready" if state.runtime.state == "serving" else state.runtime.state
 
 
 def get_runtime(request: Request) -> Runtime:
+    """The runtime of a serving engine; 503 while loading, released (with Retry-After) or dead."""
+    runtime = get_runtime_any_state(request)
+    if runtime.release is not None and runtime.release.state != "serving":
+        raise runtime.release.unavailable()
+    return runtime
+
+
+def get_runtime_any_state(request: Request) -> Runtime:
+    """The runtime once loaded, released or not (for /v1/models and the admin routes)."""
     state = request.app.state
     runtime: Runtime | None = state.runtime
     if runtime is None:
@@ -68,5 +96,6 @@ def require_admin(request: Request) -> None:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+AnyStateRuntimeDep = Annotated[Runtime, Depends(get_runtime_any_state)]
 SettingsDep = Annotated[GeneratorSettings, Depends(get_settings)]
 AdminDep = Annotated[None, Depends(require_admin)]

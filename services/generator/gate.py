@@ -15,6 +15,10 @@ Writer preference: once a swap asks for the gate, new leases wait behind it (els
 of requests would starve the swap). With `abort`, the swap stops the engine requests of every
 restartable lease; those requests notice, release, wait at the gate and re-run on the new weights.
 Streams are never restartable: their tokens are already on the wire, so a swap waits for them.
+
+While the engine is released (time-shared placement) the gate refuses: `acquire` raises the
+error `refuse` was given (503 with Retry-After), at once and for requests that were waiting
+behind the release, until `admit` (the wake) opens it again.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class SwapGate:
         self._leases: set[Lease] = set()
         self._ids = itertools.count()
         self.waiting = 0
+        self._refusal: Callable[[], BaseException] | None = None
 
     @property
     def version(self) -> str:
@@ -96,7 +101,19 @@ class SwapGate:
     def closed(self) -> bool:
         return not self._open.is_set()
 
+    def refuse(self, make_error: Callable[[], BaseException]) -> None:
+        """From now on `acquire` raises `make_error()` (the engine is released), until `admit`."""
+        self._refusal = make_error
+
+    def admit(self) -> None:
+        self._refusal = None
+
+    def _check_refusal(self) -> None:
+        if self._refusal is not None:
+            raise self._refusal()
+
     async def acquire(self, *, restartable: bool) -> Lease:
+        self._check_refusal()
         if not self._open.is_set():
             self.waiting += 1
             if self._on_wait is not None:
@@ -107,6 +124,8 @@ class SwapGate:
                     await self._open.wait()
             finally:
                 self.waiting -= 1
+            # Held back by a release rather than a swap: no engine to run on now.
+            self._check_refusal()
         lease = Lease(next(self._ids), self._version, restartable)
         self._leases.add(lease)
         self._drained.clear()

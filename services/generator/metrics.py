@@ -93,6 +93,35 @@ class GeneratorMetrics:
         )
         for outcome in ("ok", "invalid", "conflict", "rolled_back", "engine_dead", "timeout"):
             self.swaps.labels(outcome=outcome)
+        # Time-shared placement: the engine gives its memory back for training, then wakes.
+        self.releases = Counter(
+            f"{p}_releases",
+            "engine releases by outcome (ok, noop, timeout)",
+            ["outcome"],
+            registry=r,
+        )
+        self.wakes = Counter(
+            f"{p}_wakes",
+            "wakes by outcome (ok, rolled_back, engine_dead; swapped: the engine was serving)",
+            ["outcome"],
+            registry=r,
+        )
+        self.release_seconds = Histogram(
+            f"{p}_release_seconds", "wall time of releases", buckets=_SWAP_BUCKETS, registry=r
+        )
+        self.wake_seconds = Histogram(
+            f"{p}_wake_seconds",
+            "wall time of wakes, validation and engine rebuild included",
+            buckets=_SWAP_BUCKETS,
+            registry=r,
+        )
+        self.released = Gauge(
+            f"{p}_released", "1 while the engine's memory is given back", registry=r
+        )
+        for outcome in ("ok", "noop", "timeout"):
+            self.releases.labels(outcome=outcome)
+        for outcome in ("ok", "rolled_back", "engine_dead", "swapped"):
+            self.wakes.labels(outcome=outcome)
 
     def set_version(self, version: str, path: str) -> None:
         self.weight_version.info({"version": version, "path": path})

@@ -21,11 +21,12 @@ from pydantic_settings import BaseSettings
 
 from pairloop.settings import service_config
 
-__all__ = ["DEFAULT_MODEL", "GeneratorSettings", "SwapMode"]
+__all__ = ["DEFAULT_MODEL", "GeneratorSettings", "ReleaseMode", "SwapMode"]
 
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 
 SwapMode = Literal["wait", "abort"]
+ReleaseMode = Literal["auto", "sleep", "shutdown"]
 
 
 class GeneratorSettings(BaseSettings):
@@ -75,6 +76,13 @@ class GeneratorSettings(BaseSettings):
         None, ge=1, description="most sequences decoded in one engine step (default: vLLM's)"
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica")
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM engines behind this one server, one per GPU group (GPUs = this x "
+        "tensor_parallel_size): requests are balanced over them, and a swap, release or wake "
+        "reaches every engine (vLLM sends utility calls to each)",
+    )
     cpu_threads: int = Field(
         0,
         ge=0,
@@ -115,6 +123,19 @@ class GeneratorSettings(BaseSettings):
         600.0,
         gt=0.0,
         description="how long a swap waits for in-flight requests before giving up (nothing changes)",
+    )
+
+    # --- time-shared placement (POST /admin/release, /admin/wake) ---------------------------
+    release_mode: ReleaseMode = Field(
+        "auto",
+        description="how /admin/release frees the engine's memory: sleep (vLLM sleep mode level "
+        "2: GPU memory freed, the process stays; CUDA/ROCm/XPU only), shutdown (the engine's "
+        "processes end; a wake builds it again), auto: sleep where vLLM supports it, else shutdown",
+    )
+    release_retry_after_s: int = Field(
+        60,
+        ge=1,
+        description="Retry-After (seconds) sent with the 503 of requests that arrive while released",
     )
 
     # --- serving ----------------------------------------------------------------------------

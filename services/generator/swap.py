@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,22 +73,27 @@ class WeightSwapper:
         self._pending: str | None = None
         metrics.set_version(gate.version, str(self.current_path))
 
-    async def swap(self, request: WeightSwapRequest) -> WeightSwapResponse:
+    @asynccontextmanager
+    async def operation(self, what: str) -> AsyncIterator[None]:
+        """One weight operation at a time (a swap, a release, a wake): a second gets 409."""
         if self._lock.locked():
             self.metrics.swaps.labels(outcome="conflict").inc()
-            raise ConflictError(
-                f"a weight swap to version {self._pending!r} is running; retry when it has finished"
-            )
+            raise ConflictError(f"{self._pending} is running; retry when it has finished")
         async with self._lock:
-            self._pending = request.version
+            self._pending = what
             self.metrics.swap_in_progress.set(1)
             try:
-                return await self._swap(request)
+                yield
             finally:
                 self._pending = None
                 self.metrics.swap_in_progress.set(0)
 
-    async def _swap(self, request: WeightSwapRequest) -> WeightSwapResponse:
+    async def swap(self, request: WeightSwapRequest) -> WeightSwapResponse:
+        async with self.operation(f"a weight swap to version {request.version!r}"):
+            return await self.swap_locked(request)
+
+    async def swap_locked(self, request: WeightSwapRequest) -> WeightSwapResponse:
+        """The swap itself; the caller holds `operation` (a wake of a serving engine calls it)."""
         started = time.perf_counter()
         dead = self.engine.dead_reason
         if dead is not None:
@@ -111,7 +118,7 @@ class WeightSwapper:
                 "give the new weights a new version",
                 param="version",
             )
-        await self._validate(path)
+        await self.validate(path)
 
         mode = request.mode or self.default_mode
         closed_at = time.perf_counter()
@@ -157,7 +164,7 @@ class WeightSwapper:
             requeued_requests=window.requeued_requests,
         )
 
-    async def _validate(self, path: Path) -> None:
+    async def validate(self, path: Path) -> None:
         """Refuse a checkpoint that cannot replace the running weights, before touching vLLM."""
         still = f"still serving version {self.gate.version!r}"
         try:
@@ -195,7 +202,7 @@ class WeightSwapper:
                 param="path",
             ) from None
         except EngineDeadError:
-            self._declare_dead(f"the engine died while loading {path}")
+            self.declare_dead(f"the engine died while loading {path}")
             raise
         # Prefix-cached KV blocks were computed by the old weights: they must not serve the new.
         await self.engine.reset_prefix_cache()
@@ -207,7 +214,7 @@ class WeightSwapper:
             await self.engine.reload_weights(self.current_path)
             await self.engine.reset_prefix_cache()
         except (ReloadError, EngineDeadError) as exc:
-            self._declare_dead(
+            self.declare_dead(
                 f"a failed reload ({reason}) could not be rolled back to {self.current_path} ({exc})"
             )
             raise EngineDeadError(
@@ -215,7 +222,7 @@ class WeightSwapper:
                 f"reloaded ({exc}); the engine is dead: restart the service"
             ) from None
 
-    def _declare_dead(self, reason: str) -> None:
+    def declare_dead(self, reason: str) -> None:
         log.critical("engine dead: %s", reason)
         self.engine.mark_dead(reason)
         self.metrics.swaps.labels(outcome="engine_dead").inc()

@@ -459,3 +459,22 @@ def test_orchestrator_image_runs_the_loop_up_to_the_services(
         extra, ["pairloop", "report", str(store / "runs" / "r1")], cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_time_shared_gpu_stack_gives_every_phase_all_8_gpus() -> None:
+    """The recipe runs `placement: time_shared`: generation on all 8 GPUs (one data-parallel
+    vLLM engine per GPU), training on the same 8 (the generator is released meanwhile)."""
+    services = compose_model(*GPU)["services"]
+    assert _run_config(services).placement == "time_shared"
+    generator, trainer = service_env(services["generator"]), service_env(services["trainer"])
+    eight = {str(i) for i in range(8)}
+    assert set(generator["CUDA_VISIBLE_DEVICES"].split(",")) == eight
+    assert set(trainer["CUDA_VISIBLE_DEVICES"].split(",")) == eight
+    assert int(generator["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"]) == 8
+    # The ranker stays resident on a GPU the generator uses: vLLM must leave it room.
+    ranker = service_env(services["ranker"])
+    assert set(ranker["CUDA_VISIBLE_DEVICES"].split(",")) <= eight
+    assert float(generator["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]) <= 0.79
+    # The CPU demo runs one engine.
+    cpu = service_env(compose_model(*CPU)["services"]["generator"])
+    assert cpu["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"] == "1"

@@ -31,8 +31,8 @@ from .helpers import (
     render,
 )
 
-KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/cpu-demo")
-OVERLAYS = ("overlays/gpu", "overlays/cpu-demo")
+KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/gpu-split", "overlays/cpu-demo")
+OVERLAYS = ("overlays/gpu", "overlays/gpu-split", "overlays/cpu-demo")
 # Container name -> the app whose routes its HTTP probes must hit.
 APPS = {"generator": "generator", "ranker": "ranker", "api": "orchestrator"}
 STORE = "/models"
@@ -292,7 +292,8 @@ def test_services_ports_and_run_config_agree(kustomization: str) -> None:
     wait = pod_spec(find(docs, "Job", "pairloop-run")[0])["initContainers"][0]["command"][2]
     for url in re.findall(r"http://[^\"']+", wait):
         parts = urlsplit(url)
-        assert parts.port == port_of(parts.hostname) and parts.path == "/ready"
+        # /v1/models: a time-shared generator answers it while released (/ready: 503).
+        assert parts.port == port_of(parts.hostname) and parts.path in ("/ready", "/v1/models")
 
 
 @pytest.mark.parametrize("kustomization", OVERLAYS, ids=_ids(OVERLAYS))
@@ -325,22 +326,69 @@ def test_one_model_store_at_one_path(kustomization: str) -> None:
     assert "exec pairloop run /config/run.yaml" in script
 
 
-def test_gpu_overlay_requests_gpus_and_scales_generators() -> None:
+def _gpu_limits(docs: tuple[dict, ...]) -> dict[str, int]:
+    """GPUs each workload holds: its containers' nvidia.com/gpu limits x its replicas."""
+    held = {}
+    for doc in _workloads(docs):
+        per_pod = sum(
+            int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+            for c in _containers(doc)
+        )
+        held[doc["metadata"]["name"]] = per_pod * int(doc["spec"].get("replicas", 1))
+    return held
+
+
+def test_time_shared_gpu_overlay_fits_one_8_gpu_node() -> None:
     docs = render("overlays/gpu")
-    for name in ("generator", "ranker", "trainer"):
-        c = pod_spec(find(docs, "Deployment", name)[0])["containers"][0]
-        assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
-    assert find(docs, "Deployment", "generator")[0]["spec"]["replicas"] > 1
+    held = _gpu_limits(docs)
+    # The GPU limits of all pods sum to the node's 8 (the trainer pod holds them).
+    assert sum(held.values()) <= 8 and held["trainer"] == 8, held
+    gen = pod_spec(find(docs, "Deployment", "generator")[0])
+    env = container_env(gen["containers"][0])
+    # Generation uses every GPU: one data-parallel engine per GPU of the node.
+    assert env["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"]["value"] == "8"
+    assert float(env["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]["value"]) <= 0.79
+    for name in ("generator", "ranker"):
+        spec = pod_spec(find(docs, "Deployment", name)[0])
+        assert container_env(spec["containers"][0])["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
+        (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": "trainer"}
+    # A released generator (/ready 503) stays listed: the run finds it and wakes it.
+    (headless,) = find(docs, "Service", "generator-headless")
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    wait = pod_spec(find(docs, "Job", "pairloop-run")[0])["initContainers"][0]["command"][2]
+    assert "http://generator-headless:8000/v1/models" in wait
+    assert ("GET", "/v1/models") in app_routes("generator")
     (pvc,) = [
         p for p in find(docs, "PersistentVolumeClaim") if p["metadata"]["name"] == "model-store"
     ]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     cfg = _run_config(docs)
+    assert cfg.placement == "time_shared"
     recipe = load_run_config(REPO / "configs" / "snorkel-mistral-pairrm.yaml")
     exclude = {"services", "run_id"}
     assert cfg.model_dump(exclude=exclude) == recipe.model_dump(exclude=exclude), (
         "k8s/overlays/gpu/run-config.yaml drifted from configs/snorkel-mistral-pairrm.yaml"
     )
+
+
+def test_gpu_split_overlay_fits_a_generation_node_and_a_training_node() -> None:
+    docs = render("overlays/gpu-split")
+    held = _gpu_limits(docs)
+    pools: dict[str, int] = {}
+    for doc in _workloads(docs):
+        if held[doc["metadata"]["name"]]:
+            pool = pod_spec(doc)["nodeSelector"]["pairloop.dev/pool"]
+            pools[pool] = pools.get(pool, 0) + held[doc["metadata"]["name"]]
+    assert pools == {"generation": 8, "training": 8}, pools
+    gen = container_env(pod_spec(find(docs, "Deployment", "generator")[0])["containers"][0])
+    assert int(gen["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"]["value"]) == held["generator"]
+    cfg = _run_config(docs)
+    assert cfg.placement == "dedicated"
+    recipe = load_run_config(REPO / "configs" / "snorkel-mistral-pairrm.yaml")
+    exclude = {"services", "run_id", "placement"}
+    assert cfg.model_dump(exclude=exclude) == recipe.model_dump(exclude=exclude)
 
 
 def test_cpu_demo_overlay_needs_no_gpu_and_runs_the_demo_recipe() -> None:
@@ -376,7 +424,7 @@ def test_cpu_demo_overlay_needs_no_gpu_and_runs_the_demo_recipe() -> None:
 def test_images_are_the_ones_compose_builds(kustomization: str) -> None:
     files = (
         ("docker-compose.yml",)
-        if kustomization.endswith("gpu")
+        if kustomization.startswith("overlays/gpu")
         else ("docker-compose.yml", "docker-compose.cpu.yml")
     )
     built = {svc["image"] for svc in compose_model(*files)["services"].values() if "build" in svc}

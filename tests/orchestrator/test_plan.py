@@ -137,3 +137,75 @@ def test_run_with_gpus_checks_the_plan_before_any_work(
     assert main(["run", str(config), "--gpus", "8", "--gpu-memory", "80"]) == 2
     assert "cannot fit these GPUs" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# --- the plan by phase (time-shared placement) ---------------------------------------------------
+
+
+def test_time_shared_recipe_uses_every_gpu_in_every_phase_and_beats_dedicated() -> None:
+    from orchestrator.phases import Throughput, plan_phases
+
+    cfg = load_run_config(RECIPE)
+    assert cfg.placement == "time_shared"
+    memory = plan_run(cfg, gpus=8, gpu_memory_gib=80)
+    shared = plan_phases(cfg, memory)
+    assert [p.phase for p in shared.phases] == ["generation", "ranking", "training", "evaluation"]
+    assert all(p.gpus == list(range(8)) and p.fits for p in shared.phases)
+    assert shared.idle_gpus == {}
+    # Training's memory is the trainer estimate, plus what stays resident: the sleeping
+    # generator's context and the ranker's weights.
+    training = shared.phases[2]
+    trainer = next(s for s in memory.stages if s.stage.startswith("trainer"))
+    assert training.bytes_per_gpu > trainer.total
+    assert training.parts["generator asleep (CUDA context)"] > 0
+    # The figures: 100,000 samples x 400 tokens at 8,000 tokens/s per GPU, 400,000
+    # PairRM passes at 185/s per GPU, each divided over the 8 GPUs.
+    assert shared.phases[0].seconds == pytest.approx(100_000 * 400 / (8000 * 8))
+    assert shared.phases[1].seconds == pytest.approx(400_000 / (185 * 8))
+    # The generator's reservation leaves the ranker its largest batch on the shared GPUs.
+    assert 0.5 < shared.generator_memory_utilization < 0.9
+
+    dedicated = plan_phases(cfg, memory, placement="dedicated")
+    assert dedicated.phases[0].gpus == [0] and dedicated.phases[2].gpus == list(range(1, 8))
+    assert dedicated.idle_gpus["generation"] == list(range(1, 8))
+    # On paper: ~8 h with generation and ranking on one GPU against ~2 h time-shared.
+    assert dedicated.total_seconds > 3 * shared.total_seconds
+    assert shared.total_seconds == pytest.approx(
+        3 * (sum(p.seconds for p in shared.phases) + 5 + 60)
+    )
+
+    # Every assumption is an input: twice the generation speed halves generation's time.
+    faster = plan_phases(cfg, memory, throughput=Throughput(generation_tokens_per_s=16000))
+    assert faster.phases[0].seconds == pytest.approx(shared.phases[0].seconds / 2)
+
+
+def test_cli_plan_json_prints_phases_gpus_bytes_and_wall_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["plan", str(RECIPE), "--gpus", "8", "--gpu-memory", "80", "--json"]
+    assert main(args) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["placement"] == "time_shared" and plan["fits"]
+    phases = {p["phase"]: p for p in plan["phases"]}
+    assert set(phases) == {"generation", "ranking", "training", "evaluation"}
+    for phase in phases.values():
+        assert phase["gpu_count"] == 8 and phase["bytes_per_gpu"] > GIB
+        assert phase["seconds_per_iteration"] > 0
+    assert plan["total_seconds"] == pytest.approx(3 * plan["seconds_per_iteration"], rel=1e-3)
+    assert plan["assumptions"]["generation_tokens_per_s"] == 8000.0
+    assert plan["stages"][-1]["stage"].startswith("trainer")
+
+    # An override is taken, the text form says the same, and a phase that cannot fit exits 2.
+    assert main([*args, "--training-tokens-per-s", "1250"]) == 0
+    slower = json.loads(capsys.readouterr().out)
+    training = {p["phase"]: p for p in slower["phases"]}["training"]
+    assert training["seconds_per_iteration"] == pytest.approx(
+        2 * phases["training"]["seconds_per_iteration"], rel=1e-3
+    )
+    assert main(["plan", str(RECIPE), "--gpus", "8", "--gpu-memory", "80"]) == 0
+    text = capsys.readouterr().out
+    assert "time_shared placement" in text and "estimated wall time" in text
+    assert f"{plan['total_seconds'] / 3600:.2f} h for 3 iterations" in text
+    assert main(["plan", str(RECIPE), "--gpus", "8", "--gpu-memory", "24", "--json"]) == 2
+    small = json.loads(capsys.readouterr().out)
+    assert not small["fits"] and any("phase needs" in p for p in small["problems"])

@@ -16,7 +16,7 @@ from pairloop.contracts.generator import (
 )
 from pairloop.http import error_responses
 from services.generator import serving
-from services.generator.deps import RuntimeDep, SettingsDep
+from services.generator.deps import AnyStateRuntimeDep, RuntimeDep, SettingsDep
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -24,13 +24,15 @@ _ERRORS = error_responses(400, 404, 413, 503)
 
 
 @router.get("/models", response_model=ModelList, responses=error_responses(503))
-async def list_models(runtime: RuntimeDep, settings: SettingsDep) -> Response:
+async def list_models(runtime: AnyStateRuntimeDep, settings: SettingsDep) -> Response:
+    """The served model; `state` says whether it serves or is released (time-shared placement)."""
     card = ModelCard(
         id=settings.model_name,
         root=settings.model,
         weight_version=runtime.gate.version,
         dtype=runtime.engine.dtype,
         max_model_len=runtime.engine.max_model_len,
+        state=runtime.state,
     )
     return JSONResponse(
         ModelList(data=[card]).model_dump(mode="json"),

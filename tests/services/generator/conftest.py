@@ -129,11 +129,11 @@ def service_env(scratch: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def generator(
-    model_store: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GeneratorService]:
-    scratch = tmp_path_factory.mktemp("generator-service")
+def launch_generator(
+    model_store: Path, scratch: Path, *, extra_args: tuple[str, ...] = ()
+) -> GeneratorService:
+    """Start `python -m services.generator` over `model_store` serving seed0; ready on return.
+    The caller stops `service.process`."""
     port = free_port()
     argv = [
         sys.executable, "-m", "services.generator",
@@ -155,6 +155,7 @@ def generator(
         "--max-body-bytes", str(MAX_BODY_BYTES),
         "--swap-drain-timeout-s", "120",
         "--no-access-log",
+        *extra_args,
     ]  # fmt: skip
     proc = ManagedProcess(
         "generator", argv, log_path=scratch / "generator.log", env=service_env(scratch)
@@ -170,9 +171,21 @@ def generator(
     proc.start()
     try:
         _watch_startup(service)
+    except BaseException:
+        proc.stop()
+        raise
+    return service
+
+
+@pytest.fixture(scope="session")
+def generator(
+    model_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GeneratorService]:
+    service = launch_generator(model_store, tmp_path_factory.mktemp("generator-service"))
+    try:
         yield service
     finally:
-        proc.stop()
+        service.process.stop()
 
 
 def _watch_startup(service: GeneratorService) -> None:

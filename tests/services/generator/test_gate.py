@@ -122,3 +122,34 @@ async def test_a_second_exclusive_holder_is_refused() -> None:
         with pytest.raises(RuntimeError):
             async with gate.exclusive(abort=None, drain_timeout=1):
                 pass
+
+
+async def test_a_release_refuses_requests_waiting_behind_it_until_the_wake() -> None:
+    """Requests that waited at the gate while the engine was being released get the release's
+    503 when the gate reopens, never a run on an engine that is gone; the wake admits them."""
+    from pairloop.errors import EngineReleasedError
+
+    gate = SwapGate("v0")
+    held = await gate.acquire(restartable=False)
+    released = asyncio.Event()
+
+    async def release() -> None:
+        async with gate.exclusive(abort=None, drain_timeout=5):
+            gate.refuse(lambda: EngineReleasedError("released", retry_after=60))
+        released.set()
+
+    releasing = asyncio.create_task(release())
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(gate.acquire(restartable=True))
+    await asyncio.sleep(0)
+    assert gate.closed and gate.waiting == 1
+    gate.release(held)
+    await asyncio.wait_for(releasing, 5)
+    with pytest.raises(EngineReleasedError) as refused:
+        await asyncio.wait_for(waiter, 5)
+    assert refused.value.retry_after == 60 and gate.active == 0
+    with pytest.raises(EngineReleasedError):
+        await gate.acquire(restartable=True)
+    gate.admit()
+    lease = await gate.acquire(restartable=True)
+    assert lease.version == "v0"
