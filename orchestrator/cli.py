@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from orchestrator.manifest import Manifest
     from orchestrator.plan import Plan
 
 app = typer.Typer(
@@ -64,7 +65,10 @@ def _one_line(text: str) -> str:
 
 
 def _resume_command(run_dir: Path, *, local: bool) -> str:
-    return f"pairloop resume {run_dir}{' --local' if local else ''}"
+    from orchestrator.run_state import resume_command
+
+    # A run started on a local stack is resumed with --local, whatever this command was given.
+    return resume_command(run_dir, local=True if local else None)
 
 
 @contextlib.contextmanager
@@ -243,8 +247,26 @@ def resume(
     ] = False,
 ) -> None:
     """Continue a run: finished stages and shards are not redone."""
+    from orchestrator.manifest import load_manifest
+    from orchestrator.run_state import executing
+
     if not (run_dir / "manifest.json").is_file():
         raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
+    m = load_manifest(run_dir)
+    if m.status == "completed":
+        # Nothing to do, and nothing to touch: no service is reached, the manifest stays as it is.
+        console.print(
+            f"run {m.run_id} is complete ({len(m.stages)} stages done); nothing to resume. "
+            f"Report: {run_dir / 'report' / 'report.md'}",
+            highlight=False,
+        )
+        return
+    if executing(run_dir):
+        raise _fail(
+            f"run {run_dir} is being executed by another process; `pairloop status {run_dir}` "
+            f"shows its progress, `pairloop cancel {run_dir}` stops it",
+            2,
+        )
     (run_dir / "CANCEL").unlink(missing_ok=True)
     if not local and (run_dir / "local" / "stack.json").is_file():
         console.print(
@@ -264,36 +286,128 @@ def execute(
     _execute(run_dir.resolve())
 
 
+def _when(epoch: float | None) -> str:
+    """A local ISO time and how long ago, e.g. `2026-12-02 11:40:03 (3 min ago)`."""
+    import time
+
+    if epoch is None:
+        return "-"
+    ago = max(0.0, time.time() - epoch)
+    span = (
+        f"{ago:.0f} s"
+        if ago < 90
+        else f"{ago / 60:.0f} min"
+        if ago < 5400
+        else f"{ago / 3600:.1f} h"
+        if ago < 172800
+        else f"{ago / 86400:.0f} days"
+    )
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(epoch))} ({span} ago)"
+
+
+def _latest_win_rates(m: Manifest) -> str:
+    from orchestrator.report import iteration_rows
+
+    for r in reversed(iteration_rows(m)):
+        if r.get("win_rate_vs_base") is not None:
+            parts = [f"policy {r['iteration']}: {r['win_rate_vs_base']:.3f} vs base"]
+            if r.get("lc_win_rate_vs_base") is not None:
+                parts.append(f"LC {r['lc_win_rate_vs_base']:.3f}")
+            if r.get("win_rate_vs_previous") is not None:
+                parts.append(f"{r['win_rate_vs_previous']:.3f} vs previous")
+            return ", ".join(parts)
+    return "-"
+
+
+def _running_stage(run_dir: Path, m: Manifest, shard_size: int) -> str:
+    from orchestrator.run_state import stage_progress
+
+    for name, st in m.stages.items():
+        if st.state == "running":
+            progress = stage_progress(run_dir, name, m, shard_size=shard_size)
+            return f"{name} ({progress})" if progress else name
+    return "-"
+
+
+def _shard_size(run_dir: Path) -> int:
+    import yaml
+
+    try:
+        frozen = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        return int(frozen.get("shard_size") or 64)
+    except (OSError, ValueError, yaml.YAMLError):
+        return 64
+
+
 @app.command()
 def status(
     run_dir: Annotated[
         Path | None, typer.Argument(help="A run directory; omit to list runs.")
     ] = None,
-    runs_root: Annotated[Path, typer.Option(help="Where to list runs.")] = Path("runs"),
+    runs_root: Annotated[
+        Path, typer.Option(help="Where to list runs (a run config's MODEL_STORE/runs).")
+    ] = Path("runs"),
 ) -> None:
-    """Show one run's stages, or list the runs under --runs-root."""
+    """Show one run's stages and progress, or list the runs under --runs-root."""
     from orchestrator.manifest import load_manifest
+    from orchestrator.run_state import executing
 
     if run_dir is None:
+        if not runs_root.is_dir():
+            raise _fail(
+                f"{runs_root} is not a directory; runs live under their config's "
+                "MODEL_STORE/runs (`pairloop status --runs-root MODEL_STORE/runs`)",
+                2,
+            )
         table = Table(title=f"runs under {runs_root}")
-        for col in ("run", "status", "stages done", "updated"):
+        for col in ("run", "status", "stages done", "running", "latest win rate", "updated"):
             table.add_column(col)
         for path in sorted(runs_root.glob("*/manifest.json")):
             m = load_manifest(path.parent)
             done = sum(1 for s in m.stages.values() if s.state == "done")
-            table.add_row(m.run_id, m.status, f"{done}/{len(m.stages)}", f"{m.updated_at:.0f}")
-        console.print(table)
+            table.add_row(
+                m.run_id,
+                _status_word(path.parent, m.status),
+                f"{done}/{len(m.stages)}",
+                _running_stage(path.parent, m, _shard_size(path.parent)),
+                _latest_win_rates(m),
+                _when(m.updated_at),
+            )
+        out = console if console.is_terminal else Console(width=max(console.width, 160))
+        out.print(table)
         return
     try:
         m = load_manifest(run_dir)
     except FileNotFoundError:
         raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2) from None
-    table = Table(title=f"run {m.run_id}: {m.status}" + (f" ({m.error})" if m.error else ""))
-    for col in ("stage", "state", "seconds", "attempts", "error"):
+    from orchestrator.run_state import stage_progress
+
+    word = _status_word(run_dir, m.status)
+    table = Table(title=f"run {m.run_id}: {word}" + (f" ({m.error})" if m.error else ""))
+    for col in ("stage", "state", "progress", "started", "seconds", "attempts", "error"):
         table.add_column(col)
+    shard_size = _shard_size(run_dir)
     for name, st in m.stages.items():
-        table.add_row(name, st.state, f"{st.seconds:.1f}", str(st.attempts), st.error or "")
-    console.print(table)
+        progress = (
+            stage_progress(run_dir, name, m, shard_size=shard_size) if st.state != "done" else ""
+        )
+        table.add_row(
+            name,
+            st.state,
+            progress,
+            _when(st.started_at),
+            f"{st.seconds:.1f}",
+            str(st.attempts),
+            st.error or "",
+        )
+    out = console if console.is_terminal else Console(width=max(console.width, 160))
+    out.print(table)
+    console.print(
+        f"updated {_when(m.updated_at)}; "
+        + ("a process is executing it" if executing(run_dir) else "no process is executing it"),
+        highlight=False,
+    )
+    console.print(f"latest win rates: {_latest_win_rates(m)}", highlight=False)
     from orchestrator.admission import admission_summary
 
     setup = m.stages.get("setup")
@@ -302,6 +416,15 @@ def status(
     failed = sum(int(st.metrics.get("failed_prompts", 0)) for st in m.stages.values())
     if failed:
         console.print(f"prompts the generator could not answer: {failed}", highlight=False)
+
+
+def _status_word(run_dir: Path, recorded: str) -> str:
+    """The recorded status, corrected when it says running and no process is (a `kill -9`)."""
+    from orchestrator.run_state import executing
+
+    if recorded == "running" and not executing(run_dir):
+        return "stopped (recorded as running; no process is executing it: resume continues it)"
+    return recorded
 
 
 @app.command()
@@ -320,10 +443,24 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 @app.command()
 def cancel(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Ask the process executing RUN_DIR to stop at its next safe point."""
+    from orchestrator.manifest import load_manifest
+    from orchestrator.run_state import executing, resume_command
+
     if not (run_dir / "manifest.json").is_file():
         raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
+    m = load_manifest(run_dir)
+    # A run created by the status API and not yet started takes the cancel when it starts.
+    if not executing(run_dir) and m.status != "created":
+        after = (
+            "" if m.status == "completed" else f"; `{resume_command(run_dir)}` would continue it"
+        )
+        raise _fail(
+            f"no process is executing {run_dir} (status: {m.status}): nothing to cancel, "
+            f"nothing written{after}",
+            1,
+        )
     (run_dir / "CANCEL").write_text("cancel requested\n")
-    console.print(f"cancel requested for {run_dir}")
+    console.print(f"cancel requested for {run_dir}: it stops at its next safe point")
 
 
 @app.command()

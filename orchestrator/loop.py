@@ -36,6 +36,7 @@ from orchestrator.config import ServicesConfig
 from orchestrator.context import RunCancelledError, RunContext, make_progress
 from orchestrator.manifest import Manifest
 from orchestrator.report import write_report
+from orchestrator.run_state import resume_command
 from orchestrator.runs import RunLockedError, create_run, load_run, run_lock
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.stages import evaluate, generate, pairs, rank, report, swap, train
@@ -161,18 +162,25 @@ async def execute_run(
             make_generator=make_generator,
             judge_client=judge,
         )
+        before = manifest.status, manifest.error
         manifest.status, manifest.error = "running", None
         ctx.save()
+        checked = False
         try:
             await ctx.refresh_generators()
             await _preflight(ctx)
+            checked = True
             await _run_stages(ctx)
         except BaseException as raw:
             ctx.stopping.set()  # a training wait in its thread returns now
             exc = _first_error(raw)
-            if _interrupted(exc):
+            if not checked and before[0] not in ("created", "running"):
+                # Nothing ran: a resume that could not reach the services leaves the run's record
+                # as it was (a finished stage list must not turn into "failed" for a dead address).
+                manifest.status, manifest.error = before
+            elif _interrupted(exc):
                 manifest.status = "interrupted"
-                manifest.error = f"interrupted; `pairloop resume {run_path}` continues it"
+                manifest.error = f"interrupted; `{resume_command(run_path)}` continues it"
             else:
                 cancelled = isinstance(exc, (RunCancelledError, InterruptedError))
                 manifest.status = "cancelled" if cancelled else "failed"

@@ -24,6 +24,7 @@ from orchestrator.prompts import (
     load_prompt_source,
     write_prompts,
 )
+from orchestrator.run_state import resume_command
 from pairloop.atomic import atomic_write_text
 
 __all__ = ["FROZEN_CONFIG", "RunLockedError", "create_run", "load_run", "run_lock"]
@@ -73,7 +74,7 @@ def create_run(
     cfg = cfg.model_copy(update={"run_id": rid})
     run_dir = Path(cfg.model_store) / "runs" / rid
     if (run_dir / MANIFEST_NAME).exists():
-        raise ConfigError(f"run {rid} already exists at {run_dir}; use `pairloop resume {run_dir}`")
+        raise ConfigError(f"run {rid} already exists at {run_dir}; use `{resume_command(run_dir)}`")
     for name, prompts in slices.items():
         write_prompts(run_dir / "prompts" / f"{name}.jsonl", prompts)
     write_prompts(run_dir / "prompts" / "skipped.jsonl", skipped)

@@ -40,6 +40,15 @@ async def run_training_job(ctx: RunContext, k: int) -> TrainResult:
     def on_progress(p: TrainProgress) -> None:
         if p.step != last_step[0]:  # one event per new training step seen, not per poll
             last_step[0] = p.step
+            # `pairloop status` reads the step from the manifest (the stage's final metrics
+            # replace this record when it finishes).
+            ctx.manifest.stage(f"iter{k}.train").metrics["progress"] = {
+                "phase": p.phase,
+                "step": p.step,
+                "total_steps": p.total_steps,
+                "loss": p.loss,
+            }
+            ctx.save()
             ctx.checkpoint_event(f"iter{k}.train")
         ctx.progress.update(
             task,
