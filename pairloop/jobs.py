@@ -15,9 +15,9 @@ the trainer.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "TRAIN_QUEUE",
@@ -88,6 +88,12 @@ class DPOHyperparameters(BaseModel):
     )
     seed: int = 42
     logging_steps: int = Field(1, ge=1)
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers, as TRL's report_to: tensorboard (event files under "
+        "the run directory, offline), wandb (needs `wandb` installed and WANDB_* set on the "
+        'trainer); "none" or [] for no tracking',
+    )
     save_steps: int = Field(
         50, ge=1, description="trainer checkpoint interval: resume point after a crash"
     )
@@ -96,6 +102,14 @@ class DPOHyperparameters(BaseModel):
         description="one reference forward pass over the dataset before training, then the "
         "reference model is freed: less memory and no reference forward in the step",
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        # TRL's spellings: a string or a list, "none" for nothing.
+        if value is None or value == "none" or value == ["none"]:
+            return []
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _lengths(self) -> DPOHyperparameters:
@@ -153,6 +167,16 @@ class TrainJob(BaseModel):
     )
     split: str | None = Field(None, description="default: train_iteration_{iteration}")
     output_path: str = Field(min_length=1, description="where the new full weights are published")
+    eval_split: str | None = Field(
+        None,
+        description="a split of the dataset evaluated after training (eval loss, reward "
+        "accuracy and margin, as TRL's evaluate); None: no evaluation",
+    )
+    logging_dir: str | None = Field(
+        None,
+        description="where TensorBoard event files go, inside the model store; None: the job's "
+        "work directory on the trainer",
+    )
     hyperparameters: DPOHyperparameters = Field(default_factory=DPOHyperparameters)
     lora: LoraSettings | None = None
 

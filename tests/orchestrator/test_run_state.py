@@ -32,7 +32,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _snapshot(run_dir: Path) -> dict[str, bytes]:
     return {
-        str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
     }
 
 
