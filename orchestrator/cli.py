@@ -164,13 +164,14 @@ def _check_plan(
     gpu_memory: float,
     model_config: Path | None,
     strategy: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> None:
     """Fail (exit 2) before any work when a stage cannot fit the GPUs."""
     from orchestrator.config import ConfigError, load_run_config
     from orchestrator.plan import PlanError, load_shape, plan_run
 
     try:
-        cfg = load_run_config(config)
+        cfg = load_run_config(config, overrides)
         shape, source = load_shape(cfg.base_model, model_config)
     except (ConfigError, PlanError) as exc:
         raise _fail(str(exc), 2) from None
@@ -227,14 +228,23 @@ def run(
             "run, and stop them.",
         ),
     ] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="FIELD=VALUE",
+            help="Override a config field (repeatable), e.g. --set dpo.beta=0.05 --set "
+            "iterations=2; validated as the file is, recorded in the run's config.yaml.",
+        ),
+    ] = None,
 ) -> None:
     """Create a run from CONFIG and execute it."""
     from orchestrator.runs import create_run
 
     if gpus is not None:
-        _check_plan(config, gpus, gpu_memory, None)
+        _check_plan(config, gpus, gpu_memory, None, overrides=overrides or ())
     with _errors_as_messages(None):
-        run_dir = create_run(config, run_id=run_id)
+        run_dir = create_run(config, run_id=run_id, overrides=overrides or ())
     _execute(run_dir, local=local)
 
 

@@ -11,8 +11,10 @@ admin token) never live here: they come from the orchestrator's settings (enviro
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +39,7 @@ __all__ = [
     "RunConfig",
     "SamplingConfig",
     "ServicesConfig",
+    "apply_overrides",
     "check_paths",
     "load_run_config",
 ]
@@ -350,8 +353,36 @@ def _absolutise(cfg: RunConfig, base_dir: Path) -> RunConfig:
     )
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run config; raise ConfigError naming each bad field."""
+def apply_overrides(raw: dict[str, object], overrides: Sequence[str]) -> dict[str, object]:
+    """`raw` with each `dotted.field=VALUE` set (VALUE read as YAML: 0.05, true, [a, b], none).
+
+    Like TRL's `--learning_rate 1e-6` on its script's command line; what comes out is validated
+    as the file is, so a misspelt field or a bad value is named in the error.
+    """
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        field, sep, text = item.partition("=")
+        if not sep or not field.strip():
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set dpo.beta=0.05")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+        parts = field.strip().split(".")
+        node: dict[str, object] = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {item!r}: {where} is not a section of fields")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read and validate a YAML run config (with `--set` overrides); raise ConfigError naming
+    each bad field."""
     file = Path(path)
     try:
         raw = yaml.safe_load(file.read_text())
@@ -361,13 +392,15 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"run config {file} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"run config {file} must be a YAML mapping of fields")
+    raw = apply_overrides(raw, overrides)
     try:
         cfg = RunConfig.model_validate(raw)
     except pydantic.ValidationError as exc:
+        with_set = f" with --set {' '.join(overrides)}" if overrides else ""
         raise ConfigError(
             describe_validation_error(
                 exc,
-                title=f"invalid run config {file}",
+                title=f"invalid run config {file}{with_set}",
                 unknown_field_hint="check the spelling; see configs/*.yaml for the schema",
             )
         ) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
@@ -37,7 +37,11 @@ class RunLockedError(RuntimeError):
 
 
 def create_run(
-    config_path: str | Path, *, run_id: str | None = None, meter: PromptMeter | None = None
+    config_path: str | Path,
+    *,
+    run_id: str | None = None,
+    meter: PromptMeter | None = None,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """Validate the config and its inputs, admit the prompts, then create the run directory (no
     service is touched).
@@ -47,7 +51,7 @@ def create_run(
     counted in the setup stage's metrics. Raises ConfigError for anything wrong with the config or
     a pool too small, before a single file is written.
     """
-    cfg = load_run_config(config_path)
+    cfg = load_run_config(config_path, overrides)
     if run_id is not None:
         cfg = RunConfig.model_validate({**cfg.model_dump(), "run_id": run_id})
     check_paths(cfg)
@@ -88,6 +92,7 @@ def create_run(
         **{name: len(p) for name, p in slices.items()},
         "prompts": admission.metrics(),
         "eval_source": eval_source.source if eval_source else "held out of prompts.source",
+        "config_overrides": list(overrides),
         "training_prompts_removed_as_eval": excluded,
         "eval_instructions_in_training": len(training)
         - len(exclude_instructions(training, slices["eval"])[0]),
