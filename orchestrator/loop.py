@@ -88,11 +88,25 @@ async def _run_stages(ctx: RunContext) -> None:
 
 async def _preflight(ctx: RunContext) -> None:
     """Every service answers before any stage runs (each call retried with backoff)."""
-    for client in [*ctx.generators, ctx.ranker, *([ctx.judge_client] if ctx.judge_client else [])]:
+    for client in ctx.generators:
         await client.request("GET", "/ready")
+    for ranker in [ctx.ranker, *([ctx.judge_client] if ctx.judge_client else [])]:
+        ready = (await ranker.request("GET", "/ready")).json()
+        ctx.ranker_labels[ranker.base_url] = ranker_label(ready)
     await asyncio.to_thread(
         ctx.trainer.ping_broker, should_stop=ctx.stopping.is_set
     )  # Redis: waited for up to services.broker_outage_s
+
+
+def ranker_label(ready: object) -> str:
+    """`PairRM llm-blender/PairRM`, `scorer plain_prose`: a ranker's /ready reply as a name."""
+    if not isinstance(ready, dict) or not ready.get("backend"):
+        return "ranker (kind not reported)"
+    backend, model = str(ready["backend"]), str(ready.get("model", ""))
+    kind = {"pairrm": "PairRM", "reward-model": "reward model"}.get(backend, backend)
+    if backend == "scorer":
+        model = model.rsplit(":", 1)[-1]  # package.module:function -> the function's name
+    return f"{kind} {model}".strip()
 
 
 def _interrupted(exc: BaseException) -> bool:

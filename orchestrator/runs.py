@@ -51,6 +51,7 @@ def create_run(
     counted in the setup stage's metrics. Raises ConfigError for anything wrong with the config or
     a pool too small, before a single file is written.
     """
+    started = time.time()
     cfg = load_run_config(config_path, overrides)
     if run_id is not None:
         cfg = RunConfig.model_validate({**cfg.model_dump(), "run_id": run_id})
@@ -98,6 +99,9 @@ def create_run(
         - len(exclude_instructions(training, slices["eval"])[0]),
     }
     manifest.stage("setup").artifacts = {"skipped_prompts": "prompts/skipped.jsonl"}
+    # Prompt admission's wall time (the tokenizer pass over the pool), for the report's time plot.
+    manifest.stage("setup").started_at = started
+    manifest.stage("setup").seconds = time.time() - started
     manifest.save(run_dir)
     return run_dir
 

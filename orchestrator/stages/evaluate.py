@@ -148,7 +148,7 @@ async def _compare(
         probs=probs,
         generator=generator,
         reference_generator=reference,
-        judge=ctx.judge.base_url,
+        judge=ctx.judge_label,
     )
     atomic_write_json(path, annotated)
     return win_rate(annotated, glm=_lc_glm(ctx)).as_dict()
@@ -192,7 +192,7 @@ async def evaluate_policy(ctx: RunContext, k: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "mean_length": _mean_length(outputs),
         "eval_prompts": len(outputs),
-        "judge": ctx.judge.base_url,
+        "judge": ctx.judge_label,
         "judge_is_run_ranker": ctx.judge is ctx.ranker,
     }
     base = eval_outputs(ctx, 0)
@@ -219,7 +219,7 @@ async def run_base(ctx: RunContext) -> dict[str, Any]:
     return {
         "mean_length": _mean_length(outputs),
         "eval_prompts": len(outputs),
-        "judge": ctx.judge.base_url,
+        "judge": ctx.judge_label,
         "judge_is_run_ranker": ctx.judge is ctx.ranker,
         "best_of": await _best_of_rows(ctx, 0, outputs),
     }
