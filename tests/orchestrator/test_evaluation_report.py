@@ -105,4 +105,6 @@ def test_report_has_tables_best_of_rows_judge_and_plots(tmp_path: Path) -> None:
     ):
         assert (tmp_path / "report" / png).stat().st_size > 1000
     own = judge_line(_manifest(judge_is_run_ranker=True))
-    assert own.startswith("PairRM llm-blender/PairRM, the run's own ranker") and "self-judged" in own
+    assert (
+        own.startswith("PairRM llm-blender/PairRM, the run's own ranker") and "self-judged" in own
+    )
