@@ -38,6 +38,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: flags read as flags (`--local`), where rich help shows `--local <bool>`.
+    rich_markup_mode=None,
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -150,12 +152,21 @@ def _print_plan(plan: Plan) -> None:
         )
     out = console if console.is_terminal else Console(width=max(console.width, 120))
     out.print(table)
-    console.print(f"model: {plan.parameters / 1e9:.2f}B parameters ({plan.shape_source})")
+    console.print(f"model: {_count(plan.parameters)} parameters ({plan.shape_source})")
     accumulation = plan.gradient_accumulation_steps
+    gpus = f"{plan.gpus} GPU{'s' if plan.gpus != 1 else ''}"
     console.print(
         f"trainer: strategy {plan.strategy}, global batch {plan.global_batch_size}, gradient "
-        f"accumulation {accumulation if accumulation is not None else '-'} on {plan.gpus} GPUs"
+        f"accumulation {accumulation if accumulation is not None else '-'} on {gpus}"
     )
+
+
+def _count(n: float) -> str:
+    """7.24B, 85.1M, 203.6K: a parameter count at the scale it has (a tiny model is not 0.00B)."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}" if n < 100 * size else f"{n / size:.0f}{unit}"
+    return f"{n:.0f}"
 
 
 def _check_plan(
@@ -508,12 +519,40 @@ def demo(
         )
 
 
-@app.command()
+def _api_help() -> str:
+    """`api --help`: what it serves, and the environment variables it reads (from its settings)."""
+    from orchestrator.settings import OrchestratorSettings
+
+    prefix = OrchestratorSettings.model_config.get("env_prefix", "")
+    lines = [
+        "Serve the status API (runs: list, show, start, cancel) and best-of-n chat completions.",
+        "",
+        "\b",
+        "Environment (default in brackets):",
+    ]
+    for name, spec in OrchestratorSettings.model_fields.items():
+        if name == "fault_kill_after":  # a test and drill hook, not a deployment setting
+            continue
+        default = "" if spec.default is None else f" [{spec.default}]"
+        lines.append(f"  {prefix}{name.upper()}{default}: {spec.description or name}")
+    lines.append(
+        "  PAIRLOOP_REDIS_URL [redis://127.0.0.1:6379/0]: the trainer's Celery broker (runs "
+        "started here)"
+    )
+    return "\n".join(lines)
+
+
+@app.command(help=_api_help())
 def api(
-    host: Annotated[str | None, typer.Option(help="Bind address (default from settings).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default from settings).")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Bind address (default: PAIRLOOP_ORCHESTRATOR_HOST, else 127.0.0.1)."),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port (default: PAIRLOOP_ORCHESTRATOR_PORT, else 8080)."),
+    ] = None,
 ) -> None:
-    """Serve the status API (runs: list, show, start, cancel) and best-of-n chat completions."""
     import uvicorn
 
     from orchestrator.api.app import create_app
