@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -42,10 +43,18 @@ __all__ = [
     "apply_overrides",
     "check_paths",
     "load_run_config",
+    "looks_like_hub_id",
 ]
 
 
 _LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
+HUB_DIR = "hub"  # MODEL_STORE/hub/ORG/NAME: base models named by their hub id
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """`org/name`: one slash, no leading `.` or `/`, no `..` (a relative folder has other forms)."""
+    return bool(_HUB_ID.match(value)) and ".." not in value
 
 
 class ConfigError(ValueError):
@@ -295,7 +304,10 @@ class RunConfig(_Strict):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="default: config name + timestamp",
     )
-    base_model: str = Field(description="base policy directory, inside model_store")
+    base_model: str = Field(
+        description="base policy: a directory inside model_store, or a hub id (org/name), "
+        "downloaded into MODEL_STORE/hub/org/name when the run is created"
+    )
     model_store: str = Field(description="the store shared with generator and trainer")
     iterations: int = Field(3, ge=1, le=100)
     samples_per_prompt: int = Field(5, ge=2)
@@ -332,7 +344,13 @@ def _absolutise(cfg: RunConfig, base_dir: Path) -> RunConfig:
 
     store = fix(cfg.model_store)
     base = Path(cfg.base_model).expanduser()
-    base_model = str(base if base.is_absolute() else (Path(store) / base).resolve())
+    if base.is_absolute():
+        base_model = str(base)
+    elif not (Path(store) / base).exists() and looks_like_hub_id(cfg.base_model):
+        # A hub id (`org/name`): it lives, once fetched (orchestrator.hub), in MODEL_STORE/hub/.
+        base_model = str(Path(store) / HUB_DIR / cfg.base_model)
+    else:
+        base_model = str((Path(store) / base).resolve())
     prompts = cfg.prompts
     src = Path(prompts.source).expanduser()
     if src.suffix in {".jsonl", ".json", ".parquet"}:
@@ -415,7 +433,10 @@ def check_paths(cfg: RunConfig) -> None:
         problems.append(f"model_store: {store} is not a directory")
     base = Path(cfg.base_model)
     if not (base / "config.json").is_file():
-        problems.append(f"base_model: {base} has no config.json (a Hugging Face model directory)")
+        problems.append(
+            f"base_model: {base} has no config.json (a Hugging Face model directory); download "
+            "the model there (`hf download ORG/NAME --local-dir DIR`) or give its hub id"
+        )
     elif store.is_dir() and store.resolve() not in base.resolve().parents:
         problems.append(
             f"base_model: {base} must be inside model_store {store} (the generator swaps from there)"

@@ -17,6 +17,7 @@ import yaml
 
 from orchestrator.admission import PromptMeter, admit_prompts
 from orchestrator.config import ConfigError, RunConfig, check_paths, load_run_config
+from orchestrator.hub import fetch_base_model
 from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
 from orchestrator.prompts import (
     exclude_instructions,
@@ -55,6 +56,7 @@ def create_run(
     cfg = load_run_config(config_path, overrides)
     if run_id is not None:
         cfg = RunConfig.model_validate({**cfg.model_dump(), "run_id": run_id})
+    fetch_base_model(cfg)  # a hub id: downloaded into MODEL_STORE/hub/ before any check
     check_paths(cfg)
     skipped: list[dict[str, object]] = []
     pool = load_prompt_source(cfg.prompts)
