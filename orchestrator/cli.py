@@ -462,6 +462,29 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 
 
 @app.command()
+def push(run_dir: Annotated[Path, typer.Argument(help="A completed run directory.")]) -> None:
+    """(Re)write the final policy's model card and upload it and the datasets (push_to_hub)."""
+    from orchestrator.publish import PushError, push_to_hub, write_model_card
+    from orchestrator.runs import load_run
+
+    if not (run_dir / "manifest.json").is_file():
+        raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
+    cfg, m = load_run(run_dir.resolve())
+    card = write_model_card(run_dir.resolve(), cfg, m)
+    if card is None:
+        raise _fail(f"run {m.run_id} has no final policy yet (status {m.status})", 1)
+    console.print(f"model card: {card}")
+    if cfg.push_to_hub is None:
+        raise _fail("the run's config has no push_to_hub section: nothing to upload", 2)
+    try:
+        urls = push_to_hub(run_dir.resolve(), cfg)
+    except PushError as exc:
+        raise _fail(exc.message, 1) from None
+    for kind, url in urls.items():
+        console.print(f"pushed {kind}: {url}")
+
+
+@app.command()
 def cancel(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Ask the process executing RUN_DIR to stop at its next safe point."""
     from orchestrator.manifest import load_manifest

@@ -36,6 +36,7 @@ __all__ = [
     "LocalTrainerConfig",
     "PairsConfig",
     "PromptsConfig",
+    "PushToHubConfig",
     "RankerConfig",
     "RunConfig",
     "SamplingConfig",
@@ -296,6 +297,16 @@ class LocalConfig(_Strict):
         return v
 
 
+class PushToHubConfig(_Strict):
+    """Opt-in upload of the final policy (with its model card) and the datasets to the hub."""
+
+    model_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="org/name of the model repo")
+    dataset_id: str | None = Field(
+        None, pattern=r"^[\w.-]+/[\w.-]+$", description="org/name of the dataset repo; None: none"
+    )
+    private: bool = Field(True, description="create the repos private")
+
+
 class RunConfig(_Strict):
     """Everything one run needs. Paths are relative to the config file's directory."""
 
@@ -326,6 +337,9 @@ class RunConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     services: ServicesConfig = Field(default_factory=ServicesConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
+    push_to_hub: PushToHubConfig | None = Field(
+        None, description="upload the final policy and the datasets at the end (HF_TOKEN)"
+    )
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (a resumed run must keep the same config).
@@ -333,7 +347,7 @@ class RunConfig(_Strict):
         Where the services run (`services`, `local`) is not part of it: a run may resume on
         another stack.
         """
-        payload = self.model_dump(exclude={"services", "local"}, mode="json")
+        payload = self.model_dump(exclude={"services", "local", "push_to_hub"}, mode="json")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
