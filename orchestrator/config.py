@@ -360,8 +360,13 @@ def _absolutise(cfg: RunConfig, base_dir: Path) -> RunConfig:
     base = Path(cfg.base_model).expanduser()
     if base.is_absolute():
         base_model = str(base)
-    elif not (Path(store) / base).exists() and looks_like_hub_id(cfg.base_model):
-        # A hub id (`org/name`): it lives, once fetched (orchestrator.hub), in MODEL_STORE/hub/.
+    elif (
+        looks_like_hub_id(cfg.base_model)
+        and Path(store).is_dir()
+        and not (Path(store) / base.parts[0]).exists()
+    ):
+        # A hub id (`org/name`, no `org` folder in the store): it lives, once fetched
+        # (orchestrator.hub), in MODEL_STORE/hub/org/name.
         base_model = str(Path(store) / HUB_DIR / cfg.base_model)
     else:
         base_model = str((Path(store) / base).resolve())
