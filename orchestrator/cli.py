@@ -29,7 +29,6 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from orchestrator.manifest import Manifest
     from orchestrator.plan import Plan
 
 app = typer.Typer(
@@ -307,59 +306,6 @@ def execute(
     _execute(run_dir.resolve())
 
 
-def _when(epoch: float | None) -> str:
-    """A local ISO time and how long ago, e.g. `2026-12-02 11:40:03 (3 min ago)`."""
-    import time
-
-    if epoch is None:
-        return "-"
-    ago = max(0.0, time.time() - epoch)
-    span = (
-        f"{ago:.0f} s"
-        if ago < 90
-        else f"{ago / 60:.0f} min"
-        if ago < 5400
-        else f"{ago / 3600:.1f} h"
-        if ago < 172800
-        else f"{ago / 86400:.0f} days"
-    )
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(epoch))} ({span} ago)"
-
-
-def _latest_win_rates(m: Manifest) -> str:
-    from orchestrator.report import iteration_rows
-
-    for r in reversed(iteration_rows(m)):
-        if r.get("win_rate_vs_base") is not None:
-            parts = [f"policy {r['iteration']}: {r['win_rate_vs_base']:.3f} vs base"]
-            if r.get("lc_win_rate_vs_base") is not None:
-                parts.append(f"LC {r['lc_win_rate_vs_base']:.3f}")
-            if r.get("win_rate_vs_previous") is not None:
-                parts.append(f"{r['win_rate_vs_previous']:.3f} vs previous")
-            return ", ".join(parts)
-    return "-"
-
-
-def _running_stage(run_dir: Path, m: Manifest, shard_size: int) -> str:
-    from orchestrator.run_state import stage_progress
-
-    for name, st in m.stages.items():
-        if st.state == "running":
-            progress = stage_progress(run_dir, name, m, shard_size=shard_size)
-            return f"{name} ({progress})" if progress else name
-    return "-"
-
-
-def _shard_size(run_dir: Path) -> int:
-    import yaml
-
-    try:
-        frozen = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        return int(frozen.get("shard_size") or 64)
-    except (OSError, ValueError, yaml.YAMLError):
-        return 64
-
-
 @app.command()
 def status(
     run_dir: Annotated[
@@ -371,7 +317,15 @@ def status(
 ) -> None:
     """Show one run's stages and progress, or list the runs under --runs-root."""
     from orchestrator.manifest import load_manifest
-    from orchestrator.run_state import executing
+    from orchestrator.run_state import (
+        executing,
+        frozen_shard_size,
+        latest_win_rates,
+        running_stage,
+        stage_progress,
+        status_word,
+        when,
+    )
 
     if run_dir is None:
         if not runs_root.is_dir():
@@ -388,11 +342,11 @@ def status(
             done = sum(1 for s in m.stages.values() if s.state == "done")
             table.add_row(
                 m.run_id,
-                _status_word(path.parent, m.status),
+                status_word(path.parent, m.status),
                 f"{done}/{len(m.stages)}",
-                _running_stage(path.parent, m, _shard_size(path.parent)),
-                _latest_win_rates(m),
-                _when(m.updated_at),
+                running_stage(path.parent, m, frozen_shard_size(path.parent)),
+                latest_win_rates(m),
+                when(m.updated_at),
             )
         out = console if console.is_terminal else Console(width=max(console.width, 160))
         out.print(table)
@@ -401,13 +355,11 @@ def status(
         m = load_manifest(run_dir)
     except FileNotFoundError:
         raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2) from None
-    from orchestrator.run_state import stage_progress
-
-    word = _status_word(run_dir, m.status)
+    word = status_word(run_dir, m.status)
     table = Table(title=f"run {m.run_id}: {word}" + (f" ({m.error})" if m.error else ""))
     for col in ("stage", "state", "progress", "started", "seconds", "attempts", "error"):
         table.add_column(col)
-    shard_size = _shard_size(run_dir)
+    shard_size = frozen_shard_size(run_dir)
     for name, st in m.stages.items():
         progress = (
             stage_progress(run_dir, name, m, shard_size=shard_size) if st.state != "done" else ""
@@ -416,7 +368,7 @@ def status(
             name,
             st.state,
             progress,
-            _when(st.started_at),
+            when(st.started_at),
             f"{st.seconds:.1f}",
             str(st.attempts),
             st.error or "",
@@ -424,11 +376,11 @@ def status(
     out = console if console.is_terminal else Console(width=max(console.width, 160))
     out.print(table)
     console.print(
-        f"updated {_when(m.updated_at)}; "
+        f"updated {when(m.updated_at)}; "
         + ("a process is executing it" if executing(run_dir) else "no process is executing it"),
         highlight=False,
     )
-    console.print(f"latest win rates: {_latest_win_rates(m)}", highlight=False)
+    console.print(f"latest win rates: {latest_win_rates(m)}", highlight=False)
     from orchestrator.admission import admission_summary
 
     setup = m.stages.get("setup")
@@ -437,15 +389,6 @@ def status(
     failed = sum(int(st.metrics.get("failed_prompts", 0)) for st in m.stages.values())
     if failed:
         console.print(f"prompts the generator could not answer: {failed}", highlight=False)
-
-
-def _status_word(run_dir: Path, recorded: str) -> str:
-    """The recorded status, corrected when it says running and no process is (a `kill -9`)."""
-    from orchestrator.run_state import executing
-
-    if recorded == "running" and not executing(run_dir):
-        return "stopped (recorded as running; no process is executing it: resume continues it)"
-    return recorded
 
 
 @app.command()

@@ -15,11 +15,24 @@ import fcntl
 import math
 import os
 import re
+import time
 from pathlib import Path
+
+import yaml
 
 from orchestrator.manifest import Manifest
 
-__all__ = ["executing", "is_local_run", "resume_command", "stage_progress"]
+__all__ = [
+    "executing",
+    "frozen_shard_size",
+    "is_local_run",
+    "latest_win_rates",
+    "resume_command",
+    "running_stage",
+    "stage_progress",
+    "status_word",
+    "when",
+]
 
 LOCK_FILE = ".lock"
 # Written by orchestrator.local.runner when a run's local stack starts (not imported: that package
@@ -99,3 +112,60 @@ def stage_progress(run_dir: Path, stage: str, manifest: Manifest, *, shard_size:
         folder = run_dir / "eval" / f"policy{match.group(1)}" / "shards"
     total = math.ceil(prompts / shard_size) if prompts else 0
     return f"{_shards(folder)}/{total} shards" if total else ""
+
+
+def when(epoch: float | None) -> str:
+    """A local ISO time and how long ago, e.g. `2026-12-02 11:40:03 (3 min ago)`."""
+    if epoch is None:
+        return "-"
+    ago = max(0.0, time.time() - epoch)
+    span = (
+        f"{ago:.0f} s"
+        if ago < 90
+        else f"{ago / 60:.0f} min"
+        if ago < 5400
+        else f"{ago / 3600:.1f} h"
+        if ago < 172800
+        else f"{ago / 86400:.0f} days"
+    )
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(epoch))} ({span} ago)"
+
+
+def latest_win_rates(m: Manifest) -> str:
+    """The last evaluated policy's win rates: vs base (and LC), vs previous."""
+    from orchestrator.report import iteration_rows  # matplotlib stays lazy inside report
+
+    for r in reversed(iteration_rows(m)):
+        if r.get("win_rate_vs_base") is not None:
+            parts = [f"policy {r['iteration']}: {r['win_rate_vs_base']:.3f} vs base"]
+            if r.get("lc_win_rate_vs_base") is not None:
+                parts.append(f"LC {r['lc_win_rate_vs_base']:.3f}")
+            if r.get("win_rate_vs_previous") is not None:
+                parts.append(f"{r['win_rate_vs_previous']:.3f} vs previous")
+            return ", ".join(parts)
+    return "-"
+
+
+def running_stage(run_dir: Path, m: Manifest, shard_size: int) -> str:
+    """The stage recorded as running, with its progress (`iter2.rank (3/8 shards)`)."""
+    for name, st in m.stages.items():
+        if st.state == "running":
+            progress = stage_progress(run_dir, name, m, shard_size=shard_size)
+            return f"{name} ({progress})" if progress else name
+    return "-"
+
+
+def frozen_shard_size(run_dir: Path) -> int:
+    """shard_size of the run's frozen config (its default if the file cannot be read)."""
+    try:
+        frozen = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        return int(frozen.get("shard_size") or 64)
+    except (OSError, ValueError, yaml.YAMLError):
+        return 64
+
+
+def status_word(run_dir: Path, recorded: str) -> str:
+    """The recorded status, corrected when it says running and no process is (a `kill -9`)."""
+    if recorded == "running" and not executing(run_dir):
+        return "stopped (recorded as running; no process is executing it: resume continues it)"
+    return recorded
