@@ -42,6 +42,14 @@ TRAIN_QUEUE = "pairloop.trainer"
 Strategy = Literal["ddp", "fsdp", "deepspeed-zero3"]
 
 
+Tracker = Literal["tensorboard", "wandb"]
+
+
+def _default_trackers() -> list[Tracker]:
+    # TensorBoard by default: event files under the run directory, readable offline.
+    return ["tensorboard"]
+
+
 class DPOHyperparameters(BaseModel):
     """DPO knobs, named as in TRL's `DPOConfig`; any of them may be overridden by the run config."""
 
@@ -88,8 +96,8 @@ class DPOHyperparameters(BaseModel):
     )
     seed: int = 42
     logging_steps: int = Field(1, ge=1)
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=lambda: ["tensorboard"],
+    report_to: list[Tracker] = Field(
+        default_factory=_default_trackers,
         description="experiment trackers, as TRL's report_to: tensorboard (event files under "
         "the run directory, offline), wandb (needs `wandb` installed and WANDB_* set on the "
         'trainer); "none" or [] for no tracking',
