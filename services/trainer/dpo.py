@@ -306,7 +306,7 @@ def tensorboard_callback(logging_dir: str) -> Any:
     """
     from transformers.integrations import TensorBoardCallback
 
-    class RunTensorBoardCallback(TensorBoardCallback):  # type: ignore[misc]  # untyped base
+    class RunTensorBoardCallback(TensorBoardCallback):
         """Keeps its writer open past the end of training, for the evaluation that follows.
 
         The base class closes it there and opens a new one on the next log: a file of the same
