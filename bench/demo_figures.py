@@ -99,7 +99,9 @@ def readme_block(readme: str) -> str:
 def update_readme(f: dict[str, Any], path: Path = README) -> None:
     readme = path.read_text()
     old = readme_block(readme)
-    atomic_write_text(path, readme.replace(f"{BEGIN}\n{old}\n{END}", f"{BEGIN}\n{render(f)}\n{END}"))
+    atomic_write_text(
+        path, readme.replace(f"{BEGIN}\n{old}\n{END}", f"{BEGIN}\n{render(f)}\n{END}")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
