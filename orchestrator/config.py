@@ -449,7 +449,11 @@ def check_paths(cfg: RunConfig) -> None:
     store = Path(cfg.model_store)
     problems = []
     if not store.is_dir():
-        problems.append(f"model_store: {store} is not a directory")
+        problems.append(
+            f"model_store: {store} is not a directory; create it (the store the generator and "
+            "trainer share) and put the base model in it: `hf download ORG/NAME --local-dir "
+            f"{store}/models/NAME` (README: Running the real recipe), or give base_model a hub id"
+        )
     base = Path(cfg.base_model)
     if not (base / "config.json").is_file():
         problems.append(

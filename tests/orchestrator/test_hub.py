@@ -11,9 +11,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
-from orchestrator.config import load_run_config
+from orchestrator.config import ConfigError, check_paths, load_run_config
 from pairloop_local.processes import free_port
 
 REPO = "tinyorg/tiny-llama"
@@ -88,3 +89,14 @@ def test_a_cached_snapshot_is_copied_into_the_store(
     assert not (target / ".cache").exists()
     frozen = yaml.safe_load((store / "runs" / "hub" / "config.yaml").read_text())
     assert frozen["base_model"] == str(target)
+
+
+def test_a_missing_store_says_what_to_download(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = load_run_config(write_config(model_store=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="is not a directory; create it") as caught:
+        check_paths(cfg)
+    assert f"hf download ORG/NAME --local-dir {tmp_path / 'nowhere'}/models/NAME" in str(
+        caught.value
+    )
