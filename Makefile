@@ -1,6 +1,8 @@
 # pairloop: every target works on a fresh Linux machine with Python 3.11 and network access to PyPI.
 #   make demo    the main job: `pairloop demo`, 3 iterations of the loop on the local stack (again: resumes)
 #   make setup   .venv with the exact CPU stack (requirements/lock-cpu.txt) and pairloop itself
+#   make setup-gpu  .venv-gpu with the exact GPU stack (requirements/lock-gpu.txt: CUDA torch, vLLM,
+#                DeepSpeed) and pairloop itself, for a GPU node (`pairloop run CONFIG --local`)
 #   make test    lint + typecheck + the whole test suite (what CI runs)
 #   make lint    ruff
 #   make typecheck  mypy: strict on pairloop/, pairloop_local/, orchestrator/ (config in pyproject.toml)
@@ -16,7 +18,7 @@ STAMP  := $(VENV)/.pairloop-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lint typecheck bench lock clean compose-test image-requirements
+.PHONY: setup setup-gpu demo test lint typecheck bench lock clean compose-test image-requirements
 
 setup: $(STAMP)
 
@@ -28,6 +30,15 @@ $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -c "import vllm, transformers, torch; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
+
+# The GPU node's environment: the same --no-deps install of an exact lock, in a venv of its own.
+GPU_VENV ?= .venv-gpu
+setup-gpu:
+	@test -f requirements/lock-gpu.txt || { echo "requirements/lock-gpu.txt is missing"; exit 1; }
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --no-deps --no-cache-dir -r requirements/lock-gpu.txt
+	$(GPU_VENV)/bin/python -m pip install --no-deps --no-build-isolation -e .
+	$(GPU_VENV)/bin/python -c "import torch, vllm; print('torch', torch.__version__, 'CUDA', torch.cuda.is_available(), 'GPUs', torch.cuda.device_count(), 'vllm', vllm.__version__)"
 
 demo: setup
 	$(BIN)/pairloop demo $(DEMO_ARGS)

@@ -39,6 +39,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: flags read as flags (`--local`), where rich help shows `--local <bool>`.
+    rich_markup_mode=None,
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -66,7 +68,10 @@ def _one_line(text: str) -> str:
 
 
 def _resume_command(run_dir: Path, *, local: bool) -> str:
-    return f"pairloop resume {run_dir}{' --local' if local else ''}"
+    from orchestrator.run_state import resume_command
+
+    # A run started on a local stack is resumed with --local, whatever this command was given.
+    return resume_command(run_dir, local=True if local else None)
 
 
 @contextlib.contextmanager
@@ -148,12 +153,21 @@ def _print_plan(plan: Plan) -> None:
         )
     out = console if console.is_terminal else Console(width=max(console.width, 120))
     out.print(table)
-    console.print(f"model: {plan.parameters / 1e9:.2f}B parameters ({plan.shape_source})")
+    console.print(f"model: {_count(plan.parameters)} parameters ({plan.shape_source})")
     accumulation = plan.gradient_accumulation_steps
+    gpus = f"{plan.gpus} GPU{'s' if plan.gpus != 1 else ''}"
     console.print(
         f"trainer: strategy {plan.strategy}, global batch {plan.global_batch_size}, gradient "
-        f"accumulation {accumulation if accumulation is not None else '-'} on {plan.gpus} GPUs"
+        f"accumulation {accumulation if accumulation is not None else '-'} on {gpus}"
     )
+
+
+def _count(n: float) -> str:
+    """7.24B, 85.1M, 203.6K: a parameter count at the scale it has (a tiny model is not 0.00B)."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}" if n < 100 * size else f"{n / size:.0f}{unit}"
+    return f"{n:.0f}"
 
 
 def _make_plan(
@@ -162,13 +176,14 @@ def _make_plan(
     gpu_memory: float,
     model_config: Path | None,
     strategy: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> tuple[RunConfig, Plan]:
     """The run config and its memory plan; exit 2 on a bad config or an unknown model shape."""
     from orchestrator.config import ConfigError, load_run_config
     from orchestrator.plan import PlanError, load_shape, plan_run
 
     try:
-        cfg = load_run_config(config)
+        cfg = load_run_config(config, overrides)
         shape, source = load_shape(cfg.base_model, model_config)
     except (ConfigError, PlanError) as exc:
         raise _fail(str(exc), 2) from None
@@ -189,9 +204,10 @@ def _check_plan(
     gpu_memory: float,
     model_config: Path | None,
     strategy: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> None:
     """Fail (exit 2) before any work when a stage cannot fit the GPUs."""
-    _, plan = _make_plan(config, gpus, gpu_memory, model_config, strategy)
+    _, plan = _make_plan(config, gpus, gpu_memory, model_config, strategy, overrides)
     _print_plan(plan)
     if not plan.fits:
         raise _fail("this run cannot fit these GPUs:\n  " + "\n  ".join(plan.problems), 2)
@@ -354,14 +370,23 @@ def run(
             "run, and stop them.",
         ),
     ] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="FIELD=VALUE",
+            help="Override a config field (repeatable), e.g. --set dpo.beta=0.05 --set "
+            "iterations=2; validated as the file is, recorded in the run's config.yaml.",
+        ),
+    ] = None,
 ) -> None:
     """Create a run from CONFIG and execute it."""
     from orchestrator.runs import create_run
 
     if gpus is not None:
-        _check_plan(config, gpus, gpu_memory, None)
+        _check_plan(config, gpus, gpu_memory, None, overrides=overrides or ())
     with _errors_as_messages(None):
-        run_dir = create_run(config, run_id=run_id)
+        run_dir = create_run(config, run_id=run_id, overrides=overrides or ())
     _execute(run_dir, local=local)
 
 
@@ -374,8 +399,26 @@ def resume(
     ] = False,
 ) -> None:
     """Continue a run: finished stages and shards are not redone."""
+    from orchestrator.manifest import load_manifest
+    from orchestrator.run_state import executing
+
     if not (run_dir / "manifest.json").is_file():
         raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
+    m = load_manifest(run_dir)
+    if m.status == "completed":
+        # Nothing to do, and nothing to touch: no service is reached, the manifest stays as it is.
+        console.print(
+            f"run {m.run_id} is complete ({len(m.stages)} stages done); nothing to resume. "
+            f"Report: {run_dir / 'report' / 'report.md'}",
+            highlight=False,
+        )
+        return
+    if executing(run_dir):
+        raise _fail(
+            f"run {run_dir} is being executed by another process; `pairloop status {run_dir}` "
+            f"shows its progress, `pairloop cancel {run_dir}` stops it",
+            2,
+        )
     (run_dir / "CANCEL").unlink(missing_ok=True)
     if not local and (run_dir / "local" / "stack.json").is_file():
         console.print(
@@ -400,31 +443,76 @@ def status(
     run_dir: Annotated[
         Path | None, typer.Argument(help="A run directory; omit to list runs.")
     ] = None,
-    runs_root: Annotated[Path, typer.Option(help="Where to list runs.")] = Path("runs"),
+    runs_root: Annotated[
+        Path, typer.Option(help="Where to list runs (a run config's MODEL_STORE/runs).")
+    ] = Path("runs"),
 ) -> None:
-    """Show one run's stages, or list the runs under --runs-root."""
+    """Show one run's stages and progress, or list the runs under --runs-root."""
     from orchestrator.manifest import load_manifest
+    from orchestrator.run_state import (
+        executing,
+        frozen_shard_size,
+        latest_win_rates,
+        running_stage,
+        stage_progress,
+        status_word,
+        when,
+    )
 
     if run_dir is None:
+        if not runs_root.is_dir():
+            raise _fail(
+                f"{runs_root} is not a directory; runs live under their config's "
+                "MODEL_STORE/runs (`pairloop status --runs-root MODEL_STORE/runs`)",
+                2,
+            )
         table = Table(title=f"runs under {runs_root}")
-        for col in ("run", "status", "stages done", "updated"):
+        for col in ("run", "status", "stages done", "running", "latest win rate", "updated"):
             table.add_column(col)
         for path in sorted(runs_root.glob("*/manifest.json")):
             m = load_manifest(path.parent)
             done = sum(1 for s in m.stages.values() if s.state == "done")
-            table.add_row(m.run_id, m.status, f"{done}/{len(m.stages)}", f"{m.updated_at:.0f}")
-        console.print(table)
+            table.add_row(
+                m.run_id,
+                status_word(path.parent, m.status),
+                f"{done}/{len(m.stages)}",
+                running_stage(path.parent, m, frozen_shard_size(path.parent)),
+                latest_win_rates(m),
+                when(m.updated_at),
+            )
+        out = console if console.is_terminal else Console(width=max(console.width, 160))
+        out.print(table)
         return
     try:
         m = load_manifest(run_dir)
     except FileNotFoundError:
         raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2) from None
-    table = Table(title=f"run {m.run_id}: {m.status}" + (f" ({m.error})" if m.error else ""))
-    for col in ("stage", "state", "seconds", "attempts", "error"):
+    word = status_word(run_dir, m.status)
+    table = Table(title=f"run {m.run_id}: {word}" + (f" ({m.error})" if m.error else ""))
+    for col in ("stage", "state", "progress", "started", "seconds", "attempts", "error"):
         table.add_column(col)
+    shard_size = frozen_shard_size(run_dir)
     for name, st in m.stages.items():
-        table.add_row(name, st.state, f"{st.seconds:.1f}", str(st.attempts), st.error or "")
-    console.print(table)
+        progress = (
+            stage_progress(run_dir, name, m, shard_size=shard_size) if st.state != "done" else ""
+        )
+        table.add_row(
+            name,
+            st.state,
+            progress,
+            when(st.started_at),
+            f"{st.seconds:.1f}",
+            str(st.attempts),
+            st.error or "",
+        )
+    out = console if console.is_terminal else Console(width=max(console.width, 160))
+    out.print(table)
+    console.print(
+        f"updated {when(m.updated_at)}; "
+        + ("a process is executing it" if executing(run_dir) else "no process is executing it"),
+        highlight=False,
+    )
+    console.print(f"latest win rates: {latest_win_rates(m)}", highlight=False)
     from orchestrator.admission import admission_summary
 
     setup = m.stages.get("setup")
@@ -449,12 +537,49 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 
 
 @app.command()
-def cancel(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
-    """Ask the process executing RUN_DIR to stop at its next safe point."""
+def push(run_dir: Annotated[Path, typer.Argument(help="A completed run directory.")]) -> None:
+    """(Re)write the final policy's model card and upload it and the datasets (push_to_hub)."""
+    from orchestrator.publish import PushError, push_to_hub, write_model_card
+    from orchestrator.runs import load_run
+
     if not (run_dir / "manifest.json").is_file():
         raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
+    cfg, m = load_run(run_dir.resolve())
+    card = write_model_card(run_dir.resolve(), cfg, m)
+    if card is None:
+        raise _fail(f"run {m.run_id} has no final policy yet (status {m.status})", 1)
+    console.print(f"model card: {card}")
+    if cfg.push_to_hub is None:
+        raise _fail("the run's config has no push_to_hub section: nothing to upload", 2)
+    try:
+        urls = push_to_hub(run_dir.resolve(), cfg)
+    except PushError as exc:
+        raise _fail(exc.message, 1) from None
+    for kind, url in urls.items():
+        console.print(f"pushed {kind}: {url}")
+
+
+@app.command()
+def cancel(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Ask the process executing RUN_DIR to stop at its next safe point."""
+    from orchestrator.manifest import load_manifest
+    from orchestrator.run_state import executing, resume_command
+
+    if not (run_dir / "manifest.json").is_file():
+        raise _fail(f"{run_dir} is not a run directory (no manifest.json)", 2)
+    m = load_manifest(run_dir)
+    # A run created by the status API and not yet started takes the cancel when it starts.
+    if not executing(run_dir) and m.status != "created":
+        after = (
+            "" if m.status == "completed" else f"; `{resume_command(run_dir)}` would continue it"
+        )
+        raise _fail(
+            f"no process is executing {run_dir} (status: {m.status}): nothing to cancel, "
+            f"nothing written{after}",
+            1,
+        )
     (run_dir / "CANCEL").write_text("cancel requested\n")
-    console.print(f"cancel requested for {run_dir}")
+    console.print(f"cancel requested for {run_dir}: it stops at its next safe point")
 
 
 @app.command()
@@ -492,12 +617,40 @@ def demo(
         )
 
 
-@app.command()
+def _api_help() -> str:
+    """`api --help`: what it serves, and the environment variables it reads (from its settings)."""
+    from orchestrator.settings import OrchestratorSettings
+
+    prefix = OrchestratorSettings.model_config.get("env_prefix", "")
+    lines = [
+        "Serve the status API (runs: list, show, start, cancel) and best-of-n chat completions.",
+        "",
+        "\b",
+        "Environment (default in brackets):",
+    ]
+    for name, spec in OrchestratorSettings.model_fields.items():
+        if name == "fault_kill_after":  # a test and drill hook, not a deployment setting
+            continue
+        default = "" if spec.default is None else f" [{spec.default}]"
+        lines.append(f"  {prefix}{name.upper()}{default}: {spec.description or name}")
+    lines.append(
+        "  PAIRLOOP_REDIS_URL [redis://127.0.0.1:6379/0]: the trainer's Celery broker (runs "
+        "started here)"
+    )
+    return "\n".join(lines)
+
+
+@app.command(help=_api_help())
 def api(
-    host: Annotated[str | None, typer.Option(help="Bind address (default from settings).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default from settings).")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Bind address (default: PAIRLOOP_ORCHESTRATOR_HOST, else 127.0.0.1)."),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port (default: PAIRLOOP_ORCHESTRATOR_PORT, else 8080)."),
+    ] = None,
 ) -> None:
-    """Serve the status API (runs: list, show, start, cancel) and best-of-n chat completions."""
     import uvicorn
 
     from orchestrator.api.app import create_app

@@ -11,8 +11,11 @@ admin token) never live here: they come from the orchestrator's settings (enviro
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -33,16 +36,26 @@ __all__ = [
     "LocalTrainerConfig",
     "PairsConfig",
     "PromptsConfig",
+    "PushToHubConfig",
     "RankerConfig",
     "RunConfig",
     "SamplingConfig",
     "ServicesConfig",
+    "apply_overrides",
     "check_paths",
     "load_run_config",
+    "looks_like_hub_id",
 ]
 
 
 _LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
+HUB_DIR = "hub"  # MODEL_STORE/hub/ORG/NAME: base models named by their hub id
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """`org/name`: one slash, no leading `.` or `/`, no `..` (a relative folder has other forms)."""
+    return bool(_HUB_ID.match(value)) and ".." not in value
 
 
 class ConfigError(ValueError):
@@ -303,6 +316,16 @@ class LocalConfig(_Strict):
         return v
 
 
+class PushToHubConfig(_Strict):
+    """Opt-in upload of the final policy (with its model card) and the datasets to the hub."""
+
+    model_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="org/name of the model repo")
+    dataset_id: str | None = Field(
+        None, pattern=r"^[\w.-]+/[\w.-]+$", description="org/name of the dataset repo; None: none"
+    )
+    private: bool = Field(True, description="create the repos private")
+
+
 class RunConfig(_Strict):
     """Everything one run needs. Paths are relative to the config file's directory."""
 
@@ -311,7 +334,10 @@ class RunConfig(_Strict):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="default: config name + timestamp",
     )
-    base_model: str = Field(description="base policy directory, inside model_store")
+    base_model: str = Field(
+        description="base policy: a directory inside model_store, or a hub id (org/name), "
+        "downloaded into MODEL_STORE/hub/org/name when the run is created"
+    )
     model_store: str = Field(description="the store shared with generator and trainer")
     iterations: int = Field(3, ge=1, le=100)
     samples_per_prompt: int = Field(5, ge=2)
@@ -336,6 +362,9 @@ class RunConfig(_Strict):
     )
     services: ServicesConfig = Field(default_factory=ServicesConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
+    push_to_hub: PushToHubConfig | None = Field(
+        None, description="upload the final policy and the datasets at the end (HF_TOKEN)"
+    )
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (a resumed run must keep the same config).
@@ -343,7 +372,7 @@ class RunConfig(_Strict):
         Where the services run (`services`, `local`, `placement`) is not part of it: a run may
         resume on another stack.
         """
-        payload = self.model_dump(exclude={"services", "local", "placement"}, mode="json")
+        payload = self.model_dump(exclude={"services", "local", "placement", "push_to_hub"}, mode="json")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -354,7 +383,18 @@ def _absolutise(cfg: RunConfig, base_dir: Path) -> RunConfig:
 
     store = fix(cfg.model_store)
     base = Path(cfg.base_model).expanduser()
-    base_model = str(base if base.is_absolute() else (Path(store) / base).resolve())
+    if base.is_absolute():
+        base_model = str(base)
+    elif (
+        looks_like_hub_id(cfg.base_model)
+        and Path(store).is_dir()
+        and not (Path(store) / base.parts[0]).exists()
+    ):
+        # A hub id (`org/name`, no `org` folder in the store): it lives, once fetched
+        # (orchestrator.hub), in MODEL_STORE/hub/org/name.
+        base_model = str(Path(store) / HUB_DIR / cfg.base_model)
+    else:
+        base_model = str((Path(store) / base).resolve())
     prompts = cfg.prompts
     src = Path(prompts.source).expanduser()
     if src.suffix in {".jsonl", ".json", ".parquet"}:
@@ -375,8 +415,36 @@ def _absolutise(cfg: RunConfig, base_dir: Path) -> RunConfig:
     )
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run config; raise ConfigError naming each bad field."""
+def apply_overrides(raw: dict[str, object], overrides: Sequence[str]) -> dict[str, object]:
+    """`raw` with each `dotted.field=VALUE` set (VALUE read as YAML: 0.05, true, [a, b], none).
+
+    Like TRL's `--learning_rate 1e-6` on its script's command line; what comes out is validated
+    as the file is, so a misspelt field or a bad value is named in the error.
+    """
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        field, sep, text = item.partition("=")
+        if not sep or not field.strip():
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set dpo.beta=0.05")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+        parts = field.strip().split(".")
+        node: dict[str, object] = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {item!r}: {where} is not a section of fields")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read and validate a YAML run config (with `--set` overrides); raise ConfigError naming
+    each bad field."""
     file = Path(path)
     try:
         raw = yaml.safe_load(file.read_text())
@@ -386,13 +454,15 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"run config {file} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"run config {file} must be a YAML mapping of fields")
+    raw = apply_overrides(raw, overrides)
     try:
         cfg = RunConfig.model_validate(raw)
     except pydantic.ValidationError as exc:
+        with_set = f" with --set {' '.join(overrides)}" if overrides else ""
         raise ConfigError(
             describe_validation_error(
                 exc,
-                title=f"invalid run config {file}",
+                title=f"invalid run config {file}{with_set}",
                 unknown_field_hint="check the spelling; see configs/*.yaml for the schema",
             )
         ) from None
@@ -404,10 +474,17 @@ def check_paths(cfg: RunConfig) -> None:
     store = Path(cfg.model_store)
     problems = []
     if not store.is_dir():
-        problems.append(f"model_store: {store} is not a directory")
+        problems.append(
+            f"model_store: {store} is not a directory; create it (the store the generator and "
+            "trainer share) and put the base model in it: `hf download ORG/NAME --local-dir "
+            f"{store}/models/NAME` (README: Running the real recipe), or give base_model a hub id"
+        )
     base = Path(cfg.base_model)
     if not (base / "config.json").is_file():
-        problems.append(f"base_model: {base} has no config.json (a Hugging Face model directory)")
+        problems.append(
+            f"base_model: {base} has no config.json (a Hugging Face model directory); download "
+            "the model there (`hf download ORG/NAME --local-dir DIR`) or give its hub id"
+        )
     elif store.is_dir() and store.resolve() not in base.resolve().parents:
         problems.append(
             f"base_model: {base} must be inside model_store {store} (the generator swaps from there)"

@@ -59,6 +59,8 @@ class RunContext:
     fault_kill_after: str | None = None
     make_generator: Callable[[str], GeneratorClient] | None = None
     judge_client: RankerClient | None = None  # evaluation.judge; None: the run's ranker judges
+    # "PairRM llm-blender/PairRM" per ranker address, from its /ready (addresses change per start).
+    ranker_labels: dict[str, str] = field(default_factory=dict)
     # Set when the run is being interrupted: threads that wait on services (training) stop.
     stopping: threading.Event = field(default_factory=threading.Event)
     _rr: itertools.cycle[GeneratorClient] = field(init=False, repr=False)
@@ -71,6 +73,12 @@ class RunContext:
     def judge(self) -> RankerClient:
         """The ranker service that judges evaluations (`evaluation.judge`, else the run's)."""
         return self.judge_client or self.ranker
+
+    @property
+    def judge_label(self) -> str:
+        """The judge by its kind and model (`scorer plain_prose`), not by its address."""
+        url = self.judge.base_url
+        return self.ranker_labels.get(url, f"ranker at {url}")
 
     @property
     def run_id(self) -> str:

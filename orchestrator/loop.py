@@ -39,6 +39,7 @@ from orchestrator.context import RunCancelledError, RunContext, make_progress
 from orchestrator.manifest import Manifest
 from orchestrator.preflight import check_generators
 from orchestrator.report import write_report
+from orchestrator.run_state import resume_command
 from orchestrator.runs import RunLockedError, create_run, load_run, run_lock
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.stages import evaluate, generate, pairs, placement, rank, report, swap, train
@@ -105,12 +106,24 @@ async def _preflight(ctx: RunContext) -> None:
         # /v1/models, not /ready: a generator released by an interrupted time-shared run answers
         # it (state released) and the run's next stage wakes it.
         await generator.model_card()
-    for client in [ctx.ranker, *([ctx.judge_client] if ctx.judge_client else [])]:
-        await client.request("GET", "/ready")
+    for ranker in [ctx.ranker, *([ctx.judge_client] if ctx.judge_client else [])]:
+        ready = (await ranker.request("GET", "/ready")).json()
+        ctx.ranker_labels[ranker.base_url] = ranker_label(ready)
     await check_generators(ctx.cfg, ctx.generators)  # the context and dtype admission assumed
     await asyncio.to_thread(
         ctx.trainer.ping_broker, should_stop=ctx.stopping.is_set
     )  # Redis: waited for up to services.broker_outage_s
+
+
+def ranker_label(ready: object) -> str:
+    """`PairRM llm-blender/PairRM`, `scorer plain_prose`: a ranker's /ready reply as a name."""
+    if not isinstance(ready, dict) or not ready.get("backend"):
+        return "ranker (kind not reported)"
+    backend, model = str(ready["backend"]), str(ready.get("model", ""))
+    kind = {"pairrm": "PairRM", "reward-model": "reward model"}.get(backend, backend)
+    if backend == "scorer":
+        model = model.rsplit(":", 1)[-1]  # package.module:function -> the function's name
+    return f"{kind} {model}".strip()
 
 
 def _interrupted(exc: BaseException) -> bool:
@@ -181,18 +194,25 @@ async def execute_run(
             make_generator=make_generator,
             judge_client=judge,
         )
+        before = manifest.status, manifest.error
         manifest.status, manifest.error = "running", None
         ctx.save()
+        checked = False
         try:
             await ctx.refresh_generators()
             await _preflight(ctx)
+            checked = True
             await _run_stages(ctx)
         except BaseException as raw:
             ctx.stopping.set()  # a training wait in its thread returns now
             exc = _first_error(raw)
-            if _interrupted(exc):
+            if not checked and before[0] not in ("created", "running"):
+                # Nothing ran: a resume that could not reach the services leaves the run's record
+                # as it was (a finished stage list must not turn into "failed" for a dead address).
+                manifest.status, manifest.error = before
+            elif _interrupted(exc):
                 manifest.status = "interrupted"
-                manifest.error = f"interrupted; `pairloop resume {run_path}` continues it"
+                manifest.error = f"interrupted; `{resume_command(run_path)}` continues it"
             else:
                 cancelled = isinstance(exc, (RunCancelledError, InterruptedError))
                 manifest.status = "cancelled" if cancelled else "failed"

@@ -9,6 +9,8 @@ Figures are read from the manifest (the answer-length distributions from each po
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +64,22 @@ def iteration_rows(manifest: Manifest) -> list[dict[str, Any]]:
                 "bubble_pairs": m("pairs", "bubble_pairs"),
                 "mean_chosen_score": m("pairs", "mean_chosen_score"),
                 "mean_rejected_score": m("pairs", "mean_rejected_score"),
+                # DPO figures: train_loss is the mean over the job's steps (transformers'), the
+                # others are of its last logged step; mean_* over every step; eval_* are TRL's
+                # evaluate on test_iteration_k after training.
                 "train_loss": m("train", "dpo/train_loss"),
                 "reward_margin": m("train", "dpo/rewards/margins"),
                 "reward_accuracy": m("train", "dpo/rewards/accuracies"),
+                "last_loss": m("train", "dpo/loss"),
+                "mean_reward_margin": m("train", "dpo/mean/rewards/margins"),
+                "mean_reward_accuracy": m("train", "dpo/mean/rewards/accuracies"),
+                "eval_loss": m("train", "dpo/eval_loss"),
+                "eval_reward_margin": m("train", "dpo/eval_rewards/margins"),
+                "eval_reward_accuracy": m("train", "dpo/eval_rewards/accuracies"),
+                "train_steps": m("train", "steps"),
+                "test_pairs": m("pairs", "test_pairs"),
+                "win_rate_n": vs_base.get("n"),
+                "lc_standard_error": vs_base.get("lc_standard_error"),
                 # Time-shared placement: the wake is the swap.
                 "swap_seconds": m("wake" if "wake" in st else "swap", "swap_seconds"),
                 "win_rate_vs_base": vs_base.get("win_rate"),
@@ -123,13 +138,17 @@ def best_of_rows(manifest: Manifest) -> list[dict[str, Any]]:
 
 
 def judge_line(manifest: Manifest) -> str:
-    """Who judged the evaluations: the run's own ranker, or a separate ranker service."""
+    """Who judged the evaluations, by kind and model (`scorer plain_prose`): the run's own
+    ranker (flagged: it also made the training pairs) or a separate ranker service."""
     for _, metrics in _eval_records(manifest):
         if "judge" in metrics:
             if metrics.get("judge_is_run_ranker", True):
-                return f"the run's own ranker ({metrics['judge']}), which also made the pairs"
+                return (
+                    f"{metrics['judge']}, the run's own ranker: it also made the training pairs, "
+                    "so these win rates are self-judged"
+                )
             return (
-                f"a separate ranker service at {metrics['judge']} (not the one that made the pairs)"
+                f"{metrics['judge']}, a separate ranker service (not the one that made the pairs)"
             )
     return "no evaluation has finished yet"
 
@@ -141,11 +160,47 @@ def _lengths(run_dir: Path, k: int) -> list[int]:
     return [len(r["output"]) for r in json.loads(path.read_text())]
 
 
+def win_rate_interval(run_dir: Path, k: int, name: str) -> tuple[float, int] | None:
+    """(half-width of the 95% interval, n) of policy k's win rate `name` (vs_base, vs_previous).
+
+    From the judgments themselves (`annotations_{name}.json`): the mean judge probability's
+    normal interval, 1.96 x sd / sqrt(n). None when the file is missing.
+    """
+    path = run_dir / "eval" / f"policy{k}" / f"annotations_{name}.json"
+    if not path.is_file():
+        return None
+    probs = [float(a["preference"]) - 1.0 for a in json.loads(path.read_text())]
+    n = len(probs)
+    if n < 2:
+        return (0.0, n)
+    return (1.96 * statistics.stdev(probs) / math.sqrt(n), n)
+
+
+def _stage_seconds(manifest: Manifest) -> list[tuple[str, dict[str, float]]]:
+    """The whole run's wall time as bars: setup and the base evaluation, each iteration, report."""
+    bars: list[tuple[str, dict[str, float]]] = []
+    first = {
+        name: manifest.stages[stage].seconds
+        for name, stage in (("setup", "setup"), ("evaluate", "policy0.evaluate"))
+        if stage in manifest.stages
+    }
+    bars.append(("setup +\nbase eval", first))
+    for k in range(1, manifest.iterations + 1):
+        st = manifest.iteration_stages(k)
+        bars.append((f"iter {k}", {s: st[s].seconds for s in STAGES if s in st}))
+    if "report" in manifest.stages:
+        bars.append(("report", {"report": manifest.stages["report"].seconds}))
+    return bars
+
+
 def _plots(
     out: Path,
     rows: list[dict[str, Any]],
     bests: list[dict[str, Any]],
     lengths: dict[int, list[int]],
+    *,
+    run_dir: Path,
+    manifest: Manifest,
 ) -> list[str]:
     import matplotlib
 
@@ -154,40 +209,103 @@ def _plots(
 
     its = [r for r in rows if r["iteration"] > 0]
     xs = [r["iteration"] for r in its]
+    policies = [r["iteration"] for r in rows]
+    judge = judge_line(manifest).split(",")[0]
     made: list[str] = []
 
     def save(fig: Any, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        fig.canvas.draw()  # tick labels get their text when drawn
+        # What each panel shows, also as PNG text (image viewers show it; tests read it).
+        panels = [
+            {
+                "title": ax.get_title(),
+                "xlabel": ax.get_xlabel(),
+                "ylabel": ax.get_ylabel(),
+                "xticks": [t.get_text() for t in ax.get_xticklabels()],
+                "legend": [t.get_text() for t in legend.get_texts()]
+                if (legend := ax.get_legend())
+                else [],
+            }
+            for ax in fig.axes
+        ]
+        fig.savefig(
+            out / name,
+            dpi=110,
+            metadata={
+                "Title": " / ".join(p["title"] for p in panels),
+                "Description": json.dumps(panels),
+            },
+        )
         plt.close(fig)
         made.append(name)
 
     def series(key: str, rs: list[dict[str, Any]] = its) -> list[float]:
         return [float("nan") if r.get(key) is None else float(r[key]) for r in rs]
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(xs, series("win_rate_vs_base"), "o-", label="win rate vs base")
-    ax.plot(xs, series("lc_win_rate_vs_base"), "s--", label="length-controlled vs base")
-    ax.plot(xs, series("win_rate_vs_previous"), "^-", label="win rate vs previous")
-    ax.axhline(0.5, color="grey", lw=0.8)
-    ax.set(xlabel="iteration", ylabel="win rate (ranker-judged)", ylim=(0, 1), xticks=xs)
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ns: set[int] = set()
+    for key, name, fmt, label in (
+        ("win_rate_vs_base", "vs_base", "o-", "vs the base"),
+        ("win_rate_vs_previous", "vs_previous", "^-", "vs the previous policy"),
+    ):
+        intervals = [win_rate_interval(run_dir, k, name) for k in xs]
+        ns.update(i[1] for i in intervals if i)
+        ax.errorbar(
+            xs,
+            series(key),
+            yerr=[i[0] if i else float("nan") for i in intervals],
+            fmt=fmt,
+            capsize=4,
+            label=f"{label} (95% interval)",
+        )
+    # AlpacaEval's GLM gives the LC win rate's standard error.
+    lc_err = [1.96 * r["lc_standard_error"] if r.get("lc_standard_error") else 0.0 for r in its]
+    ax.errorbar(
+        xs,
+        series("lc_win_rate_vs_base"),
+        yerr=lc_err,
+        fmt="s--",
+        capsize=4,
+        label="length-controlled vs the base",
+    )
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="0.5: no better than the reference")
+    n_text = ", ".join(str(n) for n in sorted(ns)) or "-"
+    ax.set(
+        title=f"Win rate per policy (judge: {judge}; n = {n_text} instructions)",
+        xlabel="policy (after iteration k)",
+        ylabel="win rate (mean judge probability)",
+        ylim=(0, 1),
+        xticks=xs,
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8, loc="best")
     save(fig, "win_rates.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(xs, series("mean_chosen_score"), "o-", label="chosen")
-    ax.plot(xs, series("mean_rejected_score"), "o-", label="rejected")
-    ax.set(xlabel="iteration", ylabel="mean ranker score", xticks=xs)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, series("mean_chosen_score"), "o-", label="chosen (best of the samples)")
+    ax.plot(xs, series("mean_rejected_score"), "o-", label="rejected (worst of the samples)")
+    ax.set(
+        title="Ranker scores of the training pairs (mean per iteration)",
+        xlabel="iteration",
+        ylabel="ranker score (the ranker's own scale)",
+        xticks=xs,
+    )
     ax.legend(fontsize=8)
     save(fig, "scores.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["iteration"] for r in rows], series("mean_length", rows), "o-")
-    ax.set(xlabel="policy (0 = base)", ylabel="mean answer length (chars)")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(policies, series("mean_length", rows), "o-")
+    ax.set(
+        title="Mean answer length on the evaluation instructions",
+        xlabel="policy (0 = base)",
+        ylabel="mean answer length (characters)",
+        xticks=policies,
+    )
     save(fig, "lengths.png")
 
-    # The seed's length concern: did the win rate rise with the answers' length?
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    # The recipe's known weakness: did the win rate rise with the answers' length?
+    fig, ax = plt.subplots(figsize=(7, 4))
     for n in sorted({b["n"] for b in bests}):
         pts = [b for b in bests if b["n"] == n and b["win_rate_vs_base"] is not None]
         ax.plot(
@@ -198,34 +316,70 @@ def _plots(
         )
         for b in pts:
             ax.annotate(str(b["policy"]), (float(b["mean_length"]), float(b["win_rate_vs_base"])))
-    ax.axhline(0.5, color="grey", lw=0.8)
-    ax.set(xlabel="mean answer length (chars); labels: policy", ylabel="win rate vs base")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(
+        title="Win rate vs the base against answer length (point labels: policy)",
+        xlabel="mean answer length (characters)",
+        ylabel="win rate vs the base",
+    )
     ax.legend(fontsize=8)
     save(fig, "win_rate_vs_length.png")
 
     if lengths:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        policies = sorted(lengths)
-        ax.boxplot([lengths[k] for k in policies], tick_labels=[str(k) for k in policies])
-        ax.set(xlabel="policy (0 = base)", ylabel="answer length (chars)")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ks = sorted(lengths)
+        ax.boxplot([lengths[k] for k in ks], tick_labels=[str(k) for k in ks])
+        ax.set(
+            title=f"Answer lengths per policy (n = {len(lengths[ks[0]])} answers each)",
+            xlabel="policy (0 = base)",
+            ylabel="answer length (characters)",
+        )
         save(fig, "length_distribution.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(xs, series("train_loss"), "o-", label="DPO loss")
-    ax.plot(xs, series("reward_margin"), "s-", label="reward margin")
-    ax.plot(xs, series("reward_accuracy"), "^-", label="reward accuracy")
-    ax.set(xlabel="iteration", xticks=xs)
-    ax.legend(fontsize=8)
+    # One panel per figure: loss, accuracy and margin have different units and scales.
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    panels = (
+        ("DPO loss", "loss (nats)", "train_loss", "last_loss", "eval_loss"),
+        (
+            "Reward accuracy",
+            "fraction of pairs chosen > rejected",
+            "mean_reward_accuracy",
+            "reward_accuracy",
+            "eval_reward_accuracy",
+        ),
+        (
+            "Reward margin",
+            "chosen - rejected implicit reward",
+            "mean_reward_margin",
+            "reward_margin",
+            "eval_reward_margin",
+        ),
+    )
+    for ax, (title, unit, mean_key, last_key, eval_key) in zip(axes, panels, strict=True):
+        ax.plot(xs, series(mean_key), "o-", label="train, mean over steps")
+        ax.plot(xs, series(last_key), "s--", label="train, last step")
+        ax.plot(xs, series(eval_key), "^-", label="eval on test_iteration_k")
+        ax.set(title=title, xlabel="iteration", ylabel=unit, xticks=xs)
+        ax.legend(fontsize=7)
     save(fig, "dpo_metrics.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bottom = [0.0] * len(its)
-    for stage in STAGES:
-        vals = [r["stage_seconds"].get(stage, 0.0) for r in its]
-        ax.bar(xs, vals, bottom=bottom, label=stage)
+    bars = _stage_seconds(manifest)
+    kinds = ["setup", *STAGES, "report"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [label for label, _ in bars]
+    bottom = [0.0] * len(bars)
+    for kind in kinds:
+        vals = [seconds.get(kind, 0.0) for _, seconds in bars]
+        if not any(vals):
+            continue
+        ax.bar(labels, vals, bottom=bottom, label=kind)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set(xlabel="iteration", ylabel="seconds", xticks=xs)
-    ax.legend(fontsize=8)
+    ax.set(
+        title=f"Wall time per stage (whole run: {sum(bottom):.0f} s)",
+        ylabel="seconds (wall time)",
+    )
+    # Outside the axes: a legend inside would cover the bars.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="stage")
     save(fig, "stage_times.png")
     return made
 
@@ -305,7 +459,7 @@ def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
     rows = iteration_rows(manifest)
     bests = best_of_rows(manifest)
     lengths = {k: ls for k, _ in _eval_records(manifest) if (ls := _lengths(Path(run_dir), k))}
-    pngs = _plots(out, rows, bests, lengths)
+    pngs = _plots(out, rows, bests, lengths, run_dir=Path(run_dir), manifest=manifest)
     setup = manifest.stages.get("setup")
     source = setup.metrics.get("eval_source", "held-out prompts") if setup else "held-out prompts"
     glms = sorted({r["lc_glm"] for r in rows if r.get("lc_glm")})
@@ -324,8 +478,8 @@ def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
         "",
         *_prompt_lines(manifest),
         *_evaluation_lines(manifest),
-        "| iteration | pairs | ties dropped | chosen score | rejected score | DPO loss | reward margin "
-        "| reward acc. | swap s | win vs base | LC win vs base | win vs prev. | mean length |",
+        "| iteration | pairs | ties dropped | chosen score | rejected score | DPO loss (mean of "
+        "steps) | reward margin (last step) | reward acc. (last step) | swap s | win vs base | LC win vs base | win vs prev. | mean length |",
         "|---" * 13 + "|",
     ]
     for r in rows:
@@ -364,6 +518,38 @@ def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
                 f"{lc_cell(b['lc_win_rate_vs_base'], b['lc_glm'])} | "
                 f"{_num(b['mean_length'], '{:.1f}')} | {'yes' if b['self_judged'] else 'no'} |"
             )
+    lines += [
+        "",
+        "## DPO training (per iteration)",
+        "",
+        "Mean: over every logged step of the job; last: its last logged step; eval: TRL's "
+        "evaluate on the iteration's held-out pairs (`test_iteration_k`) after training.",
+        "",
+        "| iteration | steps | loss mean | loss last | margin mean | margin last | acc. mean "
+        "| acc. last | eval pairs | eval loss | eval margin | eval acc. |",
+        "|---" * 12 + "|",
+    ]
+    for r in rows[1:]:
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r["iteration"]),
+                    _num(r.get("train_steps"), "{}"),
+                    _num(r.get("train_loss"), "{:.4f}"),
+                    _num(r.get("last_loss"), "{:.4f}"),
+                    _num(r.get("mean_reward_margin"), "{:.4f}"),
+                    _num(r.get("reward_margin"), "{:.4f}"),
+                    _num(r.get("mean_reward_accuracy"), "{:.2f}"),
+                    _num(r.get("reward_accuracy"), "{:.2f}"),
+                    _num(r.get("test_pairs"), "{}"),
+                    _num(r.get("eval_loss"), "{:.4f}"),
+                    _num(r.get("eval_reward_margin"), "{:.4f}"),
+                    _num(r.get("eval_reward_accuracy"), "{:.2f}"),
+                ]
+            )
+            + " |"
+        )
     lines += [
         "",
         "## Stage times (seconds)",

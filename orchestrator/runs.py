@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
 
 from orchestrator.admission import PromptMeter, TokenizerMeter, admit_eval_prompts, admit_prompts
 from orchestrator.config import ConfigError, RunConfig, check_paths, load_run_config
+from orchestrator.hub import fetch_base_model
 from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
 from orchestrator.prompts import (
     exclude_instructions,
@@ -26,6 +27,7 @@ from orchestrator.prompts import (
     read_prompts,
     write_prompts,
 )
+from orchestrator.run_state import resume_command
 from pairloop.atomic import atomic_write_text
 
 __all__ = ["FROZEN_CONFIG", "RunLockedError", "create_run", "eval_overlap", "load_run", "run_lock"]
@@ -38,7 +40,11 @@ class RunLockedError(RuntimeError):
 
 
 def create_run(
-    config_path: str | Path, *, run_id: str | None = None, meter: PromptMeter | None = None
+    config_path: str | Path,
+    *,
+    run_id: str | None = None,
+    meter: PromptMeter | None = None,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """Validate the config and its inputs, admit the prompts, then create the run directory (no
     service is touched).
@@ -48,9 +54,11 @@ def create_run(
     counted in the setup stage's metrics. Raises ConfigError for anything wrong with the config or
     a pool too small, before a single file is written.
     """
-    cfg = load_run_config(config_path)
+    started = time.time()
+    cfg = load_run_config(config_path, overrides)
     if run_id is not None:
         cfg = RunConfig.model_validate({**cfg.model_dump(), "run_id": run_id})
+    fetch_base_model(cfg)  # a hub id: downloaded into MODEL_STORE/hub/ before any check
     check_paths(cfg)
     skipped: list[dict[str, object]] = []
     pool = load_prompt_source(cfg.prompts)
@@ -85,7 +93,7 @@ def create_run(
     cfg = cfg.model_copy(update={"run_id": rid})
     run_dir = Path(cfg.model_store) / "runs" / rid
     if (run_dir / MANIFEST_NAME).exists():
-        raise ConfigError(f"run {rid} already exists at {run_dir}; use `pairloop resume {run_dir}`")
+        raise ConfigError(f"run {rid} already exists at {run_dir}; use `{resume_command(run_dir)}`")
     for name, prompts in slices.items():
         write_prompts(run_dir / "prompts" / f"{name}.jsonl", prompts)
     write_prompts(run_dir / "prompts" / "skipped.jsonl", skipped)
@@ -99,11 +107,15 @@ def create_run(
         "prompts": admission.metrics(),
         **({"eval_admission": eval_admission.metrics()} if eval_admission else {}),
         "eval_source": eval_source.source if eval_source else "held out of prompts.source",
+        "config_overrides": list(overrides),
         "training_prompts_removed_as_eval": excluded,
         # Read back from the files just written: what later stages will actually use.
         "eval_instructions_in_training": eval_overlap(run_dir),
     }
     manifest.stage("setup").artifacts = {"skipped_prompts": "prompts/skipped.jsonl"}
+    # Prompt admission's wall time (the tokenizer pass over the pool), for the report's time plot.
+    manifest.stage("setup").started_at = started
+    manifest.stage("setup").seconds = time.time() - started
     manifest.save(run_dir)
     return run_dir
 

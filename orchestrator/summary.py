@@ -18,7 +18,7 @@ _COLUMNS = (
     "ties",
     "chosen",
     "rejected",
-    "DPO loss",
+    "DPO loss (mean)",
     "swap s",
     "win vs base",
     "LC win vs base",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,12 +21,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (`os.umask` would, racing other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, then rename over `path`."""
+    """Write `data` to a temp file beside `path`, fsync it, then rename over `path`.
+
+    The file gets the mode a plain `open(path, "w")` gives (0666 less the umask, 0644 usually),
+    not mkstemp's 0600: a report, a config or a manifest is read by others. Secrets are written
+    elsewhere, 0600 from their first byte (`orchestrator/local/secrets.py`).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -15,9 +15,9 @@ the trainer.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pairloop.errors import ServerError
 
@@ -52,6 +52,14 @@ class JobCrashLoopError(ServerError):
 # gradients, AdamW's moments and the reference (about 18 bytes per parameter with a bf16
 # reference). fsdp (FSDP2 full shard) and deepspeed-zero3: all four are sharded over the ranks.
 Strategy = Literal["ddp", "fsdp", "deepspeed-zero3"]
+
+
+Tracker = Literal["tensorboard", "wandb"]
+
+
+def _default_trackers() -> list[Tracker]:
+    # TensorBoard by default: event files under the run directory, readable offline.
+    return ["tensorboard"]
 
 
 class DPOHyperparameters(BaseModel):
@@ -100,6 +108,12 @@ class DPOHyperparameters(BaseModel):
     )
     seed: int = 42
     logging_steps: int = Field(1, ge=1)
+    report_to: list[Tracker] = Field(
+        default_factory=_default_trackers,
+        description="experiment trackers, as TRL's report_to: tensorboard (event files under "
+        "the run directory, offline), wandb (needs `wandb` installed and WANDB_* set on the "
+        'trainer); "none" or [] for no tracking',
+    )
     save_steps: int = Field(
         50, ge=1, description="trainer checkpoint interval: resume point after a crash"
     )
@@ -108,6 +122,14 @@ class DPOHyperparameters(BaseModel):
         description="one reference forward pass over the dataset before training, then the "
         "reference model is freed: less memory and no reference forward in the step",
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        # TRL's spellings: a string or a list, "none" for nothing.
+        if value is None or value == "none" or value == ["none"]:
+            return []
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _lengths(self) -> DPOHyperparameters:
@@ -165,6 +187,16 @@ class TrainJob(BaseModel):
     )
     split: str | None = Field(None, description="default: train_iteration_{iteration}")
     output_path: str = Field(min_length=1, description="where the new full weights are published")
+    eval_split: str | None = Field(
+        None,
+        description="a split of the dataset evaluated after training (eval loss, reward "
+        "accuracy and margin, as TRL's evaluate); None: no evaluation",
+    )
+    logging_dir: str | None = Field(
+        None,
+        description="where TensorBoard event files go, inside the model store; None: the job's "
+        "work directory on the trainer",
+    )
     hyperparameters: DPOHyperparameters = Field(default_factory=DPOHyperparameters)
     lora: LoraSettings | None = None
 

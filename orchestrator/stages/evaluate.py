@@ -151,7 +151,7 @@ async def _compare(
         probs=probs,
         generator=generator,
         reference_generator=reference,
-        judge=ctx.judge.base_url,
+        judge=ctx.judge_label,
     )
     atomic_write_json(path, annotated)
     # The judge is a ranker service and the reference a policy of this run, never AlpacaEval's
@@ -203,7 +203,7 @@ async def evaluate_policy(ctx: RunContext, k: int) -> dict[str, Any]:
         "mean_length": _mean_length(outputs),
         "eval_prompts": len(outputs) + failed,
         "failed_prompts": failed,
-        "judge": ctx.judge.base_url,
+        "judge": ctx.judge_label,
         "judge_is_run_ranker": ctx.judge is ctx.ranker,
     }
     base = eval_outputs(ctx, 0)
@@ -231,7 +231,7 @@ async def run_base(ctx: RunContext) -> dict[str, Any]:
         "mean_length": _mean_length(outputs),
         "eval_prompts": len(outputs) + failed,
         "failed_prompts": failed,
-        "judge": ctx.judge.base_url,
+        "judge": ctx.judge_label,
         "judge_is_run_ranker": ctx.judge is ctx.ranker,
         "best_of": await _best_of_rows(ctx, 0, outputs),
     }

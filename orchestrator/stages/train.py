@@ -18,6 +18,8 @@ __all__ = ["build_job", "run", "run_training_job"]
 def build_job(ctx: RunContext, k: int) -> TrainJob:
     cfg = ctx.cfg
     reference = ctx.policy_path(0) if cfg.reference == "base" else ctx.policy_path(k - 1)
+    pairs = ctx.manifest.stages.get(f"iter{k}.pairs")
+    held_out = bool(pairs and pairs.metrics.get("test_pairs"))
     return TrainJob(
         run_id=ctx.run_id,
         iteration=k,
@@ -25,6 +27,9 @@ def build_job(ctx: RunContext, k: int) -> TrainJob:
         reference_path=str(reference),
         dataset_path=str(ctx.dataset_dir),
         output_path=str(ctx.policy_path(k)),
+        # TRL's evaluate on the iteration's held-out pairs (written only when there are some).
+        eval_split=f"test_iteration_{k}" if held_out else None,
+        logging_dir=str(ctx.run_dir / "tensorboard" / f"iter{k}"),
         hyperparameters=cfg.dpo,
         lora=cfg.lora,
     )
@@ -40,6 +45,15 @@ async def run_training_job(ctx: RunContext, k: int) -> TrainResult:
     def on_progress(p: TrainProgress) -> None:
         if p.step != last_step[0]:  # one event per new training step seen, not per poll
             last_step[0] = p.step
+            # `pairloop status` reads the step from the manifest (the stage's final metrics
+            # replace this record when it finishes).
+            ctx.manifest.stage(f"iter{k}.train").metrics["progress"] = {
+                "phase": p.phase,
+                "step": p.step,
+                "total_steps": p.total_steps,
+                "loss": p.loss,
+            }
+            ctx.save()
             ctx.checkpoint_event(f"iter{k}.train")
         ctx.progress.update(
             task,

@@ -44,6 +44,7 @@ from services.trainer.spec import (
     TrainingSpec,
     last_complete_checkpoint,
     prepare_dataset,
+    prepare_eval_dataset,
 )
 
 __all__ = [
@@ -161,7 +162,6 @@ def dpo_config(spec: TrainingSpec) -> Any:
         use_cpu=spec.device == "cpu",
         # Every parameter of a causal LM gets a gradient; the search for unused ones costs a pass.
         ddp_find_unused_parameters=False,
-        report_to=[],
         disable_tqdm=True,
     )
 
@@ -290,6 +290,45 @@ def _last_step_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return {}
 
 
+def _mean_step_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """`mean/<name>` over every logged training step: the job's average beside its last step."""
+    steps = [e for e in log_history if "loss" in e]
+    return {
+        f"mean/{k}": sum(float(e[k]) for e in steps if k in e) / n
+        for k in ("loss", "rewards/margins", "rewards/accuracies")
+        if (n := sum(1 for e in steps if k in e))
+    }
+
+
+def tensorboard_callback(logging_dir: str) -> Any:
+    """transformers' TensorBoardCallback writing to `logging_dir` (rank 0 only, on its first log).
+
+    Its directory otherwise comes from an environment variable or the trainer's output_dir (the
+    job's work directory, off the run): here it is the run's own folder, readable offline.
+    """
+    from transformers.integrations import TensorBoardCallback
+
+    class RunTensorBoardCallback(TensorBoardCallback):
+        """Keeps its writer open past the end of training, for the evaluation that follows.
+
+        The base class closes it there and opens a new one on the next log: a file of the same
+        name (the time to the second), which replaces the training steps' file.
+        """
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.tb_writer is not None:
+                self.tb_writer.flush()
+
+        def close(self) -> None:
+            if self.tb_writer is not None:
+                self.tb_writer.close()
+                self.tb_writer = None
+
+    callback = RunTensorBoardCallback()
+    callback.logging_dir = logging_dir
+    return callback
+
+
 def _save_weights(trainer: Any, tokenizer: Any, spec: TrainingSpec, policy_dtype: str) -> bool:
     """Write full weights (and the LoRA adapter, if any) into the staging directory.
 
@@ -309,10 +348,13 @@ def _save_weights(trainer: Any, tokenizer: Any, spec: TrainingSpec, policy_dtype
                 max_shard_size=spec.publish_max_shard_size,
             )
             tokenizer.save_pretrained(staging)
+            trainer.state.save_to_json(str(staging / _TRAINER_STATE))
         return False
     if not trainer.args.should_save:
         return False
     staging.mkdir(parents=True, exist_ok=True)
+    # The whole step history (loss, rewards, learning rate) travels with the weights it made.
+    trainer.state.save_to_json(str(staging / _TRAINER_STATE))
     model = trainer.accelerator.unwrap_model(trainer.model)
     adapter_saved = False
     if spec.job.lora is not None:
@@ -344,6 +386,7 @@ def train_policy(
         torch.set_num_threads(spec.cpu_threads)
     report(TrainProgress(phase="loading"))
     train_dataset = dataset if dataset is not None else prepare_dataset(spec)
+    eval_dataset = prepare_eval_dataset(spec)
 
     tokenizer = AutoTokenizer.from_pretrained(spec.policy_path)
     if not getattr(tokenizer, "chat_template", None):
@@ -392,12 +435,22 @@ def train_policy(
         ref_model=ref_model,
         args=dpo_config(spec),
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[callback],
     )
     # Our callback logs each step; the default printer would dump dicts on stdout.
     trainer.remove_callback(PrinterCallback)
+    tensorboard = None
+    if "tensorboard" in hp.report_to:
+        # report_to's own TensorBoard callback writes under output_dir (the job's work directory
+        # on the trainer): replaced by one writing where the job says (the run's folder).
+        from transformers.integrations import TensorBoardCallback
+
+        trainer.remove_callback(TensorBoardCallback)
+        tensorboard = tensorboard_callback(spec.logging_dir or spec.checkpoints_dir)
+        trainer.add_callback(tensorboard)
     if hp.precompute_ref_log_probs and ref_model is not None:
         # Reference log-probs are now columns of the dataset: the model is no longer needed.
         trainer.ref_model = None
@@ -428,6 +481,13 @@ def train_policy(
     trained = time.monotonic()
 
     metrics = _last_step_metrics(trainer.state.log_history)
+    metrics.update(_mean_step_metrics(trainer.state.log_history))
+    if eval_dataset is not None:
+        # TRL's evaluate on the held-out pairs: eval_loss, eval_rewards/accuracies, .../margins.
+        evaluated = trainer.evaluate()
+        metrics.update({k: float(v) for k, v in evaluated.items() if isinstance(v, (int, float))})
+    if tensorboard is not None:
+        tensorboard.close()
     for key in ("train_loss", "train_runtime", "train_samples_per_second", "epoch"):
         if key in train_metrics:
             metrics[key] = float(train_metrics[key])

@@ -224,6 +224,11 @@ def _training_spec(job: TrainJob, paths: JobPaths, settings: TrainerSettings) ->
         save_total_limit=settings.save_total_limit,
         cpu_threads=settings.cpu_threads,
         publish_max_shard_size=settings.publish_max_shard_size,
+        logging_dir=str(
+            resolve_inside(settings.store_root, job.logging_dir, param="logging_dir")
+            if job.logging_dir
+            else paths.work / "tensorboard"
+        ),
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "job_lock_holder",
     "last_complete_checkpoint",
     "prepare_dataset",
+    "prepare_eval_dataset",
 ]
 
 # The job's lock in its work directory (`runner._job_lock`): held by the attempt that trains it.
@@ -85,6 +86,7 @@ class TrainingSpec(BaseModel):
     strategy: Literal["single-process", "ddp", "fsdp", "deepspeed-zero3"] = "single-process"
     world_size: int = 1  # training processes over all machines
     publish_max_shard_size: str = "5GB"
+    logging_dir: str | None = None  # TensorBoard event files (the job's, resolved in the store)
 
 
 class TrainingOutcome(BaseModel):
@@ -106,6 +108,15 @@ def prepare_dataset(spec: TrainingSpec) -> Any:
         Path(spec.dataset_path), spec.job.split_name, cache_dir=Path(spec.dataset_cache)
     )
     return to_conversational(raw, split=spec.job.split_name)
+
+
+def prepare_eval_dataset(spec: TrainingSpec) -> Any:
+    """The job's evaluation split as TRL conversational rows, or None when it has none."""
+    split = spec.job.eval_split
+    if split is None:
+        return None
+    raw = load_preference_split(Path(spec.dataset_path), split, cache_dir=Path(spec.dataset_cache))
+    return to_conversational(raw, split=split)
 
 
 def last_complete_checkpoint(checkpoints_dir: Path) -> tuple[Path, int] | None:

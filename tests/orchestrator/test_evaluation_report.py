@@ -47,7 +47,7 @@ def _manifest(judge_is_run_ranker: bool) -> Manifest:
     m.stage("policy0.evaluate").state = "done"
     m.stage("policy0.evaluate").metrics = {
         "mean_length": 50.0,
-        "judge": "http://127.0.0.1:9",
+        "judge": "PairRM llm-blender/PairRM",
         "judge_is_run_ranker": judge_is_run_ranker,
         "best_of": best,
     }
@@ -63,7 +63,7 @@ def _manifest(judge_is_run_ranker: bool) -> Manifest:
         m.stage(f"iter{k}.evaluate").state = "done"
         m.stage(f"iter{k}.evaluate").metrics = {
             "mean_length": 40.0 + k,
-            "judge": "http://127.0.0.1:9",
+            "judge": "PairRM llm-blender/PairRM",
             "judge_is_run_ranker": judge_is_run_ranker,
             "vs_base": {
                 "win_rate": 0.6,
@@ -102,7 +102,7 @@ def test_report_has_tables_best_of_rows_judge_and_plots(tmp_path: Path) -> None:
     text = path.read_text()
     assert "| 2 | 20 | 1 |" in text and "0.600" in text
     assert "| 1 | 4 | 0.700 | 0.650 (minimal) | 60.0 | no |" in text
-    assert "a separate ranker service at http://127.0.0.1:9" in text
+    assert "PairRM llm-blender/PairRM, a separate ranker service" in text
     assert "length_controlled_minimal" in text and "alpaca.json" in text
     for png in (
         "win_rates.png",
@@ -114,7 +114,10 @@ def test_report_has_tables_best_of_rows_judge_and_plots(tmp_path: Path) -> None:
         "stage_times.png",
     ):
         assert (tmp_path / "report" / png).stat().st_size > 1000
-    assert "the run's own ranker" in judge_line(_manifest(judge_is_run_ranker=True))
+    own = judge_line(_manifest(judge_is_run_ranker=True))
+    assert (
+        own.startswith("PairRM llm-blender/PairRM, the run's own ranker") and "self-judged" in own
+    )
 
 
 def test_report_marks_bubble_ranks_self_judged_rows_glm_fallbacks_and_failures(

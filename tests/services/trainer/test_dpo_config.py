@@ -41,6 +41,7 @@ NON_DEFAULT: dict[str, Any] = {
     "logging_steps": 3,
     "save_steps": 9,
     "precompute_ref_log_probs": True,
+    "report_to": ["wandb"],
     # Handled outside DPOConfig (the launch, or the derived accumulation: 15 / (1 rank x 3) = 5).
     "global_batch_size": 15,
     "strategy": "ddp",
