@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pairloop.losses import PAIRLOOP_LOSSES, check_loss_types
 
 __all__ = [
     "TRAIN_QUEUE",
@@ -48,7 +50,34 @@ class DPOHyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.01, gt=0.0)
-    loss_type: str = "sigmoid"
+    loss_type: list[str] = Field(
+        default_factory=lambda: ["sigmoid"],
+        description="one loss name or a list (summed with loss_weights): TRL's DPOConfig names "
+        "(sigmoid, ipo, hinge, ...) or simpo / sppo (pairloop.losses)",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="one weight per loss_type entry; None: 1.0 each (TRL's rule)"
+    )
+    ld_alpha: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="LD-DPO: weight of the tokens past the shorter response's length; None: off",
+    )
+    use_weighting: bool = Field(False, description="WPO weighting of the pairs (TRL)")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="robust / exo_pair / aot: label noise (TRL)"
+    )
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = (
+        "reverse_kl"
+    )
+    discopop_tau: float = Field(0.05, gt=0.0, description="discopop's temperature (TRL)")
+    simpo_gamma: float = Field(
+        0.5,
+        ge=0.0,
+        description="SimPO's target reward margin gamma (the loss is -log sigmoid(beta * "
+        "(mean logp_w - mean logp_l) - gamma)); SimPO's Mistral-Instruct: beta 2.5, gamma 0.25",
+    )
     learning_rate: float = Field(5e-7, gt=0.0)
     num_train_epochs: float = Field(1.0, gt=0.0)
     max_steps: int = Field(-1, description="-1: derived from epochs")
@@ -96,6 +125,37 @@ class DPOHyperparameters(BaseModel):
         description="one reference forward pass over the dataset before training, then the "
         "reference model is freed: less memory and no reference forward in the step",
     )
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _loss_names(cls, v: object) -> object:
+        names = [v] if isinstance(v, str) else v
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return check_loss_types(names)
+        return names
+
+    @model_validator(mode="after")
+    def _losses(self) -> DPOHyperparameters:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} entries for {len(self.loss_type)} "
+                f"loss_type entries {self.loss_type}: give one weight per loss"
+            )
+        ours = [n for n in self.loss_type if n in PAIRLOOP_LOSSES]
+        if ours:
+            # simpo/sppo read the policy's plain summed log-probs (SimPO averages them itself).
+            knobs = {
+                "ld_alpha": self.ld_alpha is not None,
+                "use_weighting": self.use_weighting,
+                "f_divergence_type": self.f_divergence_type != "reverse_kl",
+            }
+            clash = [k for k, on in knobs.items() if on]
+            if clash:
+                raise ValueError(
+                    f"{', '.join(clash)} apply to TRL's losses only, not to {', '.join(ours)}; "
+                    "unset them or choose a TRL loss_type"
+                )
+        return self
 
     @model_validator(mode="after")
     def _lengths(self) -> DPOHyperparameters:
