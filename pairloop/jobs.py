@@ -15,7 +15,7 @@ the trainer.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -170,6 +170,26 @@ class DPOHyperparameters(BaseModel):
                 f"per_device_train_batch_size {self.per_device_train_batch_size}"
             )
         return self
+
+    def loss_settings(self) -> dict[str, Any]:
+        """The loss and the knobs that shape it (defaults that do nothing left out): what a run
+        records, and `pairloop compare` shows, beside its figures."""
+        out: dict[str, Any] = {"loss_type": "+".join(self.loss_type), "beta": self.beta}
+        if self.loss_weights is not None:
+            out["loss_weights"] = list(self.loss_weights)
+        if "simpo" in self.loss_type:
+            out["simpo_gamma"] = self.simpo_gamma
+        if "discopop" in self.loss_type:
+            out["discopop_tau"] = self.discopop_tau
+        if self.ld_alpha is not None:
+            out["ld_alpha"] = self.ld_alpha
+        if self.use_weighting:
+            out["use_weighting"] = True
+        if self.label_smoothing:
+            out["label_smoothing"] = self.label_smoothing
+        if self.f_divergence_type != "reverse_kl":
+            out["f_divergence_type"] = self.f_divergence_type
+        return out
 
     def gradient_accumulation_for(self, world_size: int) -> int:
         """Accumulation steps that keep `global_batch_size` on `world_size` ranks (else as set)."""
