@@ -55,7 +55,7 @@ def test_compare_prints_one_table_and_writes_the_plot(
     assert main(["compare", *map(str, two_runs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     # The terminal table wraps its cells to the terminal's width; compare.md holds them whole.
-    assert "pairloop runs compared" in printed and "simpo_gamma" in printed
+    assert "pairloop runs compared" in printed and "0.710" in printed and "simpo" in printed
 
     table = (out / "compare.md").read_text()
     rows = [
