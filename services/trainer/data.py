@@ -191,7 +191,12 @@ def to_conversational(dataset: Dataset, *, split: str) -> Dataset:
     """Validate every row, then keep TRL's conversational prompt/chosen/rejected columns (and the
     win probabilities, where the dataset has them: SPPO trains on them)."""
     validate_rows(dataset, split=split)
-    kept = [c for c in PROBABILITY_COLUMNS if c in dataset.column_names]
+    # Columns of nulls (pairs ranked in bubble mode, which gives no probabilities) are dropped.
+    kept = [
+        c
+        for c in PROBABILITY_COLUMNS
+        if c in dataset.column_names and any(v is not None for v in dataset[c])
+    ]
     return dataset.map(
         _convert,
         remove_columns=[c for c in dataset.column_names if c not in kept],

@@ -108,7 +108,7 @@ class PairloopLossesMixin:
     model: Any
     data_collator: Any
     _metrics: dict[str, Any]
-    _signature_columns: list[str] | None
+    _signature_columns: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -80,9 +80,13 @@ def test_an_unknown_loss_is_refused_with_the_accepted_names() -> None:
 def test_sppo_refuses_a_dataset_without_win_probabilities() -> None:
     import datasets
 
-    plain = [{**r, "chosen_win_prob": None, "rejected_win_prob": None} for r in rows(2)]
-    ds = to_conversational(datasets.Dataset.from_list(plain), split="s")
-    with pytest.raises(ValidationError, match="chosen_win_prob is None"):
+    one_missing = [{**r, "chosen_win_prob": None} if i else r for i, r in enumerate(rows(2))]
+    ds = to_conversational(datasets.Dataset.from_list(one_missing), split="s")
+    with pytest.raises(ValidationError, match="row 1: chosen_win_prob is None"):
+        require_win_probabilities(ds, split="s")
+    bubble = [{**r, "chosen_win_prob": None, "rejected_win_prob": None} for r in rows(2)]
+    ds = to_conversational(datasets.Dataset.from_list(bubble), split="s")
+    with pytest.raises(ValidationError, match="no column"):
         require_win_probabilities(ds, split="s")
     bare = to_conversational(
         datasets.Dataset.from_list(rows(2)).remove_columns(["chosen_win_prob"]), split="s"
