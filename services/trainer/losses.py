@@ -62,7 +62,9 @@ def sppo_loss(
     """Per-pair soft SPPO loss: each log-ratio regressed on (win probability - 1/2) / beta."""
     chosen_target = (chosen_win_prob - 0.5) / beta
     rejected_target = (rejected_win_prob - 0.5) / beta
-    return ((chosen_logratios - chosen_target) ** 2 + (rejected_logratios - rejected_target) ** 2) / 2
+    return (
+        (chosen_logratios - chosen_target) ** 2 + (rejected_logratios - rejected_target) ** 2
+    ) / 2
 
 
 class _Recorder:
@@ -115,7 +117,9 @@ class PairloopLossesMixin:
         names, weights = self.loss_types, self.loss_weights
         self._ours = [(n, w) for n, w in zip(names, weights, strict=True) if n in PAIRLOOP_LOSSES]
         self.loss_types = [n for n in names if n not in PAIRLOOP_LOSSES]
-        self.loss_weights = [w for n, w in zip(names, weights, strict=True) if n not in PAIRLOOP_LOSSES]
+        self.loss_weights = [
+            w for n, w in zip(names, weights, strict=True) if n not in PAIRLOOP_LOSSES
+        ]
         if needs_win_probabilities(names):
             self.data_collator = _WithProbabilities(self.data_collator)
 

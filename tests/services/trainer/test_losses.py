@@ -244,7 +244,9 @@ def test_a_training_job_with_the_new_loss_publishes(
     result = run_train_job(job, settings, report=events.append)
     assert result.steps == 2
     assert math.isfinite(result.metrics[f"loss/{loss}"])
-    assert result.metrics["loss"] == pytest.approx(result.metrics[f"loss/{loss}"], rel=1e-3, abs=1e-4)
+    assert result.metrics["loss"] == pytest.approx(
+        result.metrics[f"loss/{loss}"], rel=1e-3, abs=1e-4
+    )
     assert (Path(model_store) / job.output_path / "model.safetensors").is_file()
     if loss == "simpo":
         assert all(r.reference_local_numel is None for r in result.ranks)
