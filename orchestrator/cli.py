@@ -5,8 +5,9 @@
     pairloop resume RUN_DIR [--local]                  # continue after a crash or cancel; redoes nothing finished
     pairloop status [RUN_DIR]                          # one run's stages, or every run under ./runs
     pairloop report RUN_DIR                            # (re)write RUN_DIR/report/report.md and plots
+    pairloop compare RUN_DIR RUN_DIR... [--out DIR]    # runs side by side: one table, win rate vs length
     pairloop cancel RUN_DIR                            # ask a running run to stop at the next safe point
-    pairloop demo [--new]                              # the whole loop on this machine: tiny models, local services
+    pairloop demo [--new] [--loss simpo]               # the whole loop on this machine: tiny models, local services
     pairloop api                                       # the status API + best-of-n chat completions
     pairloop tiny-models OUT_DIR                       # tiny Llama/Mistral chat models and a tiny PairRM, offline
     pairloop plan CONFIG --gpus 8 --gpu-memory 80      # memory per GPU of each stage; non-zero if it cannot fit
@@ -537,6 +538,27 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 
 
 @app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
+    out: Annotated[
+        Path, typer.Option(help="Where compare.md and win_rate_vs_length.png go.")
+    ] = Path("compare"),
+) -> None:
+    """Runs side by side: per iteration win rate, LC win rate, mean length, and each run's loss."""
+    from orchestrator.compare import HEADER, CompareError, compare_runs, table_rows
+
+    try:
+        runs, table_path, plot_path = compare_runs(run_dirs, out)
+    except CompareError as exc:
+        raise _fail(str(exc), 2) from None
+    table = Table(*HEADER, title="pairloop runs compared")
+    for cells in table_rows(runs):
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"table: {table_path}\nplot: {plot_path}")
+
+
+@app.command()
 def push(run_dir: Annotated[Path, typer.Argument(help="A completed run directory.")]) -> None:
     """(Re)write the final policy's model card and upload it and the datasets (push_to_hub)."""
     from orchestrator.publish import PushError, push_to_hub, write_model_card
@@ -596,6 +618,10 @@ def demo(
     prompt_field: Annotated[str, typer.Option(help="The field of --prompts holding the text.")] = (
         "prompt"
     ),
+    loss: Annotated[
+        str,
+        typer.Option(help="The training loss: sigmoid (DPO), ipo, simpo, sppo or any TRL name."),
+    ] = "sigmoid",
 ) -> None:
     """The embedded default: the whole loop on this machine with tiny models and local services.
 
@@ -606,6 +632,7 @@ def demo(
     workdir = workdir.resolve()
     # Running the demo again with the same work directory continues it.
     again = f"pairloop demo --workdir {workdir}" + (f" --prompts {prompts}" if prompts else "")
+    again += f" --loss {loss}" if loss != "sigmoid" else ""
     with _errors_as_messages(again):
         run_demo(
             workdir,
@@ -614,6 +641,7 @@ def demo(
             console=console,
             prompts_file=prompts,
             prompt_field=prompt_field,
+            loss=loss,
         )
 
 

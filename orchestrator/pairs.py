@@ -114,6 +114,7 @@ def build_pairs(
             prompt=rec.prompt,
             responses=candidates,
             scores=rec.scores or [],
+            win_probs=rec.win_probs,
             chosen_index=chosen,
             rejected_index=rejected,
         )

@@ -25,6 +25,7 @@ from typing import Any
 
 from orchestrator.config import RunConfig
 from pairloop.jobs import DPOHyperparameters, LoraSettings, Strategy
+from pairloop.losses import needs_reference
 
 __all__ = [
     "DEFAULT_STRATEGY",
@@ -247,7 +248,11 @@ def trainer_memory(
     if hp.cpu_offload and strategy != "ddp":
         for key in list(parts):
             parts[key] = 0.0  # the shards live in host memory
-    has_reference = not hp.precompute_ref_log_probs and not (lora is not None and same_reference)
+    has_reference = (
+        needs_reference(hp.loss_type)  # reference-free losses (simpo) load none
+        and not hp.precompute_ref_log_probs
+        and not (lora is not None and same_reference)
+    )
     if has_reference:
         parts["reference"] = p * c / shard
     if strategy != "ddp":
@@ -306,7 +311,7 @@ def _trainer_stage(
     if strategy == "ddp":
         tries.append(("strategy: fsdp", hp, "fsdp", lora))
         tries.append(("strategy: deepspeed-zero3", hp, "deepspeed-zero3", lora))
-    if not hp.precompute_ref_log_probs:
+    if not hp.precompute_ref_log_probs and needs_reference(hp.loss_type):
         tries.append(
             ("precompute_ref_log_probs: true", replace_hp(hp, precompute_ref_log_probs=True),
              strategy, lora)

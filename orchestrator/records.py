@@ -50,6 +50,9 @@ class RankedRecord(BaseModel):
     empty: int = Field(0, ge=0, description="responses dropped because they were empty")
     scores: list[float] | None = None
     ranks: list[int] | None = None
+    # Each answer's probability of beating the others (the ranker's full mode); left out of the
+    # line when None, so shards written before it existed keep their bytes.
+    win_probs: list[float] | None = Field(None, exclude_if=lambda v: v is None)
     best_index: int = 0
     worst_index: int = 0
     truncated: bool = Field(False, description="the ranker cut the prompt or an answer")

@@ -452,6 +452,28 @@ def _evaluation_lines(manifest: Manifest) -> list[str]:
     return ["## Evaluation notes", "", *lines, ""] if lines else []
 
 
+def loss_settings(manifest: Manifest) -> dict[str, Any]:
+    """The run's training loss and its knobs, as its train stages recorded them ({} before any)."""
+    for k in range(1, manifest.iterations + 1):
+        record = manifest.stages.get(f"iter{k}.train")
+        if record is not None and isinstance(record.metrics.get("loss"), dict):
+            return dict(record.metrics["loss"])
+    return {}
+
+
+def loss_label(settings: dict[str, Any]) -> str:
+    """`sppo (beta 0.001)`: a loss and its knobs in one line."""
+    if not settings:
+        return "-"
+    knobs = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "loss_type")
+    return f"{settings['loss_type']} ({knobs})" if knobs else str(settings["loss_type"])
+
+
+def _loss_lines(manifest: Manifest) -> list[str]:
+    settings = loss_settings(manifest)
+    return [f"Training loss: `{loss_label(settings)}`.", ""] if settings else []
+
+
 def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
     """Write RUN_DIR/report/report.md and its PNGs; return the Markdown path."""
     out = Path(run_dir) / "report"
@@ -478,6 +500,7 @@ def write_report(run_dir: str | Path, manifest: Manifest) -> Path:
         "",
         *_prompt_lines(manifest),
         *_evaluation_lines(manifest),
+        *_loss_lines(manifest),
         "| iteration | pairs | ties dropped | chosen score | rejected score | DPO loss (mean of "
         "steps) | reward margin (last step) | reward acc. (last step) | swap s | win vs base | LC win vs base | win vs prev. | mean length |",
         "|---" * 13 + "|",

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pairloop.errors import ServerError
+from pairloop.losses import PAIRLOOP_LOSSES, check_loss_types
 
 __all__ = [
     "TRAIN_QUEUE",
@@ -68,7 +69,34 @@ class DPOHyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.01, gt=0.0)
-    loss_type: str = "sigmoid"
+    loss_type: list[str] = Field(
+        default_factory=lambda: ["sigmoid"],
+        description="one loss name or a list (summed with loss_weights): TRL's DPOConfig names "
+        "(sigmoid, ipo, hinge, ...) or simpo / sppo (pairloop.losses)",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="one weight per loss_type entry; None: 1.0 each (TRL's rule)"
+    )
+    ld_alpha: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="LD-DPO: weight of the tokens past the shorter response's length; None: off",
+    )
+    use_weighting: bool = Field(False, description="WPO weighting of the pairs (TRL)")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="robust / exo_pair / aot: label noise (TRL)"
+    )
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = (
+        "reverse_kl"
+    )
+    discopop_tau: float = Field(0.05, gt=0.0, description="discopop's temperature (TRL)")
+    simpo_gamma: float = Field(
+        0.5,
+        ge=0.0,
+        description="SimPO's target reward margin gamma (the loss is -log sigmoid(beta * "
+        "(mean logp_w - mean logp_l) - gamma)); SimPO's Mistral-Instruct: beta 2.5, gamma 0.25",
+    )
     learning_rate: float = Field(5e-7, gt=0.0)
     num_train_epochs: float = Field(1.0, gt=0.0)
     max_steps: int = Field(-1, description="-1: derived from epochs")
@@ -131,6 +159,37 @@ class DPOHyperparameters(BaseModel):
             return []
         return [value] if isinstance(value, str) else value
 
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _loss_names(cls, v: object) -> object:
+        names = [v] if isinstance(v, str) else v
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return check_loss_types(names)
+        return names
+
+    @model_validator(mode="after")
+    def _losses(self) -> DPOHyperparameters:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} entries for {len(self.loss_type)} "
+                f"loss_type entries {self.loss_type}: give one weight per loss"
+            )
+        ours = [n for n in self.loss_type if n in PAIRLOOP_LOSSES]
+        if ours:
+            # simpo/sppo read the policy's plain summed log-probs (SimPO averages them itself).
+            knobs = {
+                "ld_alpha": self.ld_alpha is not None,
+                "use_weighting": self.use_weighting,
+                "f_divergence_type": self.f_divergence_type != "reverse_kl",
+            }
+            clash = [k for k, on in knobs.items() if on]
+            if clash:
+                raise ValueError(
+                    f"{', '.join(clash)} apply to TRL's losses only, not to {', '.join(ours)}; "
+                    "unset them or choose a TRL loss_type"
+                )
+        return self
+
     @model_validator(mode="after")
     def _lengths(self) -> DPOHyperparameters:
         if self.max_prompt_length >= self.max_length:
@@ -144,6 +203,26 @@ class DPOHyperparameters(BaseModel):
                 f"per_device_train_batch_size {self.per_device_train_batch_size}"
             )
         return self
+
+    def loss_settings(self) -> dict[str, Any]:
+        """The loss and the knobs that shape it (defaults that do nothing left out): what a run
+        records, and `pairloop compare` shows, beside its figures."""
+        out: dict[str, Any] = {"loss_type": "+".join(self.loss_type), "beta": self.beta}
+        if self.loss_weights is not None:
+            out["loss_weights"] = list(self.loss_weights)
+        if "simpo" in self.loss_type:
+            out["simpo_gamma"] = self.simpo_gamma
+        if "discopop" in self.loss_type:
+            out["discopop_tau"] = self.discopop_tau
+        if self.ld_alpha is not None:
+            out["ld_alpha"] = self.ld_alpha
+        if self.use_weighting:
+            out["use_weighting"] = True
+        if self.label_smoothing:
+            out["label_smoothing"] = self.label_smoothing
+        if self.f_divergence_type != "reverse_kl":
+            out["f_divergence_type"] = self.f_divergence_type
+        return out
 
     def gradient_accumulation_for(self, world_size: int) -> int:
         """Accumulation steps that keep `global_batch_size` on `world_size` ranks (else as set)."""

@@ -1,9 +1,12 @@
 """The preference dataset format pairloop writes and trains on: Snorkel-Mistral-PairRM-DPO's columns.
 
-    prompt_id, prompt, chosen, rejected, all_generated_responses, all_rm_scores
+    prompt_id, prompt, chosen, rejected, all_generated_responses, all_rm_scores,
+    all_win_probs, chosen_win_prob, rejected_win_prob
 
 `chosen` / `rejected` are message lists `[{role: user, content: prompt}, {role: assistant, ...}]`,
-as in `HuggingFaceH4/ultrafeedback_binarized` and Snorkel's dataset. A dataset directory holds one
+as in `HuggingFaceH4/ultrafeedback_binarized` and Snorkel's dataset. The last three columns are
+pairloop's: each response's probability of beating the prompt's other responses, by the ranker
+(full mode; empty / null in bubble mode). SPPO trains on them; users can filter pairs on them. A dataset directory holds one
 JSONL file per split (`train_iteration_{k}`, `test_iteration_{k}`) and a README.md whose `configs`
 block names them. File names carry a content hash: `datasets` caches local files by path and
 modification time, so rewriting a split under the same name within a second served stale rows.
@@ -43,6 +46,9 @@ PREFERENCE_COLUMNS = (
     "rejected",
     "all_generated_responses",
     "all_rm_scores",
+    "all_win_probs",
+    "chosen_win_prob",
+    "rejected_win_prob",
 )
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -56,12 +62,17 @@ class PreferenceRow(BaseModel):
     rejected: list[ChatMessage] = Field(min_length=2)
     all_generated_responses: list[str]
     all_rm_scores: list[float]
+    all_win_probs: list[float] = Field(default_factory=list)
+    chosen_win_prob: float | None = Field(None, ge=0.0, le=1.0)
+    rejected_win_prob: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _consistent(self) -> PreferenceRow:
         # Empty scores are allowed: bubble-mode ranking finds best and worst without scoring all.
         if self.all_rm_scores and len(self.all_generated_responses) != len(self.all_rm_scores):
             raise ValueError("all_generated_responses and all_rm_scores differ in length")
+        if self.all_win_probs and len(self.all_generated_responses) != len(self.all_win_probs):
+            raise ValueError("all_generated_responses and all_win_probs differ in length")
         for name in ("chosen", "rejected"):
             msgs = getattr(self, name)
             if msgs[-1].role != "assistant":
@@ -77,8 +88,10 @@ def make_preference_row(
     scores: Sequence[float],
     chosen_index: int,
     rejected_index: int,
+    win_probs: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Build one row (as a plain dict) from a prompt, its responses, their scores and the pair."""
+    """Build one row (as a plain dict) from a prompt, its responses, their scores (and win
+    probabilities, where the ranker gave them) and the pair."""
 
     def convo(response: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
@@ -90,6 +103,9 @@ def make_preference_row(
         rejected=convo(responses[rejected_index]),
         all_generated_responses=list(responses),
         all_rm_scores=[float(s) for s in scores],
+        all_win_probs=[float(p) for p in win_probs or []],
+        chosen_win_prob=win_probs[chosen_index] if win_probs else None,
+        rejected_win_prob=win_probs[rejected_index] if win_probs else None,
     )
     return row.model_dump()
 

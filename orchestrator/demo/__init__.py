@@ -86,6 +86,7 @@ def demo_config(
     redis_url: str | None = None,
     prompts_file: Path | None = None,
     prompt_field: str = "prompt",
+    loss: str = "sigmoid",
 ) -> dict[str, Any]:
     """The demo's run config as a dict: the packaged YAML with this machine's paths;
     `prompts_file` replaces the shipped prompts (its `prompt_field` holds the text).
@@ -100,6 +101,7 @@ def demo_config(
         iterations=iterations,
     )
     cfg["prompts"]["source"] = str(_packaged("prompts.jsonl"))
+    cfg["dpo"].update(demo_loss(loss))
     if prompts_file is not None:
         _prompt_source(cfg, iterations, prompts_file, prompt_field)
     urls = {
@@ -111,8 +113,28 @@ def demo_config(
     return cfg
 
 
+# Per-loss knobs where the demo's DPO values do not suit (the rest keep demo.yaml's): SimPO's
+# published beta and margin (its beta scales an average log-prob, 10-100x DPO's).
+DEMO_LOSS_KNOBS: dict[str, dict[str, Any]] = {"simpo": {"beta": 2.5, "simpo_gamma": 0.25}}
+
+
+def demo_loss(loss: str) -> dict[str, Any]:
+    """The demo config's `dpo` changes for `loss`; ConfigError naming the accepted losses."""
+    from orchestrator.config import ConfigError
+    from pairloop.losses import ACCEPTED_LOSSES
+
+    if loss not in ACCEPTED_LOSSES:
+        raise ConfigError(f"--loss {loss!r} is unknown; accepted: {', '.join(ACCEPTED_LOSSES)}")
+    return {"loss_type": loss, **DEMO_LOSS_KNOBS.get(loss, {})}
+
+
+def _frozen_loss(frozen: dict[str, Any]) -> list[str]:
+    names = (frozen.get("dpo") or {}).get("loss_type", "sigmoid")
+    return [names] if isinstance(names, str) else list(names)
+
+
 def find_unfinished(
-    runs_root: Path, *, iterations: int, prompts_source: str | None = None
+    runs_root: Path, *, iterations: int, prompts_source: str | None = None, loss: str = "sigmoid"
 ) -> Path | None:
     """The newest demo run under `runs_root` that did not complete, with `iterations` (and, if
     given, the prompt source `prompts_source`)."""
@@ -128,6 +150,8 @@ def find_unfinished(
             continue  # not a readable run: leave it alone
         if prompts_source is not None and frozen["prompts"]["source"] != prompts_source:
             continue  # another prompt file is another demo
+        if _frozen_loss(frozen) != [loss]:
+            continue  # so is another loss
         if m.status != "completed" and m.iterations == iterations:
             candidates.append((m.created_at, manifest_path.parent))
     return max(candidates)[1] if candidates else None
@@ -141,6 +165,7 @@ def run_demo(
     console: Console | None = None,
     prompts_file: Path | None = None,
     prompt_field: str = "prompt",
+    loss: str = "sigmoid",
 ) -> tuple[Path, Manifest]:
     """Run (or continue) the demo under `workdir`; return (run directory, final manifest).
 
@@ -155,6 +180,7 @@ def run_demo(
     console = console or Console()
     if prompts_file is not None and not prompts_file.is_file():
         raise ConfigError(f"--prompts: {prompts_file} is not a file")  # before anything is built
+    demo_loss(loss)  # an unknown --loss fails before anything is built
     started = time.monotonic()
     store = workdir / "store"
     base = store / "models" / "tiny-llama"
@@ -165,7 +191,9 @@ def run_demo(
     unfinished = (
         None
         if new
-        else find_unfinished(store / "runs", iterations=iterations, prompts_source=source)
+        else find_unfinished(
+            store / "runs", iterations=iterations, prompts_source=source, loss=loss
+        )
     )
     if unfinished is not None:
         console.print(f"resuming run {unfinished.name} (`pairloop demo --new` starts a fresh one)")
@@ -177,10 +205,12 @@ def run_demo(
             iterations=iterations,
             prompts_file=prompts_file,
             prompt_field=prompt_field,
+            loss=loss,
         )
         config_path = workdir / "demo-config.yaml"
         atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
-        run_dir = create_run(config_path, run_id=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+        tag = "" if loss == "sigmoid" else f"{loss}-"
+        run_dir = create_run(config_path, run_id=f"demo-{tag}{time.strftime('%Y%m%d-%H%M%S')}")
     manifest = run_local(run_dir, console=console)
     _print_outcome(run_dir, manifest, iterations=iterations, console=console)
     console.print(f"finished in {time.monotonic() - started:.0f} s")

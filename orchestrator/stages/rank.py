@@ -56,6 +56,7 @@ def _with_verdict(rec: RankedRecord, res: RankResult) -> RankedRecord:
         empty=rec.empty,
         scores=res.scores,
         ranks=res.ranks,
+        win_probs=res.win_probs,
         best_index=res.best_index,
         worst_index=res.worst_index,
         truncated=res.truncated.any,

@@ -100,4 +100,6 @@ async def run(ctx: RunContext, k: int) -> dict[str, Any]:
         "peak_rss_bytes_per_rank": [r.peak_rss_bytes for r in result.ranks],
         "peak_device_bytes_per_rank": [r.peak_device_bytes for r in result.ranks],
         **{f"dpo/{key}": value for key, value in result.metrics.items()},
+        # Which loss made these figures (pairloop compare, the report): loss_type, beta, ...
+        "loss": ctx.cfg.dpo.loss_settings(),
     }

@@ -11,6 +11,9 @@ when they are the same candidate (all scores equal, or bubble mode found no orde
 yields no chosen/rejected pair. Caps on items and candidates depend on deployment and are enforced
 by the server (HTTP 400 naming the cap).
 
+Win probabilities (full mode): `win_probs[i]` is the mean over j != i of P(i beats j), with P as
+in compare below (PairRM) or Bradley-Terry on the scores (pointwise backends). SPPO trains on them.
+
 Compare: `logit` is the comparison's log-odds averaged over both orders (PairRM: the mean of
 L(a, b) and -L(b, a), half of llm-blender's `compare(..., return_logits=True)`; pointwise backends:
 score_a - score_b), and `prob_a_beats_b = sigmoid(logit)`.
@@ -110,6 +113,13 @@ class RankResult(BaseModel):
         description="per candidate, higher is better; None in PairRM's bubble mode"
     )
     ranks: list[int] | None = Field(description="1 = best; None in PairRM's bubble mode")
+    win_probs: list[float] | None = Field(
+        None,
+        description="per candidate, its estimated probability of beating the other candidates: "
+        "the mean over the others of P(i beats j). PairRM (full mode): P = sigmoid of the "
+        "comparison's log-odds averaged over both orders, as /v1/compare; pointwise backends: "
+        "Bradley-Terry, sigmoid(score_i - score_j). None in PairRM's bubble mode",
+    )
     best_index: int
     worst_index: int
     tie: bool = Field(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pairloop.errors import NotFoundError, ValidationError
+from pairloop.losses import PROBABILITY_COLUMNS
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -30,6 +31,7 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "dataset_content_hash",
     "load_preference_split",
+    "require_win_probabilities",
     "to_conversational",
     "validate_rows",
 ]
@@ -186,8 +188,37 @@ def _convert(row: Mapping[str, Any]) -> dict[str, list[dict]]:
 
 
 def to_conversational(dataset: Dataset, *, split: str) -> Dataset:
-    """Validate every row, then keep only TRL's conversational prompt/chosen/rejected columns."""
+    """Validate every row, then keep TRL's conversational prompt/chosen/rejected columns (and the
+    win probabilities, where the dataset has them: SPPO trains on them)."""
     validate_rows(dataset, split=split)
+    # Columns of nulls (pairs ranked in bubble mode, which gives no probabilities) are dropped.
+    kept = [
+        c
+        for c in PROBABILITY_COLUMNS
+        if c in dataset.column_names and any(v is not None for v in dataset[c])
+    ]
     return dataset.map(
-        _convert, remove_columns=dataset.column_names, desc=f"Preparing {split} pairs"
+        _convert,
+        remove_columns=[c for c in dataset.column_names if c not in kept],
+        desc=f"Preparing {split} pairs",
     )
+
+
+def require_win_probabilities(dataset: Dataset, *, split: str) -> None:
+    """ValidationError unless every row has both win probabilities, each in [0, 1] (SPPO)."""
+    missing = [c for c in PROBABILITY_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValidationError(
+            f"split {split!r} has no column(s) {missing}: loss_type sppo trains on the ranker's "
+            "win probabilities. Rank with the ranker's full mode (bubble mode gives none) or "
+            "choose another loss_type",
+            param="hyperparameters.loss_type",
+        )
+    for column in PROBABILITY_COLUMNS:
+        for index, value in enumerate(dataset[column]):
+            if value is None or not 0.0 <= float(value) <= 1.0:
+                raise ValidationError(
+                    f"split {split!r} row {index}: {column} is {value!r}, not a probability; "
+                    "loss_type sppo needs one for every pair (the ranker's full mode)",
+                    param="hyperparameters.loss_type",
+                )

@@ -33,6 +33,8 @@ from pairloop.atomic import atomic_write_text
 from pairloop.checkpoints import COMPLETE_MARKER, read_manifest
 from pairloop.errors import ServerError, ValidationError
 from pairloop.jobs import DPOHyperparameters, TrainProgress
+from pairloop.losses import needs_reference, needs_win_probabilities
+from services.trainer.data import require_win_probabilities
 from services.trainer.sharding import (
     SHARDED,
     gather_full_state_dict,
@@ -74,6 +76,8 @@ _STEP_METRICS = (
     "logps/rejected",
     "grad_norm",
     "learning_rate",
+    "loss/simpo",
+    "loss/sppo",
 )
 _TRAINER_STATE = "trainer_state.json"  # transformers' name for it in every checkpoint
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -111,6 +115,7 @@ HANDLED_OUTSIDE_DPOCONFIG: dict[str, str] = {
     "(dpo_config)",
     "strategy": "the launch: the strategy's accelerate config file (launcher.py)",
     "cpu_offload": "the launch: fsdp_offload_params / DeepSpeed offload devices (launcher.py)",
+    "simpo_gamma": "PairloopLossesMixin.simpo_gamma, set in train_policy (services/trainer/losses.py)",
 }
 # transformers 5: `warmup_ratio` is gone; a float below 1 in `warmup_steps` is the ratio.
 _DPOCONFIG_NAMES = {"warmup_ratio": "warmup_steps"}
@@ -129,7 +134,10 @@ def dpo_config_kwargs(
         _DPOCONFIG_NAMES.get(name, name): value
         for name, value in hp.model_dump(exclude=set(HANDLED_OUTSIDE_DPOCONFIG)).items()
     }
-    kwargs["loss_type"] = [hp.loss_type]  # TRL 1.x takes a list (losses can be combined)
+    kwargs["loss_type"] = list(hp.loss_type)  # simpo/sppo are taken out by PairloopLossesMixin
+    if not needs_reference(hp.loss_type):
+        # Reference-free: TRL loads no reference, and the mixin's "precomputed" log-probs are 0.
+        kwargs["precompute_ref_log_probs"] = True
     kwargs["bf16"] = bf16
     kwargs["gradient_checkpointing"] = gradient_checkpointing
     return kwargs
@@ -197,9 +205,11 @@ def dpo_trainer_class() -> type[Any]:
     from trl import DPOTrainer
 
     from pairloop.truncation import keep_end  # the rule prompt admission cuts by, too
+    from services.trainer.losses import PairloopLossesMixin
 
-    class PairloopDPOTrainer(DPOTrainer):
-        """DPOTrainer that also caps prompt length, as `max_prompt_length` did before TRL 1.x.
+    class PairloopDPOTrainer(PairloopLossesMixin, DPOTrainer):
+        """DPOTrainer that also caps prompt length, as `max_prompt_length` did before TRL 1.x,
+        and knows the losses simpo and sppo (`services/trainer/losses.py`).
 
         Long prompts keep their end (the question), as TRL's old default did, so the
         completions are not crowded out of `max_length`.
@@ -386,6 +396,8 @@ def train_policy(
         torch.set_num_threads(spec.cpu_threads)
     report(TrainProgress(phase="loading"))
     train_dataset = dataset if dataset is not None else prepare_dataset(spec)
+    if needs_win_probabilities(hp.loss_type):
+        require_win_probabilities(train_dataset, split=job.split_name)
     eval_dataset = prepare_eval_dataset(spec)
 
     tokenizer = AutoTokenizer.from_pretrained(spec.policy_path)
@@ -408,7 +420,7 @@ def train_policy(
     # disabling the adapter; otherwise the reference is an explicit, separately loaded model.
     same_reference = Path(spec.reference_path) == Path(spec.policy_path)
     ref_model = None
-    if not (job.lora is not None and same_reference):
+    if needs_reference(hp.loss_type) and not (job.lora is not None and same_reference):
         # The reference is frozen: with bf16 compute it needs no float32 copy (half the memory).
         ref_dtype = "bfloat16" if resolve_precision(hp, spec.device)[0] else load_dtype
         ref_model = _load_causal_lm(spec.reference_path, ref_dtype, what="reference")
@@ -430,6 +442,7 @@ def train_policy(
     callback = progress_callback(report, resumed_from_step)
     trainer_cls = dpo_trainer_class()
     trainer_cls.max_prompt_length = hp.max_prompt_length
+    trainer_cls.simpo_gamma = hp.simpo_gamma
     trainer = trainer_cls(
         model=policy,
         ref_model=ref_model,

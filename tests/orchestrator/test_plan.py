@@ -209,3 +209,29 @@ def test_cli_plan_json_prints_phases_gpus_bytes_and_wall_time(
     assert main(["plan", str(RECIPE), "--gpus", "8", "--gpu-memory", "24", "--json"]) == 2
     small = json.loads(capsys.readouterr().out)
     assert not small["fits"] and any("phase needs" in p for p in small["problems"])
+
+
+@pytest.mark.parametrize("name", ["simpo-mistral-pairrm.yaml", "sppo-mistral-pairrm.yaml"])
+def test_loss_recipes_fit_8x80_and_only_reference_free_ones_skip_the_reference(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = RECIPE.parent / name
+    assert main(["plan", str(path), "--gpus", "8", "--gpu-memory", "80"]) == 0
+    cfg = load_run_config(path)
+    plan = plan_run(cfg, gpus=8, gpu_memory_gib=80)
+    assert plan.fits
+    trainer = plan.stages[-1].parts
+    if cfg.dpo.loss_type == ["simpo"]:
+        assert "reference" not in trainer and cfg.iterations == 1 and cfg.dpo.beta == 2.5
+        assert cfg.dpo.simpo_gamma / cfg.dpo.beta == pytest.approx(0.1)
+    else:
+        assert cfg.dpo.loss_type == ["sppo"] and trainer["reference"] > 0
+        assert cfg.ranker.mode == "full"  # SPPO trains on the full mode's win probabilities
+    assert "reference" in capsys.readouterr().out or cfg.dpo.loss_type == ["simpo"]
+
+
+def test_a_reference_free_loss_counts_no_reference_model() -> None:
+    hp = DPOHyperparameters(bf16=True, gradient_checkpointing=True)
+    assert "reference" in trainer_memory(MISTRAL, hp, strategy="fsdp", gpus=8)
+    simpo = replace_hp(hp, loss_type=["simpo"])
+    assert "reference" not in trainer_memory(MISTRAL, simpo, strategy="fsdp", gpus=8)

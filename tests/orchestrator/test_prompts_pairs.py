@@ -120,3 +120,32 @@ def test_equal_scores_after_the_length_penalty_pick_the_first_highest_and_first_
     )
     assert train[0]["chosen"][1]["content"] == "b" * 100
     assert train[0]["rejected"][1]["content"] == "a" * 100
+
+
+def test_win_probabilities_follow_the_chosen_and_rejected_answers() -> None:
+    record = RankedRecord(
+        prompt_id="a",
+        prompt="q",
+        candidates=["x" * 1000, "short", "mid"],
+        scores=[1.0, 0.9, -0.2],
+        win_probs=[0.7, 0.6, 0.2],
+        best_index=0,
+        worst_index=2,
+    )
+    plain, _, _ = build_pairs([record], PairsConfig(test_fraction=0.0))
+    assert (plain[0]["chosen_win_prob"], plain[0]["rejected_win_prob"]) == (0.7, 0.2)
+    assert plain[0]["all_win_probs"] == [0.7, 0.6, 0.2]
+    # The length penalty picks another chosen answer: its own probability goes with it.
+    penalised, _, _ = build_pairs(
+        [record], PairsConfig(rule="length_penalised", length_penalty=0.05, test_fraction=0.0)
+    )
+    assert penalised[0]["chosen"][1]["content"] == "short"
+    assert penalised[0]["chosen_win_prob"] == 0.6
+    # Bubble mode knows no probabilities: the columns are there, empty.
+    bubble, _, _ = build_pairs(
+        [rec("b", None, ["u", "v"], best=1, worst=0)], PairsConfig(test_fraction=0.0)
+    )
+    assert bubble[0]["chosen_win_prob"] is None and bubble[0]["all_win_probs"] == []
+    # Shards written before win probabilities existed keep their bytes.
+    line = rec("c", [0.1, 0.2]).model_dump(mode="json")
+    assert "win_probs" not in line

@@ -36,6 +36,8 @@ __all__ = [
     "rank_from_scores",
     "ranks_from_scores",
     "sigmoid",
+    "win_probs_from_logits",
+    "win_probs_from_scores",
 ]
 
 Pick = Literal["best", "worst"]
@@ -75,18 +77,39 @@ def sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
+def win_probs_from_logits(logits: Sequence[Sequence[float]]) -> list[float]:
+    """Each candidate's mean probability of beating the others: mean over j != i of
+    sigmoid(logits[i][j]), where logits[i][j] is the log-odds that i beats j."""
+    n = len(logits)
+    if n < 2:
+        raise ValueError("win probabilities need at least two candidates")
+    return [
+        sum(sigmoid(float(logits[i][j])) for j in range(n) if j != i) / (n - 1) for i in range(n)
+    ]
+
+
+def win_probs_from_scores(scores: Sequence[float]) -> list[float]:
+    """Bradley-Terry from pointwise scores: P(i beats j) = sigmoid(score_i - score_j)."""
+    return win_probs_from_logits([[float(a) - float(b) for b in scores] for a in scores])
+
+
 def ranks_from_scores(scores: Sequence[float]) -> list[int]:
     """1-based ranks, ties sharing the better rank: llm-blender's `get_ranks_from_scores`."""
     ordered = sorted(scores, reverse=True)
     return [ordered.index(s) + 1 for s in scores]
 
 
-def rank_from_scores(scores: Sequence[float], truncated: Truncation) -> RankResult:
+def rank_from_scores(
+    scores: Sequence[float], truncated: Truncation, win_probs: Sequence[float] | None = None
+) -> RankResult:
+    """The full verdict from scores; win probabilities default to Bradley-Terry on the scores."""
     values = [float(s) for s in scores]
     best, worst = best_and_worst(values)
+    probs = list(win_probs) if win_probs is not None else win_probs_from_scores(values)
     return RankResult(
         scores=values,
         ranks=ranks_from_scores(values),
+        win_probs=[float(p) for p in probs],
         best_index=best,
         worst_index=worst,
         tie=best == worst,

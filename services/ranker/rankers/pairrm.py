@@ -3,7 +3,8 @@
 Every comparison is one sequence `[source][left candidate][right candidate]` through the model,
 giving L(left, right) (> 0: left is better). For an item with n candidates:
   - full mode: all n(n-1) ordered pairs; C[i, j] = L(i, j); scores = mean_j(C - C^T)[i]
-    (llm-blender's `_full_predict` + `get_scores_from_cmps`, same float32 arithmetic);
+    (llm-blender's `_full_predict` + `get_scores_from_cmps`, same float32 arithmetic), and win
+    probabilities mean_{j != i} sigmoid((C[i, j] - C[j, i]) / 2) from the same comparisons;
   - bubble mode: one bubble pass in the given order, both orders per step (n-1 steps), exactly
     llm-blender's `_bubble_predict` started from the identity permutation instead of a random one,
     so the answer is reproducible. Ranking runs the best and the worst pass together and shares
@@ -38,6 +39,7 @@ from services.ranker.rankers.base import (
     rank_from_scores,
     select_from_rank,
     sigmoid,
+    win_probs_from_logits,
 )
 from services.ranker.settings import RankerSettings
 
@@ -145,7 +147,11 @@ class PairRMRanker:
         for (i, j), value in zip(pairs, await asyncio.gather(*futures), strict=True):
             matrix[i, j] = value
         scores = (matrix - matrix.T).mean(axis=-1)  # float32, as get_scores_from_cmps
-        return rank_from_scores(scores.tolist(), encoded.truncation)
+        # Both orders averaged, as /v1/compare: logit(i beats j) = (L(i, j) - L(j, i)) / 2.
+        logits = (matrix.astype(np.float64) - matrix.T.astype(np.float64)) / 2.0
+        return rank_from_scores(
+            scores.tolist(), encoded.truncation, win_probs_from_logits(logits.tolist())
+        )
 
     @staticmethod
     async def _bubble(cmps: _Comparisons, n: int, pick: Pick) -> int:

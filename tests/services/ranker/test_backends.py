@@ -52,6 +52,13 @@ def check_routes_agree(url: str, expected: list[list[float]], backend: str) -> N
             assert result["best_index"] == want.index(max(want))
             assert result["worst_index"] == want.index(min(want))
             assert result["ranks"] == [sorted(want, reverse=True).index(s) + 1 for s in want]
+            # Win probabilities: Bradley-Terry on the scores, P(i beats j) = sigmoid(s_i - s_j).
+            bt = [
+                sum(1 / (1 + math.exp(b - a)) for j, b in enumerate(want) if j != i)
+                / (len(want) - 1)
+                for i, a in enumerate(want)
+            ]
+            assert result["win_probs"] == pytest.approx(bt, abs=1e-4)
     worst = post(url, "/v1/select", {"items": ITEMS, "pick": "worst"})
     for result, want, item in zip(worst["results"], expected, ITEMS, strict=True):
         assert result["candidate"] == item["candidates"][want.index(min(want))]

@@ -182,3 +182,31 @@ def test_control_tokens_in_text_do_not_break_ranking(pairrm_url: str) -> None:
     ]
     body = post(pairrm_url, "/v1/rank", {"items": items})
     assert len(body["results"][0]["scores"]) == 2
+
+
+def test_full_mode_win_probabilities_equal_blender_pairwise_logits(
+    pairrm_url: str, reference_blender: Any, items_factory: Any
+) -> None:
+    """win_probs[i] = mean over j != i of sigmoid(logit(i beats j)), both orders averaged, with
+    the logits taken from llm-blender's own `compare(..., return_logits=True)`."""
+    prompts, candidates = items_factory(8, 3, 4)
+    body = post(pairrm_url, "/v1/rank", {"items": rank_items(prompts, candidates)})
+
+    for prompt, cands, result in zip(prompts, candidates, body["results"], strict=True):
+        n = len(cands)
+        pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+        # llm-blender's "[A,B]+[B,A]" mode returns L(a, b) - L(b, a): twice the averaged log-odds.
+        both = reference_blender.compare(
+            [prompt] * len(pairs),
+            [cands[i] for i, _ in pairs],
+            [cands[j] for _, j in pairs],
+            return_logits=True,
+        )
+        p_win = np.zeros((n, n))
+        for (i, j), value in zip(pairs, both, strict=True):
+            p_win[i, j] = 1.0 / (1.0 + math.exp(-float(value) / 2.0))
+        expected = [sum(p_win[i, j] for j in range(n) if j != i) / (n - 1) for i in range(n)]
+        np.testing.assert_allclose(result["win_probs"], expected, rtol=0, atol=TOL)
+        # Informative: the candidates' probabilities differ, and they average to one half.
+        assert max(expected) - min(expected) > 0.01
+        assert sum(result["win_probs"]) / n == pytest.approx(0.5, abs=TOL)

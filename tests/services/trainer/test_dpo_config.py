@@ -23,7 +23,13 @@ from .helpers import make_job
 # off here anyway: the test host may have no GPU).
 NON_DEFAULT: dict[str, Any] = {
     "beta": 0.25,
-    "loss_type": "ipo",
+    "loss_type": ["ipo", "sft"],
+    "loss_weights": [0.5, 2.0],
+    "ld_alpha": 0.5,
+    "use_weighting": True,
+    "label_smoothing": 0.2,
+    "f_divergence_type": "js_divergence",
+    "discopop_tau": 0.1,
     "learning_rate": 3e-5,
     "num_train_epochs": 2.0,
     "max_steps": 7,
@@ -46,10 +52,11 @@ NON_DEFAULT: dict[str, Any] = {
     "global_batch_size": 15,
     "strategy": "ddp",
     "cpu_offload": True,
+    "simpo_gamma": 0.7,
 }
 # DPOConfig's names and forms of our fields, where they differ.
 TRL_NAME = {"warmup_ratio": "warmup_steps"}
-TRL_FORM = {"loss_type": lambda v: [v]}
+TRL_FORM: dict[str, Any] = {}
 
 
 def spec_for(hp: dict[str, Any], tmp_path: Path) -> TrainingSpec:
