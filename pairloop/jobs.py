@@ -196,6 +196,16 @@ class RankReport(BaseModel):
     reference_local_numel: int | None = Field(
         None, description="reference elements in this rank's memory; None: no reference model"
     )
+    reference_fsdp_units: int | None = Field(
+        None,
+        description="FSDP units the reference is sharded into (one per decoder layer, the "
+        "embeddings, the head and the root); each forward gathers one at a time",
+    )
+    loaded_numel: int | None = Field(
+        None,
+        description="parameter elements this rank materialised when loading policy and "
+        "reference (0 on the ranks that receive their shards by broadcast)",
+    )
     peak_rss_bytes: int = Field(description="the rank process's peak resident memory")
     rss_bytes: int = Field(description="its resident memory at the end of training")
     peak_device_bytes: int | None = Field(

@@ -13,9 +13,9 @@ reference we mean; `max_prompt_length` is gone from `DPOConfig`, so prompts are 
 Sharded strategies (`sharding.py`): the strategy comes from the launch (accelerate config), so
 `DPOConfig` only learns the derived gradient accumulation and, under FSDP, leaves activation
 checkpointing to FSDP's own (the launcher sets `fsdp_activation_checkpointing`; the Trainer refuses
-both at once). The reference model is sharded alongside the policy (TRL's `prepare_fsdp` /
-`prepare_deepspeed`) unless its log-probs are precomputed, and the final save gathers a full state
-dict with every rank taking part.
+both at once). Only rank 0 reads the weights (`loading.py`); the reference is sharded per decoder
+layer like the policy (`sharding.reference_sharded_per_layer`) unless its log-probs are
+precomputed, and the final save streams the gathered tensors, every rank taking part.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from pairloop.atomic import atomic_write_text
 from pairloop.checkpoints import COMPLETE_MARKER, read_manifest
 from pairloop.errors import ServerError, ValidationError
 from pairloop.jobs import DPOHyperparameters, TrainProgress
+from services.trainer.loading import load_models
 from services.trainer.sharding import (
     SHARDED,
-    gather_full_state_dict,
     rank_reports,
-    write_full_checkpoint,
+    reference_sharded_per_layer,
+    stream_full_checkpoint,
 )
 from services.trainer.spec import (
     TrainingOutcome,
@@ -182,17 +183,6 @@ def checkpoint_dtype(path: str) -> str:
     return max(counts, key=lambda k: counts[k]) if counts else "float32"
 
 
-def _load_causal_lm(path: str, dtype: str, *, what: str) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValidationError(
-            f"{what} at {path!r} could not be loaded as a causal LM: {exc}", param=f"{what}_path"
-        ) from exc
-
-
 def dpo_trainer_class() -> type[Any]:
     from trl import DPOTrainer
 
@@ -295,17 +285,17 @@ def _save_weights(trainer: Any, tokenizer: Any, spec: TrainingSpec, policy_dtype
     """
     staging = Path(spec.staging_dir)
     if spec.strategy in SHARDED:
-        state = gather_full_state_dict(trainer, spec.strategy)
+        # The generator validates names and dtype against the running model: the policy
+        # checkpoint's tensors, in its dtype, gathered and written one tensor at a time.
+        stream_full_checkpoint(
+            trainer.accelerator.unwrap_model(trainer.model),
+            staging,
+            names=list(read_manifest(spec.policy_path).tensors),
+            dtype=_torch_dtype(policy_dtype),
+            max_shard_size=spec.publish_max_shard_size,
+            write=trainer.args.should_save,
+        )
         if trainer.args.should_save:
-            # The generator validates dtype against the running model: the policy's dtype.
-            write_full_checkpoint(
-                state,
-                staging,
-                model=trainer.accelerator.unwrap_model(trainer.model),
-                policy_path=spec.policy_path,
-                dtype=_torch_dtype(policy_dtype),
-                max_shard_size=spec.publish_max_shard_size,
-            )
             tokenizer.save_pretrained(staging)
         return False
     if not trainer.args.should_save:
@@ -358,15 +348,19 @@ def train_policy(
             "weights are small, train it with strategy ddp (hyperparameters.strategy)",
             param="hyperparameters.strategy",
         )
-    policy = _load_causal_lm(spec.policy_path, load_dtype, what="policy")
     # With LoRA and the reference equal to the policy, TRL gets the reference for free by
-    # disabling the adapter; otherwise the reference is an explicit, separately loaded model.
+    # disabling the adapter; otherwise the reference is an explicit model (a copy of the loaded
+    # policy when it is the same checkpoint). Under FSDP only rank 0 reads the weights.
     same_reference = Path(spec.reference_path) == Path(spec.policy_path)
-    ref_model = None
-    if not (job.lora is not None and same_reference):
-        # The reference is frozen: with bf16 compute it needs no float32 copy (half the memory).
-        ref_dtype = "bfloat16" if resolve_precision(hp, spec.device)[0] else load_dtype
-        ref_model = _load_causal_lm(spec.reference_path, ref_dtype, what="reference")
+    # The reference is frozen: with bf16 compute it needs no float32 copy (half the memory).
+    ref_dtype = "bfloat16" if resolve_precision(hp, spec.device)[0] else load_dtype
+    models = load_models(
+        spec.policy_path,
+        None if job.lora is not None and same_reference else spec.reference_path,
+        policy_dtype=load_dtype,
+        reference_dtype=ref_dtype,
+    )
+    policy, ref_model = models.policy, models.reference
 
     peft_config = None
     if job.lora is not None:
@@ -385,20 +379,21 @@ def train_policy(
     callback = progress_callback(report, resumed_from_step)
     trainer_cls = dpo_trainer_class()
     trainer_cls.max_prompt_length = hp.max_prompt_length
-    trainer = trainer_cls(
-        model=policy,
-        ref_model=ref_model,
-        args=dpo_config(spec),
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[callback],
-    )
+    with reference_sharded_per_layer():
+        trainer = trainer_cls(
+            model=policy,
+            ref_model=ref_model,
+            args=dpo_config(spec),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[callback],
+        )
     # Our callback logs each step; the default printer would dump dicts on stdout.
     trainer.remove_callback(PrinterCallback)
     if hp.precompute_ref_log_probs and ref_model is not None:
         # Reference log-probs are now columns of the dataset: the model is no longer needed.
-        trainer.ref_model = None
+        trainer.ref_model = models.reference = None
         del ref_model
         gc.collect()
     loaded = time.monotonic()
@@ -445,7 +440,7 @@ def train_policy(
             }
         )
     )
-    ranks = rank_reports(trainer)
+    ranks = rank_reports(trainer, loaded_numel=models.loaded_numel)
     adapter_saved = _save_weights(trainer, tokenizer, spec, policy_dtype)
     trainer.accelerator.wait_for_everyone()
     saved = time.monotonic()
