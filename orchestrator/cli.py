@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -160,8 +161,11 @@ def _check_plan(
     gpu_memory: float,
     model_config: Path | None,
     strategy: str | None = None,
+    *,
+    host_memory: float | None = None,
+    as_json: bool = False,
 ) -> None:
-    """Fail (exit 2) before any work when a stage cannot fit the GPUs."""
+    """Fail (exit 2) before any work when a stage cannot fit the GPUs (or the host memory)."""
     from orchestrator.config import ConfigError, load_run_config
     from orchestrator.plan import PlanError, load_shape, plan_run
 
@@ -177,8 +181,13 @@ def _check_plan(
         shape=shape,
         shape_source=source,
         strategy=strategy,  # type: ignore[arg-type]  # typer checked it against the choices
+        host_memory_gib=host_memory,
     )
-    _print_plan(plan)
+    if as_json:
+        payload = {"fits": plan.fits, "problems": plan.problems}
+        typer.echo(json.dumps({**payload, "training": plan.training_memory()}, indent=2))
+    else:
+        _print_plan(plan)
     if not plan.fits:
         raise _fail("this run cannot fit these GPUs:\n  " + "\n  ".join(plan.problems), 2)
 
@@ -193,13 +202,22 @@ def plan(
     ] = None,
     strategy: Annotated[
         str | None,
-        typer.Option(help="ddp, fsdp or deepspeed-zero3 (default: dpo.strategy, else fsdp)."),
+        typer.Option(help="ddp or fsdp (default: dpo.strategy, else fsdp)."),
     ] = None,
+    host_memory: Annotated[
+        float | None,
+        typer.Option(min=1, help="Host memory of the training machine, GiB: refuse beyond it."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the plan as JSON (bytes) instead of tables.")
+    ] = False,
 ) -> None:
     """Estimate each stage's memory per GPU; exit 2 naming the knob to turn if one cannot fit."""
-    if strategy not in (None, "ddp", "fsdp", "deepspeed-zero3"):
-        raise typer.BadParameter("choose ddp, fsdp or deepspeed-zero3", param_hint="--strategy")
-    _check_plan(config, gpus, gpu_memory, model_config, strategy)
+    if strategy not in (None, "ddp", "fsdp"):
+        raise typer.BadParameter("choose ddp or fsdp", param_hint="--strategy")
+    _check_plan(
+        config, gpus, gpu_memory, model_config, strategy, host_memory=host_memory, as_json=as_json
+    )
 
 
 @app.command()
@@ -215,6 +233,10 @@ def run(
     gpu_memory: Annotated[
         float, typer.Option(min=1, help="Memory of one GPU, GiB (with --gpus).")
     ] = 80,
+    host_memory: Annotated[
+        float | None,
+        typer.Option(min=1, help="Host memory of the training machine, GiB (with --gpus)."),
+    ] = None,
     local: Annotated[
         bool,
         typer.Option(
@@ -228,7 +250,7 @@ def run(
     from orchestrator.runs import create_run
 
     if gpus is not None:
-        _check_plan(config, gpus, gpu_memory, None)
+        _check_plan(config, gpus, gpu_memory, None, host_memory=host_memory)
     with _errors_as_messages(None):
         run_dir = create_run(config, run_id=run_id)
     _execute(run_dir, local=local)

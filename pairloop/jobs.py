@@ -38,8 +38,10 @@ TRAIN_QUEUE = "pairloop.trainer"
 
 # How several training processes split the work. ddp: every rank holds the whole policy, its
 # gradients, AdamW's moments and the reference (about 18 bytes per parameter with a bf16
-# reference). fsdp (FSDP2 full shard) and deepspeed-zero3: all four are sharded over the ranks.
-Strategy = Literal["ddp", "fsdp", "deepspeed-zero3"]
+# reference). fsdp (FSDP2 full shard): all four are sharded over the ranks. DeepSpeed ZeRO-3 is
+# not offered: nothing tests it on CPU ranks, and its partitioned init needs the models loaded
+# after the Trainer's config is built (fsdp covers the same memory with rank-0 loading).
+Strategy = Literal["ddp", "fsdp"]
 
 
 class DPOHyperparameters(BaseModel):
@@ -65,13 +67,13 @@ class DPOHyperparameters(BaseModel):
     )
     strategy: Strategy | None = Field(
         None,
-        description="multi-process strategy: ddp, fsdp (FSDP2 full shard) or deepspeed-zero3; "
+        description="multi-process strategy: ddp or fsdp (FSDP2 full shard); "
         "None: the trainer worker's PAIRLOOP_TRAINER_STRATEGY (default fsdp). One process is "
         "never sharded",
     )
     cpu_offload: bool = Field(
         False,
-        description="fsdp / deepspeed-zero3: keep the parameter, gradient and optimizer shards in "
+        description="fsdp: keep the parameter, gradient and optimizer shards in "
         "host memory (slower steps, far less GPU memory)",
     )
     max_length: int = Field(1024, ge=8)
@@ -232,7 +234,7 @@ class TrainResult(BaseModel):
         description="seconds per phase: load, train, save, validate, publish (and total)",
     )
     strategy: str = Field(
-        "single-process", description="what ran: single-process, ddp, fsdp or deepspeed-zero3"
+        "single-process", description="what ran: single-process, ddp or fsdp"
     )
     world_size: int = Field(1, ge=1, description="training processes over all machines")
     per_device_train_batch_size: int | None = None

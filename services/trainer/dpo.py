@@ -110,7 +110,7 @@ HANDLED_OUTSIDE_DPOCONFIG: dict[str, str] = {
     "global_batch_size": "derives DPOConfig.gradient_accumulation_steps from the world size "
     "(dpo_config)",
     "strategy": "the launch: the strategy's accelerate config file (launcher.py)",
-    "cpu_offload": "the launch: fsdp_offload_params / DeepSpeed offload devices (launcher.py)",
+    "cpu_offload": "the launch: fsdp_offload_params (launcher.py)",
 }
 # transformers 5: `warmup_ratio` is gone; a float below 1 in `warmup_steps` is the ratio.
 _DPOCONFIG_NAMES = {"warmup_ratio": "warmup_steps"}

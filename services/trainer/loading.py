@@ -55,9 +55,7 @@ def rank_loads_weights() -> bool:
 
 def materialised_numel(*models: Any) -> int:
     """Parameter elements of `models` that are not on the meta device."""
-    return sum(
-        p.numel() for m in models if m is not None for p in m.parameters() if not p.is_meta
-    )
+    return sum(p.numel() for m in models if m is not None for p in m.parameters() if not p.is_meta)
 
 
 def _empty_causal_lm(config: Any, dtype: str) -> Any:

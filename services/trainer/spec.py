@@ -41,7 +41,7 @@ class TrainingSpec(BaseModel):
     save_total_limit: int = 2
     cpu_threads: int | None = None
     owner_pid: int | None = None  # launched ranks exit when this process (the task) is gone
-    strategy: Literal["single-process", "ddp", "fsdp", "deepspeed-zero3"] = "single-process"
+    strategy: Literal["single-process", "ddp", "fsdp"] = "single-process"
     world_size: int = 1  # training processes over all machines
     publish_max_shard_size: str = "5GB"
 

@@ -5,8 +5,8 @@ services/trainer/accelerate/fsdp.yaml` -> torchrun -> `launch_entry` -> TRL's DP
 accelerate's FSDP2 wrapping of the policy, TRL's sharding of the reference, the Trainer's sharded
 checkpoints and a full state dict gathered by every rank for the published weights. The one
 CPU-specific step is `sharding.fsdp_on_cpu` (accelerate enables its FSDP plugin only on GPU-like
-devices); what the GPU adds (bf16 compute under FSDP's MixedPrecisionPolicy, NCCL, offload,
-DeepSpeed) is covered by the GPU bench, not here.
+devices); what the GPU adds (bf16 compute under FSDP's MixedPrecisionPolicy, NCCL, offload) is
+covered by the GPU bench, not here.
 
 Equality: a sharded run and a single process with the same global batch and seed publish the
 same weights within 1e-4 (float32; the order of reductions is the only difference, and AdamW
