@@ -7,15 +7,15 @@ weights and the KV cache its in-flight sequences need), the ranker (PairRM's wei
 largest forward pass) and the trainer under its strategy: float32 master weights, gradients,
 AdamW's two moments, the reference model (bf16 when compute is bf16; none when its log-probs are
 precomputed or LoRA disables the adapter for it), the layer FSDP gathers at a time (the
-reference is sharded per decoder layer like the policy), the unsharded gradients FSDP keeps
-across gradient-accumulation micro-batches (`no_sync`), and activations (layer inputs kept by
+reference is sharded per decoder layer like the policy; gradients are reduce-scattered every
+accumulation micro-batch, so none stay unsharded), and activations (layer inputs kept by
 gradient checkpointing, one layer recomputed, float32 logits of chosen + rejected in TRL's
 log-prob chunks). Host memory per training rank (`trainer_host_memory`) at load (rank 0 reads
 the policy and the reference; the others build them empty), in training and at the save (one
 safetensors file's worth gathered at a time), and disk per iteration (`trainer_disk`): the
-published weights and the resume checkpoints kept until they are published. Each stage must fit one GPU's memory less `HEADROOM` (the CUDA
-context, NCCL buffers and allocator fragmentation), the generator within vLLM's
-`gpu_memory_utilization`. The derived gradient accumulation keeps the recipe's global batch.
+published weights and the resume checkpoints kept until they are published. Each stage must
+fit one GPU's memory less `HEADROOM` (the CUDA context, NCCL buffers and allocator
+fragmentation), the generator within vLLM's `gpu_memory_utilization`. The derived gradient accumulation keeps the recipe's global batch.
 
 The counts are per GPU and ignore what the libraries allocate beyond them (temporary buffers of
 a few hundred MB); bench/trainer_dpo_gpu.py holds them against measured peaks.
@@ -291,13 +291,13 @@ def trainer_memory(
     gpus: int,
     lora: LoraSettings | None = None,
     same_reference: bool = False,
-    accumulation: int = 1,
 ) -> dict[str, float]:
     """Bytes per GPU of one training rank, by part, at its peak (the backward pass).
 
-    `accumulation`: gradient-accumulation steps. Above 1, FSDP2 runs the micro-batches before
-    the last under `no_sync` (`set_requires_gradient_sync(False)`), which keeps the unsharded
-    gradients of the whole model, in compute dtype, until the step's reduce-scatter.
+    Gradient accumulation adds nothing under FSDP: the trainer reduce-scatters every
+    micro-batch (`sync_each_batch`, services/trainer/dpo.py), where accelerate's default
+    `no_sync` would keep the whole model's unsharded gradients between micro-batches
+    (2 bytes per parameter in bf16: 13.5 GiB at 7B). Under DDP the gradients are whole anyway.
     """
     p = shape.parameters
     w = _dtype_bytes(hp.dtype)
@@ -316,17 +316,16 @@ def trainer_memory(
     if hp.cpu_offload and strategy != "ddp":
         for key in list(parts):
             parts[key] = 0.0  # the shards live in host memory
-    if strategy != "ddp" and accumulation > 1 and lora is None:
-        parts["unsharded gradients (accumulation)"] = p * c
     has_reference = not hp.precompute_ref_log_probs and not (lora is not None and same_reference)
     if has_reference:
         parts["reference"] = p * c / shard
     if strategy != "ddp":
-        # The unit being computed and the prefetched next one, gathered in compute dtype. The
-        # reference is sharded per decoder layer too (its forward gathers one layer at a time,
-        # before the policy's), so its gathers never add to these.
+        # The unit being computed and the prefetched next one, gathered in compute dtype, and
+        # one unit's unsharded gradients before their reduce-scatter. The reference is sharded
+        # per decoder layer too (its forward gathers a layer at a time, before the policy's),
+        # so its gathers never add to these.
         unit = max(shape.layer_parameters, shape.embedding_parameters // 2)
-        parts["gathered layers"] = 2 * unit * c
+        parts["gathered layers"] = 3 * unit * c
     parts["activations"] = activation_bytes(shape, hp, checkpointing=checkpointing)
     return parts
 
@@ -339,7 +338,6 @@ def trainer_host_memory(
     gpus: int,
     lora: LoraSettings | None = None,
     same_reference: bool = False,
-    accumulation: int = 1,
     device: str = "cuda",
     rank: int = 0,
     max_shard_bytes: float = DEFAULT_MAX_SHARD_BYTES,
@@ -368,7 +366,6 @@ def trainer_host_memory(
         gpus=gpus,
         lora=lora,
         same_reference=same_reference,
-        accumulation=accumulation,
     )
     # What stays in host memory through training: everything on CPU; offloaded shards on a GPU.
     resident: dict[str, float] = {}
@@ -448,7 +445,6 @@ def _trainer_stage(
     lora: LoraSettings | None,
     same_reference: bool,
     budget: float,
-    accumulation: int = 1,
 ) -> StageEstimate:
     parts = trainer_memory(
         shape,
@@ -457,7 +453,6 @@ def _trainer_stage(
         gpus=gpus,
         lora=lora,
         same_reference=same_reference,
-        accumulation=accumulation,
     )
     stage = StageEstimate(f"trainer ({strategy}, {gpus} GPUs)", parts, budget)
     if stage.fits:
@@ -486,27 +481,18 @@ def _trainer_stage(
         tries.append(("lora: {r: 16}", hp, strategy, LoraSettings.model_validate({})))
     for label, h2, s2, l2 in tries:
         total = sum(
-            trainer_memory(shape, h2, strategy=s2, gpus=gpus, lora=l2, same_reference=same_reference,
-                           accumulation=_accumulation(h2, gpus)).values()
+            trainer_memory(shape, h2, strategy=s2, gpus=gpus, lora=l2, same_reference=same_reference).values()
         )  # fmt: skip
         if total <= budget:
             stage.knobs.append(f"{label} (-> {_gib(total)})")
     if strategy != "ddp":
         for more in (gpus * 2, gpus * 4):
             total = sum(trainer_memory(shape, hp, strategy=strategy, gpus=more, lora=lora,
-                                       same_reference=same_reference,
-                                       accumulation=_accumulation(hp, more)).values())  # fmt: skip
+                                       same_reference=same_reference).values())  # fmt: skip
             if total <= budget:
                 stage.knobs.append(f"--gpus {more} (-> {_gib(total)})")
                 break
     return stage
-
-
-def _accumulation(hp: DPOHyperparameters, gpus: int) -> int:
-    try:
-        return hp.gradient_accumulation_for(gpus)
-    except ValueError:
-        return hp.gradient_accumulation_steps
 
 
 def replace_hp(hp: DPOHyperparameters, **changes: Any) -> DPOHyperparameters:
@@ -547,7 +533,6 @@ def plan_run(
         chosen = "ddp" if not hp.cpu_offload else chosen  # one rank: nothing to shard over
     budget = gpu_memory_gib * GIB * HEADROOM
     problems: list[str] = []
-    accumulation_or_set = _accumulation(hp, gpus)
     same_reference = cfg.reference == "previous"
     stages = [
         StageEstimate(
@@ -570,7 +555,6 @@ def plan_run(
             lora=cfg.lora,
             same_reference=same_reference,
             budget=budget,
-            accumulation=accumulation_or_set,
         ),
     ]
     for stage in stages:
@@ -602,7 +586,6 @@ def plan_run(
             gpus=gpus,
             lora=cfg.lora,
             same_reference=same_reference,
-            accumulation=accumulation_or_set,
             rank=rank,
         )
         for rank in (0, 1)

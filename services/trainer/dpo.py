@@ -145,10 +145,15 @@ def dpo_config(spec: TrainingSpec) -> Any:
     # bf16 keeps 8 significant bits, so near a weight of 0.01 its spacing is ~6e-5, and an
     # update of lr 5e-7 x O(1) rounds away to nothing.
     bf16, checkpointing = resolve_precision(hp, spec.device)
+    sharded: dict[str, Any] = {}
     if spec.strategy == "fsdp":
         # FSDP's own activation checkpointing (set at launch) replaces the Trainer's, which
         # would all-gather every layer's shards a second time in the backward pass.
         checkpointing = False
+        # Reduce-scatter the gradients after every accumulation micro-batch (overlapped with
+        # the backward) so they stay sharded: accelerate's default `no_sync` keeps the whole
+        # model's unsharded gradients between micro-batches (+13.5 GiB per GPU at 7B in bf16).
+        sharded["accelerator_config"] = {"gradient_accumulation_kwargs": {"sync_each_batch": True}}
     kwargs = dpo_config_kwargs(hp, bf16=bf16, gradient_checkpointing=checkpointing)
     try:
         kwargs["gradient_accumulation_steps"] = hp.gradient_accumulation_for(spec.world_size)
@@ -156,6 +161,7 @@ def dpo_config(spec: TrainingSpec) -> Any:
         raise ValidationError(str(exc), param="hyperparameters.global_batch_size") from None
     return DPOConfig(
         **kwargs,
+        **sharded,
         output_dir=spec.checkpoints_dir,
         save_strategy="steps",
         save_total_limit=spec.save_total_limit,

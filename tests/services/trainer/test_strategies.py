@@ -70,7 +70,9 @@ def test_launch_command_per_strategy_and_machine(tmp_path: Path) -> None:
     assert fsdp["--fsdp_offload_params"] == "false"
 
     offload = _flags(
-        accelerate_command(Path("s.json"), settings=settings, spec=_spec("fsdp", 8, cpu_offload=True))
+        accelerate_command(
+            Path("s.json"), settings=settings, spec=_spec("fsdp", 8, cpu_offload=True)
+        )
     )
     assert offload["--fsdp_offload_params"] == "true"
 
@@ -126,7 +128,10 @@ def test_dpo_config_derives_accumulation_and_leaves_checkpointing_to_fsdp() -> N
     config = dpo_config(spec)
     assert config.gradient_accumulation_steps == 2
     assert config.gradient_checkpointing is False  # FSDP's own, passed at launch
+    # Gradients reduce-scattered every micro-batch: no unsharded copy between them (no_sync).
+    assert config.accelerator_config.gradient_accumulation_kwargs == {"sync_each_batch": True}
     launch = _flags(accelerate_command(Path("s.json"), settings=_settings(), spec=spec))
     assert launch["--fsdp_activation_checkpointing"] == "true"
     ddp = dpo_config(_spec("ddp", 2, "cpu", global_batch_size=16, gradient_checkpointing=True))
     assert ddp.gradient_checkpointing is True
+    assert not (ddp.accelerator_config.gradient_accumulation_kwargs or {}).get("sync_each_batch")
