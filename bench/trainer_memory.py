@@ -55,6 +55,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per job")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument(
+        "--only", choices=["fsdp", "ddp"], help="run one strategy (no comparison, no results file)"
+    )
     return p
 
 
@@ -174,7 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         build_store(store, args)
         runtime = runtime_rss()
-        jobs = {strategy: run_job(store, args, strategy) for strategy in ("fsdp", "ddp")}
+        strategies = [args.only] if args.only else ["fsdp", "ddp"]
+        jobs = {strategy: run_job(store, args, strategy) for strategy in strategies}
+        if args.only:
+            ranks = jobs[args.only]["ranks"]
+            print(f"{args.only}: peak RSS per rank {[r['peak_rss_bytes'] / GIB for r in ranks]}")
+            return 0
         plan = plan_prediction(store, args)
     finally:
         shutil.rmtree(store, ignore_errors=True)

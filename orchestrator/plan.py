@@ -57,10 +57,10 @@ DEFAULT_STRATEGY: Strategy = "fsdp"  # the trainer worker's default (PAIRLOOP_TR
 # Prompts are cut to this many tokens at admission when the run config says nothing shorter.
 DEFAULT_PROMPT_TOKENS = 512
 # Host memory of one training rank before any model: Python, torch, transformers, TRL, datasets.
-# Measured: 0.58 GiB RSS after the trainer's imports on the CPU stack (bench/trainer_memory.py
-# measures it again). A CUDA rank also maps the CUDA runtime, cuBLAS and NCCL: ~2 GiB more, an
+# Measured: 0.84 GiB RSS after the trainer's imports on the CPU stack (bench/trainer_memory.py,
+# `runtime_rss_bytes`). A CUDA rank also maps the CUDA runtime, cuBLAS and NCCL: ~2 GiB more, an
 # estimate until bench/trainer_dpo_gpu.py measures it.
-RUNTIME_HOST_BYTES = 0.6 * GIB
+RUNTIME_HOST_BYTES = 0.85 * GIB
 CUDA_RUNTIME_HOST_BYTES = 2.0 * GIB
 # TRL 1.16 computes the chosen/rejected log-probs in chunks of this many tokens (its fused LM
 # head), so the float32 logits of at most one chunk exist at a time.
@@ -313,6 +313,10 @@ def trainer_memory(
         parts["weights (master)"] = p * w / shard
         parts["gradients"] = p * w / shard
         parts["AdamW moments"] = p * 2 * w / shard
+    if strategy == "ddp" and gpus > 1:
+        # DDP's reducer all-reduces flat buckets holding a copy of every gradient (measured on
+        # CPU ranks: bench/trainer_memory.py).
+        parts["DDP gradient buckets"] = trainable * w
     if hp.cpu_offload and strategy != "ddp":
         for key in list(parts):
             parts[key] = 0.0  # the shards live in host memory
@@ -382,7 +386,7 @@ def trainer_host_memory(
         load["reference shard (being filled)"] = p * c / shard
     largest = max(shape.vocab_size * shape.hidden_size, shape.hidden_size * shape.intermediate_size)
     save = {"runtime": runtime, **{k: v for k, v in resident.items() if k != "activations"}}
-    if strategy == "ddp" or rank == 0:
+    if rank == 0:
         # One safetensors file's worth of published tensors, plus the one being gathered.
         save["published file being written"] = min(max_shard_bytes, p * publish_bytes)
     save["tensor being gathered"] = largest * w
