@@ -132,6 +132,11 @@ def test_cli_plan_prints_the_table_and_exits_non_zero_when_it_cannot_fit(
     assert main(["plan", str(RECIPE), "--gpus", "6"]) == 2  # 128 pairs do not split over 6 x 8
     assert "per_device_train_batch_size" in capsys.readouterr().err
 
+    # DeepSpeed ZeRO-3 is not offered (nothing runs it in CI): refused naming what is accepted.
+    assert main(["plan", str(_recipe_copy(tmp_path, strategy="deepspeed-zero3"))]) == 2
+    err = capsys.readouterr().err
+    assert "dpo.strategy" in err and "'ddp' or 'fsdp'" in err and "Traceback" not in err
+
 
 def test_run_with_gpus_checks_the_plan_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
