@@ -233,9 +233,7 @@ class TrainResult(BaseModel):
         default_factory=dict,
         description="seconds per phase: load, train, save, validate, publish (and total)",
     )
-    strategy: str = Field(
-        "single-process", description="what ran: single-process, ddp or fsdp"
-    )
+    strategy: str = Field("single-process", description="what ran: single-process, ddp or fsdp")
     world_size: int = Field(1, ge=1, description="training processes over all machines")
     per_device_train_batch_size: int | None = None
     gradient_accumulation_steps: int | None = Field(
