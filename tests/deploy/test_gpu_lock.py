@@ -74,3 +74,12 @@ def test_the_generator_image_adds_nothing_vllm_ships_and_installs_under_its_pins
     assert re.search(r"pip list --format=freeze > (\S+).*--constraint \1", gpu_stage, re.S)
     assert "requirements/images/generator-gpu.txt" in gpu_stage
     assert "pip install --no-deps /dist/*.whl" in gpu_stage  # pairloop itself: no dependencies
+
+
+def test_the_trainer_and_ranker_gpu_images_install_the_gpu_locks_versions() -> None:
+    """Those images install the per-image files cut from the CPU lock on PyPI's CUDA torch: every
+    pin there is the GPU lock's, so the resolved GPU stack is what they hold."""
+    versions = _versions()
+    for image in ("models", "trainer", "ranker"):
+        for name, line in read_lock(REPO / "requirements" / "images" / f"{image}.txt").items():
+            assert versions.get(name) == line.split("==", 1)[1], (image, line)
