@@ -1,7 +1,7 @@
 """The GPU images' lock: vLLM's CUDA wheels, torch's CUDA build and pairloop's GPU extras, resolved
 together from PyPI for Linux x86_64 / CPython 3.11, without a GPU and without installing anything.
 
-    python deploy/gpu_lock.py            # resolve (network: PyPI), write the files below
+    python deploy/gpu_lock.py --pip PIP  # resolve (network: PyPI), write the files below (make lock-gpu)
     python deploy/gpu_lock.py --check    # offline: the generator's file is current (tests run this)
 
 Writes:
