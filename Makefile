@@ -18,7 +18,7 @@ STAMP  := $(VENV)/.pairloop-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup setup-gpu demo test lint typecheck bench lock clean compose-test image-requirements
+.PHONY: setup setup-gpu demo test lint typecheck bench lock lock-gpu clean compose-test image-requirements
 
 setup: $(STAMP)
 
@@ -74,6 +74,14 @@ lock:
 	  | grep -vE "^(pairloop|pip)==" | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/'; } > requirements/lock-cpu.txt.new
 	mv requirements/lock-cpu.txt.new requirements/lock-cpu.txt
 	$(BIN)/python deploy/image_requirements.py
+
+# requirements/lock-gpu.txt: the GPU images' stack resolved from PyPI (no GPU, nothing installed),
+# with a pip new enough to read PEP 658 metadata (tests/deploy/test_gpu_lock.py checks it offline).
+lock-gpu:
+	rm -rf /tmp/pairloop-lock-gpu-venv
+	$(PYTHON) -m venv /tmp/pairloop-lock-gpu-venv
+	/tmp/pairloop-lock-gpu-venv/bin/pip install --quiet --upgrade "pip>=25"
+	$(BIN)/python deploy/gpu_lock.py --pip /tmp/pairloop-lock-gpu-venv/bin/pip
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

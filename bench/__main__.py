@@ -17,6 +17,7 @@ CPU_BENCHMARKS = (
     "generator_throughput",
     "ranker_throughput",
     "trainer_dpo",
+    "trainer_memory",
     "orchestrator_overhead",
 )
 GPU_BENCHMARKS = ("trainer_dpo_gpu", "weights_io", "ranker_gpu_memory", "generator_sleep_gpu")

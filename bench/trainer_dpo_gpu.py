@@ -1,7 +1,8 @@
-"""DPO on one GPU, sharded vs DDP, held against `pairloop plan`: peak memory and samples/s.
+"""DPO on the GPUs, sharded vs DDP, held against `pairloop plan`: peak memory and samples/s.
 
     python -m bench.trainer_dpo_gpu                    # CUDA host: the three variants below
     python -m bench.trainer_dpo_gpu --variants 1b:ddp,1b:fsdp --steps 3
+    python -m bench.trainer_dpo_gpu --gpus 0 --variants 7b:fsdp --steps 1   # every visible GPU
     python -m bench.trainer_dpo_gpu --device cpu --variants tiny:ddp,tiny:fsdp --batch-size 2 \\
         --grad-accum 1 --prompt-tokens 32 --response-tokens 48 --tag smoke   # harness, no GPU
 
@@ -11,6 +12,11 @@ Variants are SHAPE:STRATEGY[+precompute][+offload]; the default is the GPU check
 - `7b:fsdp+precompute`: a Mistral-7B-shaped step on one GPU with precomputed reference
   log-probs (float32 master weights + AdamW: ~108 GiB by count; fits a 141 GB H200, not 80 GB;
   `+offload` moves the shards to host memory instead).
+
+`--gpus N` runs each variant on N ranks (0: every visible GPU), the recipe's way: the plan is made
+for N GPUs, each rank's peak GPU memory and peak host RSS are held against the plan's GPU
+estimate and its host estimate (rank 0 reads and writes the weights; the others build empty
+models), and the global batch is N x batch x accumulation.
 
 Every variant is a whole training job through production code (`run_train_job` ->
 `accelerate launch` with the strategy's config file -> `launch_entry` -> DPOTrainer) on a random
@@ -72,6 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--variants", default=DEFAULT_VARIANTS, help="SHAPE:STRATEGY[+precompute][+offload],..."
     )
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--gpus", type=int, default=1, help="ranks per variant (0: all visible GPUs)")
     p.add_argument("--batch-size", type=int, default=8, help="per-device batch (Zephyr: 8)")
     p.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation (Zephyr: 2)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after 1 warm-up)")
@@ -154,8 +161,8 @@ def _hyperparameters(args: argparse.Namespace, strategy: str, flags: set[str]) -
 
 
 def run_variant(store: Path, variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    from orchestrator.plan import GIB, ModelShape, replace_hp, trainer_memory
-    from pairloop.jobs import DPOHyperparameters, TrainJob, TrainProgress
+    from orchestrator.plan import GIB, ModelShape, replace_hp, trainer_host_memory, trainer_memory
+    from pairloop.jobs import DPOHyperparameters, Strategy, TrainJob, TrainProgress
     from services.trainer.runner import run_train_job
     from services.trainer.settings import TrainerSettings
 
@@ -178,7 +185,7 @@ def run_variant(store: Path, variant: str, args: argparse.Namespace) -> dict[str
         redis_url="redis://unused:1/0",
         device=args.device,
         launcher="accelerate",
-        num_processes=1,
+        num_processes=args.gpus,
         cpu_threads=1 if args.device == "cpu" else None,
     )
     stamps: list[float] = []
@@ -194,13 +201,32 @@ def run_variant(store: Path, variant: str, args: argparse.Namespace) -> dict[str
     steps = [b - a for a, b in itertools.pairwise(stamps)]
     step = statistics.median(steps) if steps else float("nan")
     rank = result.ranks[0]
-    measured = rank.peak_device_bytes if args.device == "cuda" else rank.peak_rss_bytes
+    device_peaks = [r.peak_device_bytes or 0 for r in result.ranks]
+    host_peaks = [r.peak_rss_bytes for r in result.ranks]
+    measured = max(device_peaks) if args.device == "cuda" else max(host_peaks)
     shape = ModelShape(**{k: v for k, v in SHAPES[name].items() if k != "arch"})
     on = {"bf16": args.device == "cuda", "gradient_checkpointing": args.device == "cuda"}
     plan_hp = replace_hp(DPOHyperparameters.model_validate(hp), **on)
-    estimate = trainer_memory(shape, plan_hp, strategy=strategy, gpus=1)  # type: ignore[arg-type]  # argparse checked it against the Strategy choices
-    pairs = args.batch_size * args.grad_accum
+    gpus = len(result.ranks)
+    planned: Strategy = "ddp" if strategy == "ddp" else "fsdp"
+    estimate = trainer_memory(shape, plan_hp, strategy=planned, gpus=gpus)
+    host = [
+        max(
+            sum(parts.values())
+            for parts in trainer_host_memory(
+                shape, plan_hp, strategy=planned, gpus=gpus, device=args.device, rank=r
+            ).values()
+        )
+        for r in range(gpus)
+    ]
+    pairs = args.batch_size * args.grad_accum * gpus
     return {
+        "gpus": gpus,
+        "peak_device_gib_per_rank": [b / GIB for b in device_peaks],
+        "peak_host_rss_gib_per_rank": [b / GIB for b in host_peaks],
+        "plan_host_gib_per_rank": [b / GIB for b in host],
+        "loaded_numel_per_rank": [r.loaded_numel for r in result.ranks],
+        "reference_fsdp_units": rank.reference_fsdp_units,
         "parameters": rank.policy_numel,
         "pairs_per_step": pairs,
         "step_seconds": steps,
@@ -221,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run this on a GPU host, or pass --device cpu --variants tiny:ddp")
         return 2
+    if args.gpus == 0:
+        args.gpus = torch.cuda.device_count() if args.device == "cuda" else 2
     report: dict[str, Any] = {
         "bench": "trainer_dpo_gpu",
         "machine": {
@@ -248,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{result['median_step_seconds']:.2f}s for {result['pairs_per_step']} pairs = "
                 f"{result['samples_per_second']:.2f} samples/s, {memory} "
                 f"{result['peak_memory_gib']:.1f} GiB vs plan {result['plan_estimate_gib']:.1f} GiB"
+                f" on each of {result['gpus']} ranks; host RSS per rank "
+                f"{[round(x, 1) for x in result['peak_host_rss_gib_per_rank']]} GiB vs plan "
+                f"{[round(x, 1) for x in result['plan_host_gib_per_rank']]}"
             )
     finally:
         if args.work is None:

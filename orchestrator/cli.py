@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -178,6 +179,8 @@ def _make_plan(
     model_config: Path | None,
     strategy: str | None = None,
     overrides: Sequence[str] = (),
+    *,
+    host_memory: float | None = None,
 ) -> tuple[RunConfig, Plan]:
     """The run config and its memory plan; exit 2 on a bad config or an unknown model shape."""
     from orchestrator.config import ConfigError, load_run_config
@@ -195,6 +198,7 @@ def _make_plan(
         shape=shape,
         shape_source=source,
         strategy=strategy,  # type: ignore[arg-type]  # typer checked it against the choices
+        host_memory_gib=host_memory,
     )
     return cfg, plan
 
@@ -206,9 +210,13 @@ def _check_plan(
     model_config: Path | None,
     strategy: str | None = None,
     overrides: Sequence[str] = (),
+    *,
+    host_memory: float | None = None,
 ) -> None:
-    """Fail (exit 2) before any work when a stage cannot fit the GPUs."""
-    _, plan = _make_plan(config, gpus, gpu_memory, model_config, strategy, overrides)
+    """Fail (exit 2) before any work when a stage cannot fit the GPUs (or the host memory)."""
+    _, plan = _make_plan(
+        config, gpus, gpu_memory, model_config, strategy, overrides, host_memory=host_memory
+    )
     _print_plan(plan)
     if not plan.fits:
         raise _fail("this run cannot fit these GPUs:\n  " + "\n  ".join(plan.problems), 2)
@@ -264,7 +272,11 @@ def plan(
     ] = None,
     strategy: Annotated[
         str | None,
-        typer.Option(help="ddp, fsdp or deepspeed-zero3 (default: dpo.strategy, else fsdp)."),
+        typer.Option(help="ddp or fsdp (default: dpo.strategy, else fsdp)."),
+    ] = None,
+    host_memory: Annotated[
+        float | None,
+        typer.Option(min=1, help="Host memory of the training machine, GiB: refuse beyond it."),
     ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the plan as JSON (phases, memory, wall time).")
@@ -303,11 +315,13 @@ def plan(
     scaled by parameter count for other models (orchestrator/phases.py says where they come from)."""
     from orchestrator.phases import Throughput, plan_phases
 
-    if strategy not in (None, "ddp", "fsdp", "deepspeed-zero3"):
-        raise typer.BadParameter("choose ddp, fsdp or deepspeed-zero3", param_hint="--strategy")
+    if strategy not in (None, "ddp", "fsdp"):
+        raise typer.BadParameter("choose ddp or fsdp", param_hint="--strategy")
     if placement not in (None, "time_shared", "dedicated"):
         raise typer.BadParameter("choose time_shared or dedicated", param_hint="--placement")
-    cfg, memory = _make_plan(config, gpus, gpu_memory, model_config, strategy)
+    cfg, memory = _make_plan(
+        config, gpus, gpu_memory, model_config, strategy, host_memory=host_memory
+    )
     phases = plan_phases(
         cfg,
         memory,
@@ -325,7 +339,6 @@ def plan(
     )
     problems = memory.problems + phases.problems
     if json_out:
-        import json
         from dataclasses import asdict
 
         payload = {
@@ -336,13 +349,14 @@ def plan(
             "gradient_accumulation_steps": memory.gradient_accumulation_steps,
             "global_batch_size": memory.global_batch_size,
             "stages": [{**asdict(s), "total": s.total, "fits": s.fits} for s in memory.stages],
+            "training": memory.training_memory(),
             **phases.as_json(),
             "fits": not problems,
             "problems": problems,
         }
         typer.echo(json.dumps(payload, indent=2))
         if problems:
-            raise typer.Exit(2)
+            raise _fail("this run cannot fit:\n  " + "\n  ".join(problems), 2)
         return
     _print_plan(memory)
     _print_phases(phases)
@@ -363,6 +377,10 @@ def run(
     gpu_memory: Annotated[
         float, typer.Option(min=1, help="Memory of one GPU, GiB (with --gpus).")
     ] = 80,
+    host_memory: Annotated[
+        float | None,
+        typer.Option(min=1, help="Host memory of the training machine, GiB (with --gpus)."),
+    ] = None,
     local: Annotated[
         bool,
         typer.Option(
@@ -385,7 +403,9 @@ def run(
     from orchestrator.runs import create_run
 
     if gpus is not None:
-        _check_plan(config, gpus, gpu_memory, None, overrides=overrides or ())
+        _check_plan(
+            config, gpus, gpu_memory, None, overrides=overrides or (), host_memory=host_memory
+        )
     with _errors_as_messages(None):
         run_dir = create_run(config, run_id=run_id, overrides=overrides or ())
     _execute(run_dir, local=local)

@@ -6,11 +6,16 @@ Estimated from the base model's `config.json` (no weights are read): the generat
 weights and the KV cache its in-flight sequences need), the ranker (PairRM's weights and its
 largest forward pass) and the trainer under its strategy: float32 master weights, gradients,
 AdamW's two moments, the reference model (bf16 when compute is bf16; none when its log-probs are
-precomputed or LoRA disables the adapter for it), the layer FSDP / ZeRO-3 gathers at a time,
-and activations (layer inputs kept by gradient checkpointing, one layer recomputed, float32
-logits of chosen + rejected). Each stage must fit one GPU's memory less `HEADROOM` (the CUDA
-context, NCCL buffers and allocator fragmentation), the generator within vLLM's
-`gpu_memory_utilization`. The derived gradient accumulation keeps the recipe's global batch.
+precomputed or LoRA disables the adapter for it), the layer FSDP gathers at a time (the
+reference is sharded per decoder layer like the policy; gradients are reduce-scattered every
+accumulation micro-batch, so none stay unsharded), and activations (layer inputs kept by
+gradient checkpointing, one layer recomputed, float32 logits of chosen + rejected in TRL's
+log-prob chunks). Host memory per training rank (`trainer_host_memory`) at load (rank 0 reads
+the policy and the reference; the others build them empty), in training and at the save (one
+safetensors file's worth gathered at a time), and disk per iteration (`trainer_disk`): the
+published weights and the resume checkpoints kept until they are published. Each stage must
+fit one GPU's memory less `HEADROOM` (the CUDA context, NCCL buffers and allocator
+fragmentation), the generator within vLLM's `gpu_memory_utilization`. The derived gradient accumulation keeps the recipe's global batch.
 
 The counts are per GPU and ignore what the libraries allocate beyond them (temporary buffers of
 a few hundred MB); bench/trainer_dpo_gpu.py holds them against measured peaks.
@@ -32,6 +37,7 @@ __all__ = [
     "GIB",
     "HEADROOM",
     "KNOWN_SHAPES",
+    "RUNTIME_HOST_BYTES",
     "ModelShape",
     "Plan",
     "PlanError",
@@ -40,6 +46,8 @@ __all__ = [
     "load_shape",
     "plan_run",
     "ranker_memory",
+    "trainer_disk",
+    "trainer_host_memory",
     "trainer_memory",
 ]
 
@@ -49,6 +57,17 @@ VLLM_GPU_MEMORY_UTILIZATION = 0.90  # vLLM's default, the generator's setting's 
 DEFAULT_STRATEGY: Strategy = "fsdp"  # the trainer worker's default (PAIRLOOP_TRAINER_STRATEGY)
 # Prompts are cut to this many tokens at admission when the run config says nothing shorter.
 DEFAULT_PROMPT_TOKENS = 512
+# Host memory of one training rank before any model: Python, torch, transformers, TRL, datasets.
+# Measured: 0.84 GiB RSS after the trainer's imports on the CPU stack (bench/trainer_memory.py,
+# `runtime_rss_bytes`). A CUDA rank also maps the CUDA runtime, cuBLAS and NCCL: ~2 GiB more, an
+# estimate until bench/trainer_dpo_gpu.py measures it.
+RUNTIME_HOST_BYTES = 0.85 * GIB
+CUDA_RUNTIME_HOST_BYTES = 2.0 * GIB
+# TRL 1.16 computes the chosen/rejected log-probs in chunks of this many tokens (its fused LM
+# head), so the float32 logits of at most one chunk exist at a time.
+LOGPROB_CHUNK_TOKENS = 32768
+DEFAULT_SAVE_TOTAL_LIMIT = 2  # the trainer worker's PAIRLOOP_TRAINER_SAVE_TOTAL_LIMIT
+DEFAULT_MAX_SHARD_BYTES = 5e9  # the trainer worker's PAIRLOOP_TRAINER_PUBLISH_MAX_SHARD_SIZE
 
 
 class PlanError(ValueError):
@@ -195,10 +214,53 @@ class Plan:
     shape_source: str
     parameters: int
     problems: list[str]
+    # Host memory per training rank by phase (rank 0, which reads and writes the weights, and
+    # any other rank), disk per iteration, and the host memory checked against (GiB; None: not).
+    trainer_host: dict[str, dict[str, float]] = field(default_factory=dict)
+    trainer_host_other_ranks: dict[str, dict[str, float]] = field(default_factory=dict)
+    trainer_disk: dict[str, float] = field(default_factory=dict)
+    host_memory_gib: float | None = None
 
     @property
     def fits(self) -> bool:
         return not self.problems
+
+    @property
+    def trainer_host_peak(self) -> float:
+        """Rank 0's host bytes at its worst phase."""
+        return max((sum(v.values()) for v in self.trainer_host.values()), default=0.0)
+
+    @property
+    def trainer_machine_host_peak(self) -> float:
+        """One machine's host bytes for its training ranks: rank 0's peak + the others'."""
+        other = max((sum(v.values()) for v in self.trainer_host_other_ranks.values()), default=0)
+        return self.trainer_host_peak + (self.gpus - 1) * other
+
+    def training_memory(self) -> dict[str, Any]:
+        """The training memory terms as JSON: GPU bytes per rank, host bytes per rank, disk."""
+        trainer = self.stages[-1]
+
+        def phases(by_phase: dict[str, dict[str, float]]) -> dict[str, Any]:
+            return {k: {"bytes": sum(v.values()), "parts": v} for k, v in by_phase.items()}
+
+        return {
+            "strategy": self.strategy,
+            "ranks": self.gpus,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "gpu": {"bytes": trainer.total, "parts": trainer.parts, "budget": trainer.budget},
+            "host": {
+                "bytes": self.trainer_host_peak,
+                "rank0": phases(self.trainer_host),
+                "other_ranks": phases(self.trainer_host_other_ranks),
+                "machine_bytes": self.trainer_machine_host_peak,
+                "budget": (
+                    self.host_memory_gib * GIB * HEADROOM
+                    if self.host_memory_gib is not None
+                    else None
+                ),
+            },
+            "disk": {"bytes": sum(self.trainer_disk.values()), "parts": self.trainer_disk},
+        }
 
 
 def _dtype_bytes(name: str) -> int:
@@ -217,7 +279,8 @@ def activation_bytes(shape: ModelShape, hp: DPOHyperparameters, *, checkpointing
         layers = shape.num_hidden_layers * tokens * h * c + per_layer  # inputs + one recomputed
     else:
         layers = shape.num_hidden_layers * per_layer
-    logits = 2 * tokens * shape.vocab_size * 4  # float32 logits and their log-softmax
+    # float32 logits and their log-softmax, one chunk of TRL's fused head at a time.
+    logits = 2 * min(tokens, LOGPROB_CHUNK_TOKENS) * shape.vocab_size * 4
     return layers + logits
 
 
@@ -230,7 +293,13 @@ def trainer_memory(
     lora: LoraSettings | None = None,
     same_reference: bool = False,
 ) -> dict[str, float]:
-    """Bytes per GPU of one training rank, by part."""
+    """Bytes per GPU of one training rank, by part, at its peak (the backward pass).
+
+    Gradient accumulation adds nothing under FSDP: the trainer reduce-scatters every
+    micro-batch (`sync_each_batch`, services/trainer/dpo.py), where accelerate's default
+    `no_sync` would keep the whole model's unsharded gradients between micro-batches
+    (2 bytes per parameter in bf16: 13.5 GiB at 7B). Under DDP the gradients are whole anyway.
+    """
     p = shape.parameters
     w = _dtype_bytes(hp.dtype)
     c = 2 if hp.bf16 is not False else w
@@ -245,6 +314,10 @@ def trainer_memory(
         parts["weights (master)"] = p * w / shard
         parts["gradients"] = p * w / shard
         parts["AdamW moments"] = p * 2 * w / shard
+    if strategy == "ddp" and gpus > 1:
+        # DDP's reducer all-reduces flat buckets holding a copy of every gradient (measured on
+        # CPU ranks: bench/trainer_memory.py).
+        parts["DDP gradient buckets"] = trainable * w
     if hp.cpu_offload and strategy != "ddp":
         for key in list(parts):
             parts[key] = 0.0  # the shards live in host memory
@@ -256,11 +329,93 @@ def trainer_memory(
     if has_reference:
         parts["reference"] = p * c / shard
     if strategy != "ddp":
-        # The unit being computed and the prefetched next one, gathered in compute dtype.
+        # The unit being computed and the prefetched next one, gathered in compute dtype, and
+        # one unit's unsharded gradients before their reduce-scatter. The reference is sharded
+        # per decoder layer too (its forward gathers a layer at a time, before the policy's),
+        # so its gathers never add to these.
         unit = max(shape.layer_parameters, shape.embedding_parameters // 2)
-        parts["gathered layers"] = 2 * unit * c
+        parts["gathered layers"] = 3 * unit * c
     parts["activations"] = activation_bytes(shape, hp, checkpointing=checkpointing)
     return parts
+
+
+def trainer_host_memory(
+    shape: ModelShape,
+    hp: DPOHyperparameters,
+    *,
+    strategy: Strategy,
+    gpus: int,
+    lora: LoraSettings | None = None,
+    same_reference: bool = False,
+    device: str = "cuda",
+    rank: int = 0,
+    max_shard_bytes: float = DEFAULT_MAX_SHARD_BYTES,
+    publish_bytes: int = 2,
+) -> dict[str, dict[str, float]]:
+    """Host bytes of one training rank by phase ("load", "train", "save"), by part.
+
+    Rank 0 reads the weights and writes the published ones; under FSDP the other ranks build
+    the models empty (no host copy) and gather one tensor at a time at the save; under DDP every
+    rank loads everything. On `device` "cpu" the GPU parts (`trainer_memory`) live in host
+    memory too: that is what bench/trainer_memory.py measures. `publish_bytes`: the published
+    dtype's (the policy checkpoint's: bf16 for Mistral).
+    """
+    p, w = shape.parameters, _dtype_bytes(hp.dtype)
+    on_cpu = device == "cpu"
+    c = 2 if hp.bf16 is not False and not on_cpu else w
+    runtime = RUNTIME_HOST_BYTES + (0.0 if on_cpu else CUDA_RUNTIME_HOST_BYTES)
+    # Precomputed reference log-probs still need the reference at load (it is freed after).
+    loads_reference = not (lora is not None and same_reference)
+    reads = rank == 0 or strategy == "ddp"
+    shard = gpus if strategy != "ddp" else 1
+    device_parts = trainer_memory(
+        shape,
+        hp,
+        strategy=strategy,
+        gpus=gpus,
+        lora=lora,
+        same_reference=same_reference,
+    )
+    # What stays in host memory through training: everything on CPU; offloaded shards on a GPU.
+    resident: dict[str, float] = {}
+    if on_cpu:
+        resident = dict(device_parts)
+    elif hp.cpu_offload and strategy != "ddp":
+        resident["offloaded shards (weights, gradients, AdamW)"] = p * 4 * w / shard
+    load: dict[str, float] = {"runtime": runtime}
+    if reads:
+        load["policy (whole, read by this rank)"] = p * w
+        if loads_reference:
+            load["reference (whole)"] = p * c
+    if on_cpu and loads_reference and strategy != "ddp":
+        load["reference shard (being filled)"] = p * c / shard
+    largest = max(shape.vocab_size * shape.hidden_size, shape.hidden_size * shape.intermediate_size)
+    save = {"runtime": runtime, **{k: v for k, v in resident.items() if k != "activations"}}
+    if rank == 0:
+        # One safetensors file's worth of published tensors, plus the one being gathered.
+        save["published file being written"] = min(max_shard_bytes, p * publish_bytes)
+    save["tensor being gathered"] = largest * w
+    return {"load": load, "train": {"runtime": runtime, **resident}, "save": save}
+
+
+def trainer_disk(
+    shape: ModelShape,
+    hp: DPOHyperparameters,
+    *,
+    save_total_limit: int = DEFAULT_SAVE_TOTAL_LIMIT,
+    publish_bytes: int = 2,
+) -> dict[str, float]:
+    """Disk bytes of one iteration's training at its peak, by part.
+
+    Resume checkpoints (sharded, torch.distributed.checkpoint: master weights + AdamW's two
+    moments) are kept `save_total_limit` at a time, and deleted once the iteration's weights are
+    published; the published weights stay (the next iteration's policy and reference).
+    """
+    p, w = shape.parameters, _dtype_bytes(hp.dtype)
+    return {
+        "published weights": p * publish_bytes,
+        f"resume checkpoints (x{save_total_limit}, until published)": save_total_limit * p * 3 * w,
+    }
 
 
 def generator_memory(shape: ModelShape, cfg: RunConfig) -> dict[str, float]:
@@ -301,7 +456,12 @@ def _trainer_stage(
     budget: float,
 ) -> StageEstimate:
     parts = trainer_memory(
-        shape, hp, strategy=strategy, gpus=gpus, lora=lora, same_reference=same_reference
+        shape,
+        hp,
+        strategy=strategy,
+        gpus=gpus,
+        lora=lora,
+        same_reference=same_reference,
     )
     stage = StageEstimate(f"trainer ({strategy}, {gpus} GPUs)", parts, budget)
     if stage.fits:
@@ -310,7 +470,6 @@ def _trainer_stage(
     tries: list[tuple[str, DPOHyperparameters, Strategy, LoraSettings | None]] = []
     if strategy == "ddp":
         tries.append(("strategy: fsdp", hp, "fsdp", lora))
-        tries.append(("strategy: deepspeed-zero3", hp, "deepspeed-zero3", lora))
     if not hp.precompute_ref_log_probs and needs_reference(hp.loss_type):
         tries.append(
             ("precompute_ref_log_probs: true", replace_hp(hp, precompute_ref_log_probs=True),
@@ -359,8 +518,13 @@ def plan_run(
     shape_source: str = "",
     strategy: Strategy | None = None,
     ranker_max_batch_tokens: int = 16384,
+    host_memory_gib: float | None = None,
 ) -> Plan:
-    """Estimate every stage of `cfg` on `gpus` GPUs of `gpu_memory_gib` GiB each."""
+    """Estimate every stage of `cfg` on `gpus` GPUs of `gpu_memory_gib` GiB each.
+
+    `host_memory_gib`: the training machine's host memory; a plan whose training ranks need
+    more (at load, in training or at the save) is refused.
+    """
     if shape is None:
         shape, shape_source = load_shape(cfg.base_model)
     hp = cfg.dpo
@@ -378,6 +542,7 @@ def plan_run(
         chosen = "ddp" if not hp.cpu_offload else chosen  # one rank: nothing to shard over
     budget = gpu_memory_gib * GIB * HEADROOM
     problems: list[str] = []
+    same_reference = cfg.reference == "previous"
     stages = [
         StageEstimate(
             "generator (per replica)",
@@ -397,7 +562,7 @@ def plan_run(
             strategy=chosen,
             gpus=gpus,
             lora=cfg.lora,
-            same_reference=cfg.reference == "previous",
+            same_reference=same_reference,
             budget=budget,
         ),
     ]
@@ -422,7 +587,19 @@ def plan_run(
         accumulation = None
         problems.append(f"dpo.{exc}")
     world_batch = gpus * hp.per_device_train_batch_size
-    return Plan(
+    host = {
+        rank: trainer_host_memory(
+            shape,
+            hp,
+            strategy=chosen,
+            gpus=gpus,
+            lora=cfg.lora,
+            same_reference=same_reference,
+            rank=rank,
+        )
+        for rank in (0, 1)
+    }
+    plan = Plan(
         gpus=gpus,
         gpu_memory_gib=gpu_memory_gib,
         strategy=chosen,
@@ -432,4 +609,19 @@ def plan_run(
         shape_source=shape_source,
         parameters=shape.parameters,
         problems=problems,
+        trainer_host=host[0],
+        trainer_host_other_ranks=host[1],
+        trainer_disk=trainer_disk(shape, hp),
+        host_memory_gib=host_memory_gib,
     )
+    if host_memory_gib is not None:
+        need, limit = plan.trainer_machine_host_peak, host_memory_gib * GIB * HEADROOM
+        if need > limit:
+            worst = max(plan.trainer_host, key=lambda k: sum(plan.trainer_host[k].values()))
+            problems.append(
+                f"the trainer's {gpus} ranks need {_gib(need)} of host memory (rank 0 "
+                f"{_gib(plan.trainer_host_peak)} at {worst}), more than {_gib(limit)} of "
+                f"{host_memory_gib:g} GiB; give the trainer machine more memory, or train on fewer "
+                "ranks per machine (PAIRLOOP_TRAINER_NUM_PROCESSES, NUM_MACHINES)"
+            )
+    return plan

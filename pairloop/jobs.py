@@ -51,8 +51,10 @@ class JobCrashLoopError(ServerError):
 
 # How several training processes split the work. ddp: every rank holds the whole policy, its
 # gradients, AdamW's moments and the reference (about 18 bytes per parameter with a bf16
-# reference). fsdp (FSDP2 full shard) and deepspeed-zero3: all four are sharded over the ranks.
-Strategy = Literal["ddp", "fsdp", "deepspeed-zero3"]
+# reference). fsdp (FSDP2 full shard): all four are sharded over the ranks. DeepSpeed ZeRO-3 is
+# not offered: nothing tests it on CPU ranks, and its partitioned init needs the models loaded
+# after the Trainer's config is built (fsdp covers the same memory with rank-0 loading).
+Strategy = Literal["ddp", "fsdp"]
 
 
 Tracker = Literal["tensorboard", "wandb"]
@@ -113,13 +115,13 @@ class DPOHyperparameters(BaseModel):
     )
     strategy: Strategy | None = Field(
         None,
-        description="multi-process strategy: ddp, fsdp (FSDP2 full shard) or deepspeed-zero3; "
+        description="multi-process strategy: ddp or fsdp (FSDP2 full shard); "
         "None: the trainer worker's PAIRLOOP_TRAINER_STRATEGY (default fsdp). One process is "
         "never sharded",
     )
     cpu_offload: bool = Field(
         False,
-        description="fsdp / deepspeed-zero3: keep the parameter, gradient and optimizer shards in "
+        description="fsdp: keep the parameter, gradient and optimizer shards in "
         "host memory (slower steps, far less GPU memory)",
     )
     max_length: int = Field(1024, ge=8)
@@ -319,6 +321,16 @@ class RankReport(BaseModel):
     reference_local_numel: int | None = Field(
         None, description="reference elements in this rank's memory; None: no reference model"
     )
+    reference_fsdp_units: int | None = Field(
+        None,
+        description="FSDP units the reference is sharded into (one per decoder layer, the "
+        "embeddings, the head and the root); each forward gathers one at a time",
+    )
+    loaded_numel: int | None = Field(
+        None,
+        description="parameter elements this rank materialised when loading policy and "
+        "reference (0 on the ranks that receive their shards by broadcast)",
+    )
     peak_rss_bytes: int = Field(description="the rank process's peak resident memory")
     rss_bytes: int = Field(description="its resident memory at the end of training")
     peak_device_bytes: int | None = Field(
@@ -344,9 +356,7 @@ class TrainResult(BaseModel):
         default_factory=dict,
         description="seconds per phase: load, train, save, validate, publish (and total)",
     )
-    strategy: str = Field(
-        "single-process", description="what ran: single-process, ddp, fsdp or deepspeed-zero3"
-    )
+    strategy: str = Field("single-process", description="what ran: single-process, ddp or fsdp")
     world_size: int = Field(1, ge=1, description="training processes over all machines")
     per_device_train_batch_size: int | None = None
     gradient_accumulation_steps: int | None = Field(

@@ -11,7 +11,8 @@ Send jobs with `pairloop.train_client.submit_train_job` (task `pairloop.train_dp
 `tasks` (the thin task), `runner` (one job end to end), `spec` (what a training process gets
 and gives back), `data` (dataset checks and conversion), `dpo` (the TRL adapter), `publishing`
 (validate + atomic publish), `launcher` and `launch_entry` (multi-GPU via `accelerate launch`,
-one config per strategy in `accelerate/`), `sharding` (FSDP2 / ZeRO-3 specifics inside the ranks:
-full-state-dict save, per-rank reports, FSDP on CPU ranks) and `join` (machines 1..N-1 of a
+one config per strategy in `accelerate/`), `sharding` (FSDP2 specifics inside the ranks:
+the reference sharded per layer, the streamed save, per-rank reports, FSDP on CPU ranks),
+`loading` (rank 0 reads the weights, the other ranks build empty models) and `join` (machines 1..N-1 of a
 multi-machine job).
 """

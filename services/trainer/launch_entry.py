@@ -27,7 +27,7 @@ from pairloop.errors import PairloopError
 from pairloop.jobs import TrainProgress
 from pairloop.logs import configure_logging
 from services.trainer.dpo import train_policy
-from services.trainer.sharding import fsdp_on_cpu
+from services.trainer.sharding import fsdp_on_cpu, return_freed_memory_to_the_os
 from services.trainer.spec import TrainingSpec
 
 __all__ = ["ERROR_FILE", "OUTCOME_FILE", "PROGRESS_FILE", "main"]
@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with (work / PROGRESS_FILE).open("a") as fh:
                 fh.write(progress.model_dump_json() + "\n")
 
+    if spec.device == "cpu":
+        return_freed_memory_to_the_os()
     sharding = fsdp_on_cpu() if spec.device == "cpu" and spec.strategy == "fsdp" else nullcontext()
     try:
         with sharding:

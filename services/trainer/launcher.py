@@ -56,7 +56,7 @@ def accelerate_command(
 ) -> list[str]:
     """The `accelerate launch` argv for `spec_file` on this machine (`settings.machine_rank`).
 
-    The strategy's accelerate config file (multi_gpu / fsdp / deepspeed_zero3.yaml) carries the
+    The strategy's accelerate config file (multi_gpu / fsdp.yaml) carries the
     strategy; the flags carry what differs per job and per machine. Flags given on the command
     line win over the file's values (accelerate's `_validate_launch_command`).
     """
@@ -76,10 +76,6 @@ def accelerate_command(
         checkpointing = resolve_precision(hp, spec.device)[1]
         argv += ["--fsdp_offload_params", _flag(hp.cpu_offload)]
         argv += ["--fsdp_activation_checkpointing", _flag(checkpointing)]
-    elif strategy == "deepspeed-zero3":
-        offload = "cpu" if hp.cpu_offload else "none"
-        argv += ["--zero_stage", "3"]
-        argv += ["--offload_param_device", offload, "--offload_optimizer_device", offload]
     # --num_processes is the total over all machines; torchrun runs processes per machine.
     argv += ["--num_processes", str(spec.world_size), "--num_machines", str(settings.num_machines)]
     if settings.num_machines > 1:

@@ -25,7 +25,6 @@ _CONFIGS = Path(__file__).with_name("accelerate")
 ACCELERATE_CONFIGS: dict[str, Path] = {
     "ddp": _CONFIGS / "multi_gpu.yaml",
     "fsdp": _CONFIGS / "fsdp.yaml",
-    "deepspeed-zero3": _CONFIGS / "deepspeed_zero3.yaml",
 }
 
 
@@ -88,7 +87,7 @@ class TrainerSettings(BaseSettings):
     strategy: Strategy = Field(
         "fsdp",
         description="multi-process strategy when the job does not name one: fsdp (FSDP2 full "
-        "shard; fits a 7B full-parameter DPO on 8 x 80 GB), deepspeed-zero3, or ddp (every rank "
+        "shard; fits a 7B full-parameter DPO on 8 x 80 GB) or ddp (every rank "
         "holds everything; small models only)",
     )
     num_machines: int = Field(
@@ -115,7 +114,7 @@ class TrainerSettings(BaseSettings):
     accelerate_config: Path | None = Field(
         None,
         description="accelerate config file for multi-process training (default: the "
-        "strategy's, services/trainer/accelerate/{multi_gpu,fsdp,deepspeed_zero3}.yaml)",
+        "strategy's, services/trainer/accelerate/{multi_gpu,fsdp}.yaml)",
     )
     publish_max_shard_size: str = Field(
         "5GB",

@@ -83,7 +83,7 @@ class TrainingSpec(BaseModel):
     # The attempt that wrote this spec (`attempt_id()`, as in the job's lock): a joiner uses a
     # spec only while that attempt holds the job's lock, never one an earlier attempt left.
     attempt: str | None = None
-    strategy: Literal["single-process", "ddp", "fsdp", "deepspeed-zero3"] = "single-process"
+    strategy: Literal["single-process", "ddp", "fsdp"] = "single-process"
     world_size: int = 1  # training processes over all machines
     publish_max_shard_size: str = "5GB"
     logging_dir: str | None = None  # TensorBoard event files (the job's, resolved in the store)

@@ -376,9 +376,14 @@ def test_commands_are_real_entry_points() -> None:
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id), run_id
         assert _run_config(services).model_store == STORE
     script = (REPO / "docker" / "run-or-resume.sh").read_text()
+    # PLAN_ARGS: flags of `pairloop run`, as the GPU stack sets them (`${PLAN_ARGS:-<default>}`).
+    gpu_env = compose_model(*VARIANTS["gpu-stack"])["services"]["orchestrator"]["environment"]
+    plan_args = shlex.split(gpu_env["PLAN_ARGS"])
+    assert "--host-memory" in plan_args
     for line in script.splitlines():
         if line.strip().startswith("exec pairloop "):
             argv = [a.strip('"') for a in shlex.split(line.strip())[1:]]
+            argv = [x for a in argv for x in (plan_args if a == "${PLAN_ARGS:-}" else [a])]
             check_pairloop_argv([a if not a.startswith("$") else "X" for a in argv])
     # The way the README resumes a run in the stack.
     check_pairloop_argv(["pairloop", "resume", "/models/runs/ID"])

@@ -134,7 +134,15 @@ def test_probes_hit_routes_the_services_serve_on_their_ports(kustomization: str)
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
 def test_commands_are_the_real_entry_points(kustomization: str) -> None:
-    for doc in _workloads(render(kustomization)):
+    docs = render(kustomization)
+    # $PLAN_ARGS: the `pairloop run` flags an overlay sets (pairloop-deploy's plan_args).
+    deploy = [
+        d for d in docs if d["kind"] == "ConfigMap" and "pairloop-deploy" in d["metadata"]["name"]
+    ]
+    plan_args = deploy[0].get("data", {}).get("plan_args", "").split() if deploy else []
+    if kustomization.endswith("gpu"):  # the trainer's GPUs and host memory reach the plan
+        assert {"--gpus", "--host-memory"} <= set(plan_args), plan_args
+    for doc in _workloads(docs):
         for c in _containers(doc):
             argv = c["command"]
             if argv[:2] == ["python3", "-m"]:
@@ -148,6 +156,7 @@ def test_commands_are_the_real_entry_points(kustomization: str) -> None:
                 script = argv[2]
                 for m in re.finditer(r"exec ((?:pairloop|celery) [^\n;]+)", script):
                     words = [w.strip('"') for w in m.group(1).split()]
+                    words = [x for w in words for x in (plan_args if w == "$PLAN_ARGS" else [w])]
                     if words[0] == "pairloop":
                         check_pairloop_argv(words)
                     else:

@@ -5,8 +5,8 @@ services/trainer/accelerate/fsdp.yaml` -> torchrun -> `launch_entry` -> TRL's DP
 accelerate's FSDP2 wrapping of the policy, TRL's sharding of the reference, the Trainer's sharded
 checkpoints and a full state dict gathered by every rank for the published weights. The one
 CPU-specific step is `sharding.fsdp_on_cpu` (accelerate enables its FSDP plugin only on GPU-like
-devices); what the GPU adds (bf16 compute under FSDP's MixedPrecisionPolicy, NCCL, offload,
-DeepSpeed) is covered by the GPU bench, not here.
+devices); what the GPU adds (bf16 compute under FSDP's MixedPrecisionPolicy, NCCL, offload) is
+covered by the GPU bench, not here.
 
 Equality: a sharded run and a single process with the same global batch and seed publish the
 same weights within 1e-4 (float32; the order of reductions is the only difference, and AdamW
@@ -16,6 +16,7 @@ moved the weights by more than 1e-3.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -53,8 +54,9 @@ def _job(run_id: str, *, policy: str = "base", **hp: Any) -> TrainJob:
 
 
 def _sharded_job(run_id: str, *, policy: str = "base", **hp: Any) -> TrainJob:
-    # 2 ranks x 2 pairs = the single process's 4 pairs per step (accumulation derived: 1).
-    return _job(run_id, policy=policy, per_device_train_batch_size=2, strategy="fsdp", **hp)
+    # 2 ranks x 1 pair x accumulation 2 = the single process's 4 pairs per step: the recipe's
+    # path, where micro-batches run under no_sync (unsharded gradients kept between them).
+    return _job(run_id, policy=policy, per_device_train_batch_size=1, strategy="fsdp", **hp)
 
 
 def _weights(result: TrainResult) -> dict[str, torch.Tensor]:
@@ -105,9 +107,11 @@ def sharded(settings: TrainerSettings) -> TrainResult:
     return run_train_job(_sharded_job("fsdp"), launched)
 
 
-def test_each_rank_holds_only_its_shard_of_policy_and_reference(sharded: TrainResult) -> None:
+def test_each_rank_holds_only_its_shard_of_policy_and_reference(
+    sharded: TrainResult, model_store: Path
+) -> None:
     assert sharded.strategy == "fsdp" and sharded.world_size == 2
-    assert sharded.gradient_accumulation_steps == 1 and sharded.global_batch_size == 4
+    assert sharded.gradient_accumulation_steps == 2 and sharded.global_batch_size == 4
     ranks = sharded.ranks
     assert [r.rank for r in ranks] == [0, 1]
     total = ranks[0].policy_numel
@@ -119,6 +123,19 @@ def test_each_rank_holds_only_its_shard_of_policy_and_reference(sharded: TrainRe
         assert r.reference_local_numel is not None and r.reference_local_numel < 0.6 * total
     assert sum(r.policy_local_numel for r in ranks) == total
     assert sum(r.reference_local_numel or 0 for r in ranks) == total
+    # The reference is sharded per decoder layer like the policy (TRL's own prepare_fsdp makes
+    # it one unit: every forward would gather the whole model).
+    layers = json.loads((model_store / "base" / "config.json").read_text())["num_hidden_layers"]
+    assert all((r.reference_fsdp_units or 0) > layers for r in ranks)
+
+
+def test_only_rank_0_reads_the_weights_and_the_reference_once(sharded: TrainResult) -> None:
+    """Rank 0 materialises the policy and its reference copy (same checkpoint, read once); rank 1
+    builds both empty and receives its shards by broadcast (the weights-equality test below
+    proves the shards it received are rank 0's)."""
+    rank0, rank1 = sharded.ranks
+    assert rank0.loaded_numel == 2 * rank0.policy_numel
+    assert rank1.loaded_numel == 0
 
 
 def test_sharded_weights_equal_one_process_with_the_same_global_batch(
@@ -184,7 +201,9 @@ def test_two_machines_meet_at_one_rendezvous_and_publish_bf16_shards(
         joiner.stop()
     assert result.world_size == 2 and len(result.ranks) == 2
     assert all(r.policy_local_numel < r.policy_numel for r in result.ranks)
-    assert all(r.reference_local_numel is None for r in result.ranks)  # freed after precompute
+    # Machine 1 read nothing: its policy and the reference that precomputed its log-probs came
+    # by broadcast (a wrong reference there would change its log-probs, and the weights below).
+    assert [r.loaded_numel for r in result.ranks] == [2 * result.ranks[0].policy_numel, 0]
 
     out = Path(result.checkpoint_path)
     files = sorted(out.glob("model-*.safetensors"))

@@ -19,7 +19,7 @@ from .helpers import make_job
 
 @pytest.mark.parametrize(
     ("strategy", "kind"),
-    [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed-zero3", "DEEPSPEED")],
+    [("ddp", "MULTI_GPU"), ("fsdp", "FSDP")],
 )
 def test_accelerate_configs_load_in_accelerate(strategy: str, kind: str) -> None:
     from accelerate.commands.config.config_args import load_config_from_file
@@ -30,9 +30,8 @@ def test_accelerate_configs_load_in_accelerate(strategy: str, kind: str) -> None
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_reshard_after_forward"] is True  # full shard
         assert config.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
-    if strategy == "deepspeed-zero3":
-        assert config.deepspeed_config["zero_stage"] == 3
-        assert config.deepspeed_config["zero3_save_16bit_model"] is True
+        # Rank 0 reads the weights; the others build empty models and get shards by broadcast.
+        assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
 
 
 def _spec(strategy: str, world: int, device: str = "cuda", **hp: object) -> TrainingSpec:
@@ -70,10 +69,12 @@ def test_launch_command_per_strategy_and_machine(tmp_path: Path) -> None:
     assert fsdp["--fsdp_activation_checkpointing"] == "true"  # "auto" on CUDA
     assert fsdp["--fsdp_offload_params"] == "false"
 
-    offload = _spec("deepspeed-zero3", 8, cpu_offload=True)
-    zero3 = _flags(accelerate_command(Path("s.json"), settings=settings, spec=offload))
-    assert zero3["--config_file"] == str(ACCELERATE_CONFIGS["deepspeed-zero3"])
-    assert zero3["--offload_param_device"] == zero3["--offload_optimizer_device"] == "cpu"
+    offload = _flags(
+        accelerate_command(
+            Path("s.json"), settings=settings, spec=_spec("fsdp", 8, cpu_offload=True)
+        )
+    )
+    assert offload["--fsdp_offload_params"] == "true"
 
     # DDP on CPU ranks: torchrun with gloo, no config file (CUDA-only settings there).
     ddp = _flags(accelerate_command(Path("s.json"), settings=settings, spec=_spec("ddp", 2, "cpu")))
@@ -99,6 +100,7 @@ def test_launch_command_per_strategy_and_machine(tmp_path: Path) -> None:
         ),
         ({"rendezvous_endpoint": "no-port"}, "rendezvous_endpoint"),
         ({"strategy": "zero2"}, "strategy"),
+        ({"strategy": "deepspeed-zero3"}, "'ddp' or 'fsdp'"),
     ],
 )
 def test_launch_settings_are_validated(
@@ -126,7 +128,10 @@ def test_dpo_config_derives_accumulation_and_leaves_checkpointing_to_fsdp() -> N
     config = dpo_config(spec)
     assert config.gradient_accumulation_steps == 2
     assert config.gradient_checkpointing is False  # FSDP's own, passed at launch
+    # Gradients reduce-scattered every micro-batch: no unsharded copy between them (no_sync).
+    assert config.accelerator_config.gradient_accumulation_kwargs == {"sync_each_batch": True}
     launch = _flags(accelerate_command(Path("s.json"), settings=_settings(), spec=spec))
     assert launch["--fsdp_activation_checkpointing"] == "true"
     ddp = dpo_config(_spec("ddp", 2, "cpu", global_batch_size=16, gradient_checkpointing=True))
     assert ddp.gradient_checkpointing is True
+    assert not (ddp.accelerator_config.gradient_accumulation_kwargs or {}).get("sync_each_batch")
