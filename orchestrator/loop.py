@@ -39,7 +39,7 @@ from orchestrator.report import write_report
 from orchestrator.runs import RunLockedError, create_run, load_run, run_lock
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.stages import evaluate, generate, pairs, rank, report, swap, train
-from pairloop.settings import RedisSettings
+from pairloop.settings import redis_url_for
 
 # create_run and RunLockedError are re-exported: `from orchestrator.loop import create_run` stays.
 __all__ = ["RunLockedError", "create_run", "execute_run", "run_lock"]
@@ -142,7 +142,7 @@ async def execute_run(
         else None
     )
     trainer = TrainerClient(
-        services.redis_url or RedisSettings().redis_url,
+        redis_url_for(services.redis_url),
         outage_s=services.broker_outage_s,
         queue=services.train_queue,
     )

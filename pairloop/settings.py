@@ -24,7 +24,14 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from pairloop.validation import describe_validation_error
 
-__all__ = ["SECRETS_DIR", "RedisSettings", "load_settings", "secrets_dir", "service_config"]
+__all__ = [
+    "SECRETS_DIR",
+    "RedisSettings",
+    "load_settings",
+    "redis_url_for",
+    "secrets_dir",
+    "service_config",
+]
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -79,6 +86,12 @@ class RedisSettings(BaseSettings):
         netloc = f"{user}:{secret}@{parts.netloc.rpartition('@')[2]}"
         self.redis_url = urlunsplit(parts._replace(netloc=netloc))
         return self
+
+
+def redis_url_for(url: str | None = None) -> str:
+    """`url` (default: PAIRLOOP_REDIS_URL) with PAIRLOOP_REDIS_PASSWORD in it where it names none:
+    a run config's `services.redis_url` names the host, the deployment holds the password."""
+    return RedisSettings(**({"redis_url": url} if url else {})).redis_url
 
 
 def load_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:

@@ -140,3 +140,16 @@ def _pings(client: object) -> bool:
         return bool(client.ping())  # type: ignore[attr-defined]  # a redis.Redis
     except redis.exceptions.ConnectionError:
         return False
+
+
+def test_a_run_configs_redis_url_gets_the_deployments_password(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    """The orchestrator's URL (run config services.redis_url, else PAIRLOOP_REDIS_URL)."""
+    from pairloop.settings import redis_url_for
+
+    assert redis_url_for("redis://redis:6379/0") == "redis://redis:6379/0"
+    clean_env.setenv("PAIRLOOP_REDIS_URL", "redis://elsewhere:6379/1")
+    clean_env.setenv("PAIRLOOP_REDIS_PASSWORD", "pw-0123")
+    assert redis_url_for("redis://redis:6379/0") == "redis://:pw-0123@redis:6379/0"
+    assert redis_url_for(None) == "redis://:pw-0123@elsewhere:6379/1"
