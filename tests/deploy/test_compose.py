@@ -149,13 +149,16 @@ def test_redis_requires_the_password_and_its_health_check_uses_it(tmp_path: Path
     data = tmp_path / "data"
     data.mkdir()
     script = (
-        svc["command"][2].replace("/run/secrets/redis_password", str(secret))
+        svc["command"][2]
+        .replace("/run/secrets/redis_password", str(secret))
         .replace("--dir /data", f"--dir {data} --port {port} --bind 127.0.0.1")
     )
     check = svc["healthcheck"]["test"]
     assert check[0] == "CMD-SHELL"
-    probe = check[1].replace("/run/secrets/redis_password", str(secret)).replace(
-        "redis-cli ping", f"redis-cli -p {port} ping"
+    probe = (
+        check[1]
+        .replace("/run/secrets/redis_password", str(secret))
+        .replace("redis-cli ping", f"redis-cli -p {port} ping")
     )
     proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL, cwd=tmp_path)
     try:
