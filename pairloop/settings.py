@@ -91,7 +91,8 @@ class RedisSettings(BaseSettings):
 def redis_url_for(url: str | None = None) -> str:
     """`url` (default: PAIRLOOP_REDIS_URL) with PAIRLOOP_REDIS_PASSWORD in it where it names none:
     a run config's `services.redis_url` names the host, the deployment holds the password."""
-    return RedisSettings(**({"redis_url": url} if url else {})).redis_url
+    settings = RedisSettings() if not url else RedisSettings(redis_url=url)
+    return settings.redis_url
 
 
 def load_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
