@@ -33,6 +33,15 @@ from .helpers import (
 
 KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/cpu-demo")
 OVERLAYS = ("overlays/gpu", "overlays/cpu-demo")
+# The base and every overlay in k8s/overlays, listed or not: the security checks cover them all.
+EVERY_KUSTOMIZATION = (
+    "base",
+    *(
+        f"overlays/{d.name}"
+        for d in sorted((REPO / "k8s" / "overlays").iterdir())
+        if (d / "kustomization.yaml").is_file()
+    ),
+)
 # Container name -> the app whose routes its HTTP probes must hit.
 APPS = {"generator": "generator", "ranker": "ranker", "api": "orchestrator"}
 STORE = "/models"
@@ -68,7 +77,7 @@ def _run_config(docs: tuple[dict, ...]) -> RunConfig:
         return load_run_config(path)
 
 
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+@pytest.mark.parametrize("kustomization", EVERY_KUSTOMIZATION, ids=_ids(EVERY_KUSTOMIZATION))
 def test_every_manifest_validates_against_the_kubernetes_api(kustomization: str) -> None:
     docs = render(kustomization)
     assert docs
@@ -99,7 +108,7 @@ def _effective(spec: dict, container: dict, key: str) -> object:
     return own[key] if key in own else spec.get("securityContext", {}).get(key)
 
 
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+@pytest.mark.parametrize("kustomization", EVERY_KUSTOMIZATION, ids=_ids(EVERY_KUSTOMIZATION))
 def test_pods_are_hardened_and_bounded(kustomization: str) -> None:
     """Every pod and container of the base and every overlay: no service-account token, non-root,
     read-only root filesystem (an emptyDir where the image keeps caches), no privilege
@@ -489,7 +498,7 @@ def test_only_orchestrator_pods_reach_the_generator(kustomization: str) -> None:
     assert holders == allowed
 
 
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+@pytest.mark.parametrize("kustomization", EVERY_KUSTOMIZATION, ids=_ids(EVERY_KUSTOMIZATION))
 def test_redis_requires_the_password_from_the_secret(kustomization: str, tmp_path: Path) -> None:
     """Redis's argv and readiness probe, as the kubelet runs them ($(VAR) expanded, the probe in
     the container's environment), against a real redis-server here: PONG only with the password."""
@@ -538,7 +547,7 @@ def test_redis_requires_the_password_from_the_secret(kustomization: str, tmp_pat
         proc.wait(timeout=20)
 
 
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+@pytest.mark.parametrize("kustomization", EVERY_KUSTOMIZATION, ids=_ids(EVERY_KUSTOMIZATION))
 def test_network_policies_deny_by_default_and_guard_the_api(kustomization: str) -> None:
     """A default-deny ingress policy for the whole namespace; the orchestrator API (whose GET and
     chat routes take no token) is reachable on its port only from labelled api-client pods."""
