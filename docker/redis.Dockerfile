@@ -3,9 +3,11 @@
 #
 #   docker build -f docker/redis.Dockerfile --build-arg DEBIAN_IMAGE=<a Debian 12 image> -t pairloop/redis-debian:7 .
 #
-# The compose service's command (append-only file under /data) and health check (redis-cli
-# ping) are the same for both images; --protected-mode no there, as the official image's
-# entrypoint adds, since the stack's other containers reach Redis over the compose network.
+# The compose service's command (append-only file under /data, the password from its secret
+# file) and health check (redis-cli ping with that password) are the same for both images;
+# --protected-mode no there, as the official image's entrypoint adds, since the stack's other
+# containers reach Redis over the compose network. The HEALTHCHECK below is for a Redis run
+# without a password; compose replaces it.
 ARG DEBIAN_IMAGE=debian:bookworm-slim
 FROM ${DEBIAN_IMAGE}
 RUN apt-get -o Acquire::Retries=3 update \

@@ -43,7 +43,7 @@ from orchestrator.run_state import resume_command
 from orchestrator.runs import RunLockedError, create_run, load_run, run_lock
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.stages import evaluate, generate, pairs, placement, rank, report, swap, train
-from pairloop.settings import RedisSettings
+from pairloop.settings import redis_url_for
 
 # create_run and RunLockedError are re-exported: `from orchestrator.loop import create_run` stays.
 __all__ = ["RunLockedError", "create_run", "execute_run", "run_lock"]
@@ -174,7 +174,7 @@ async def execute_run(
         else None
     )
     trainer = TrainerClient(
-        services.redis_url or RedisSettings().redis_url,
+        redis_url_for(services.redis_url),
         outage_s=services.broker_outage_s,
         queue=services.train_queue,
         worker_absent_s=services.worker_absent_s,

@@ -158,12 +158,39 @@ def _plain(v: Any) -> Any:
 
 
 def compose_env(**overrides: str) -> dict[str, str]:
-    """deploy/compose/env.example with test tokens filled in, as a user's .env would be."""
+    """deploy/compose/env.example as a user's .env is: it names the secret files."""
     env = read_env_file(REPO / "deploy" / "compose" / "env.example")
-    env.update(
-        PAIRLOOP_ADMIN_TOKEN="test-admin-token-0123", PAIRLOOP_API_TOKEN="test-api-token-0123"
-    )
     env.update(overrides)
+    return env
+
+
+# What the secret files hold in the tests (each secret's source name -> its content).
+TEST_SECRETS = {
+    "admin_token": "test-admin-token-0123",
+    "api_token": "test-api-token-0123",
+    "redis_password": "test-redis-password-0123",
+}
+
+
+def service_secrets(service: dict[str, Any]) -> dict[str, str]:
+    """The file name under /run/secrets -> the top-level secret it is (Compose's short and
+    long syntax: a bare name is mounted under its own name)."""
+    out = {}
+    for item in service.get("secrets", []):
+        if isinstance(item, str):
+            out[item] = item
+        else:
+            out[item.get("target", item["source"])] = item["source"]
+    return out
+
+
+def service_env_with_secrets(service: dict[str, Any]) -> dict[str, str]:
+    """The variables a service's settings see: its environment plus its secret files (each
+    read as the variable it is named after, pairloop/settings.py), with TEST_SECRETS' values."""
+    env = service_env(service)
+    for target, source in service_secrets(service).items():
+        assert "/" not in target, f"secret {source} mounted outside /run/secrets: {target}"
+        env[target] = TEST_SECRETS[source]
     return env
 
 

@@ -21,6 +21,7 @@ from orchestrator.config import load_run_config
 
 from .helpers import (
     REPO,
+    TEST_SECRETS,
     InterpolationError,
     check_pairloop_argv,
     check_settings_env,
@@ -30,6 +31,8 @@ from .helpers import (
     parse_dockerfile,
     run_pairloop_with_only,
     service_env,
+    service_env_with_secrets,
+    service_secrets,
     unreachable_demo_config,
 )
 
@@ -71,25 +74,148 @@ def test_the_schema_rejects_what_compose_rejects(validator) -> None:
     assert any("depends_on" in e for e in errors), errors
 
 
-def test_tokens_come_from_the_environment_never_the_file() -> None:
+SECRET_VARS = {
+    "admin_token": "PAIRLOOP_ADMIN_TOKEN_FILE",
+    "api_token": "PAIRLOOP_API_TOKEN_FILE",
+    "redis_password": "PAIRLOOP_REDIS_PASSWORD_FILE",
+}
+
+
+def test_tokens_and_the_redis_password_are_secret_files_never_environment() -> None:
+    """Compose secrets (files under /run/secrets), named in .env; a missing name stops config."""
     for name in (*GPU, "docker-compose.cpu.yml"):
         text = (REPO / name).read_text()
         assert "test-admin-token" not in text
-    for missing in ("PAIRLOOP_ADMIN_TOKEN", "PAIRLOOP_API_TOKEN"):
-        with pytest.raises(InterpolationError, match=missing):
-            compose_model(*GPU, env=compose_env(**{missing: ""}))
-    example = (REPO / "deploy" / "compose" / "env.example").read_text()
-    assert "PAIRLOOP_ADMIN_TOKEN=\n" in example and "PAIRLOOP_API_TOKEN=\n" in example
-    assert ".env" in (REPO / ".gitignore").read_text().splitlines()
     model = compose_model(*GPU)
-    token = compose_env()["PAIRLOOP_ADMIN_TOKEN"]
-    gen = service_env(model["services"]["generator"])
-    orch = service_env(model["services"]["orchestrator"])
-    assert (
-        gen["PAIRLOOP_GENERATOR_ADMIN_TOKEN"]
-        == orch["PAIRLOOP_ORCHESTRATOR_GENERATOR_ADMIN_TOKEN"]
-        == token
+    assert {name: s["file"] for name, s in model["secrets"].items()} == {
+        "admin_token": "./secrets/admin_token",
+        "api_token": "./secrets/api_token",
+        "redis_password": "./secrets/redis_password",
+    }
+    for var in SECRET_VARS.values():
+        with pytest.raises(InterpolationError, match=var):
+            compose_model(*GPU, env=compose_env(**{var: ""}))
+    example = (REPO / "deploy" / "compose" / "env.example").read_text()
+    for var in SECRET_VARS.values():
+        assert f"\n{var}=./secrets/" in example, var
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored and "/secrets/" in ignored
+    for variant in VARIANTS.values():
+        services = compose_model(*variant)["services"]
+        for name, svc in services.items():
+            # No token or password in any environment: `docker inspect` would show it.
+            leaked = [k for k in service_env(svc) if re.search("_TOKEN$|PASSWORD", k)]
+            assert not leaked, (name, leaked)
+        mounted = {name: service_secrets(svc) for name, svc in services.items()}
+        # One admin token: the generator checks the one the orchestrator containers send.
+        assert mounted["generator"] == {"PAIRLOOP_GENERATOR_ADMIN_TOKEN": "admin_token"}
+        for name in ("orchestrator", "api"):
+            assert mounted[name]["PAIRLOOP_ORCHESTRATOR_GENERATOR_ADMIN_TOKEN"] == "admin_token"
+        assert mounted["api"]["PAIRLOOP_ORCHESTRATOR_API_TOKEN"] == "api_token"
+        # Every Redis client gets the password its settings put into PAIRLOOP_REDIS_URL.
+        for name, svc in services.items():
+            if "PAIRLOOP_REDIS_URL" in service_env(svc):
+                assert mounted[name].get("PAIRLOOP_REDIS_PASSWORD") == "redis_password", name
+        assert mounted["redis"] == {"redis_password": "redis_password"}
+        assert not mounted["ranker"], "the ranker needs no secret"
+
+
+def _redis_argv(redis: dict) -> list[str]:
+    """The redis-server argv of the Redis service's `sh -c "exec redis-server ..."`."""
+    command = redis["command"]
+    assert command[:2] == ["sh", "-c"], command
+    script = command[2]
+    assert script.startswith("exec redis-server "), script
+    return shlex.split(script[len("exec ") :])
+
+
+def test_redis_requires_the_password_and_its_health_check_uses_it(tmp_path: Path) -> None:
+    """The service's own command and health check, run here against a real redis-server with
+    the secret file's path mapped into tmp_path: the check answers only with the password."""
+    import socket
+    import subprocess
+
+    import redis as redis_py
+
+    from pairloop_local.processes import free_port, wait_until
+
+    svc = compose_model(*GPU)["services"]["redis"]
+    argv = _redis_argv(svc)
+    assert argv[argv.index("--requirepass") + 1] == "$(cat /run/secrets/redis_password)"
+    assert svc["user"] == "redis" and svc["cap_drop"] == ["ALL"]
+    secret = tmp_path / "redis_password"
+    secret.write_text(TEST_SECRETS["redis_password"] + "\n")
+    port = free_port()
+    data = tmp_path / "data"
+    data.mkdir()
+    script = (
+        svc["command"][2]
+        .replace("/run/secrets/redis_password", str(secret))
+        .replace("--dir /data", f"--dir {data} --port {port} --bind 127.0.0.1")
     )
+    check = svc["healthcheck"]["test"]
+    assert check[0] == "CMD-SHELL"
+    probe = (
+        check[1]
+        .replace("/run/secrets/redis_password", str(secret))
+        .replace("redis-cli ping", f"redis-cli -p {port} ping")
+    )
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, timeout=20, interval=0.05, what="redis-server")
+        assert subprocess.run(["sh", "-c", probe], timeout=20).returncode == 0
+        with pytest.raises(redis_py.exceptions.AuthenticationError):
+            redis_py.Redis(port=port).ping()
+        # With a wrong password the health check fails (redis-cli itself exits 0 on NOAUTH).
+        secret.write_text("wrong-password\n")
+        assert subprocess.run(["sh", "-c", probe], timeout=20).returncode != 0
+        ok = redis_py.Redis(port=port, password=TEST_SECRETS["redis_password"]).ping()
+        assert ok is True
+        # Redis rewrites its command line: the password is not in `ps`.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        assert TEST_SECRETS["redis_password"] not in cmdline, cmdline
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+# Memory limits (bytes) each service must get at least: what it needs to work (see the comments
+# in docker-compose.yml). The GPU trainer's is deliberately generous: a 7B DPO job's host peak.
+MIN_MEMORY = {
+    "gpu-stack": {"generator": 32 << 30, "ranker": 8 << 30, "trainer": 150 << 30},
+    "cpu-stack": {"generator": 4 << 30, "ranker": 2 << 30, "trainer": 3 << 30},
+}
+
+
+def _bytes(limit: str) -> int:
+    m = re.fullmatch(r"(\d+)([kmg]?)b?", str(limit).lower())
+    assert m, limit
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_container_is_hardened_bounded_and_restarted(variant: str) -> None:
+    """No capabilities, no privilege gain, an init as PID 1 (signals, zombies; it is also what
+    lets a process in the container die of SIGKILL and the restart policy bring it back), a
+    memory limit; long-running services restart when they die."""
+    services = compose_model(*VARIANTS[variant])["services"]
+    for name, svc in services.items():
+        assert svc.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+        assert svc.get("init") is True, name
+        assert _bytes(svc["mem_limit"]) >= MIN_MEMORY[variant].get(name, 1 << 30), name
+        # /dev/shm is memory of the container: the limit must leave room beyond it.
+        if "shm_size" in svc:
+            assert _bytes(svc["mem_limit"]) > _bytes(svc["shm_size"]), name
+        if name in ("orchestrator", "models-init"):
+            assert svc["restart"] == "no", name  # one-shot: a run resumes on the next `up`
+        else:
+            assert svc["restart"] in ("unless-stopped", "always"), name
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -127,7 +253,8 @@ def test_every_pairloop_variable_is_a_real_setting_and_parses(
     for base in ("models/Mistral-7B-Instruct-v0.2", "models/tiny-llama", "runs"):
         (store / base).mkdir(parents=True)
     for name, svc in services.items():
-        settings = check_settings_env(service_env(svc), store=store, monkeypatch=monkeypatch)
+        env = service_env_with_secrets(svc)
+        settings = check_settings_env(env, store=store, monkeypatch=monkeypatch)
         if name in ("generator", "ranker", "trainer", "orchestrator", "api"):
             assert settings, f"{name} sets no PAIRLOOP_* variable"
 
@@ -135,7 +262,7 @@ def test_every_pairloop_variable_is_a_real_setting_and_parses(
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_what_each_service_needs_is_set(variant: str) -> None:
     services = compose_model(*VARIANTS[variant])["services"]
-    env = {name: service_env(svc) for name, svc in services.items()}
+    env = {name: service_env_with_secrets(svc) for name, svc in services.items()}
     required = {
         # Without these the generator binds loopback only, or cannot swap weights.
         "generator": {
@@ -190,7 +317,7 @@ def test_ports_urls_and_paths_agree(variant: str) -> None:
         "redis": 6379,  # the image's default; its command sets no --port
         "api": int(env["api"]["PAIRLOOP_ORCHESTRATOR_PORT"]),
     }
-    assert "--port" not in services["redis"]["command"]
+    assert "--port" not in _redis_argv(services["redis"])
 
     def check_url(url: str) -> None:
         parts = urlsplit(url)
@@ -294,7 +421,7 @@ def test_start_order_is_health_gated(variant: str) -> None:
 
 def test_redis_persists_to_a_volume() -> None:
     redis = compose_model(*GPU)["services"]["redis"]
-    argv = redis["command"]
+    argv = _redis_argv(redis)
     assert argv[0] == "redis-server"
     assert argv[argv.index("--appendonly") + 1] == "yes"
     data_dir = argv[argv.index("--dir") + 1]
@@ -424,8 +551,8 @@ def test_build_arguments_come_from_the_environment() -> None:
     df = parse_dockerfile(REPO / "docker" / "redis.Dockerfile")
     assert df.effective("HEALTHCHECK").exec_form() == ["redis-cli", "ping"]
     assert df.effective("USER").args == "redis"
-    assert "--protected-mode" in model["services"]["redis"]["command"]
-    assert model["services"]["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "--protected-mode" in _redis_argv(model["services"]["redis"])
+    assert "redis-cli ping" in model["services"]["redis"]["healthcheck"]["test"][1]
 
 
 def test_models_init_runs_with_only_what_its_image_installs(tmp_path: Path) -> None:

@@ -33,6 +33,15 @@ from .helpers import (
 
 KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/gpu-split", "overlays/cpu-demo")
 OVERLAYS = ("overlays/gpu", "overlays/gpu-split", "overlays/cpu-demo")
+# The base and every overlay in k8s/overlays, listed or not: the security checks cover them all.
+EVERY_KUSTOMIZATION = (
+    "base",
+    *(
+        f"overlays/{d.name}"
+        for d in sorted((REPO / "k8s" / "overlays").iterdir())
+        if (d / "kustomization.yaml").is_file()
+    ),
+)
 # Container name -> the app whose routes its HTTP probes must hit.
 APPS = {"generator": "generator", "ranker": "ranker", "api": "orchestrator"}
 STORE = "/models"
@@ -68,7 +77,7 @@ def _run_config(docs: tuple[dict, ...]) -> RunConfig:
         return load_run_config(path)
 
 
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+@pytest.mark.parametrize("kustomization", EVERY_KUSTOMIZATION, ids=_ids(EVERY_KUSTOMIZATION))
 def test_every_manifest_validates_against_the_kubernetes_api(kustomization: str) -> None:
     docs = render(kustomization)
     assert docs
@@ -93,19 +102,62 @@ def test_the_validation_can_fail() -> None:
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def _effective(spec: dict, container: dict, key: str) -> object:
+    """A security setting as Kubernetes applies it: the container's, else the pod's."""
+    own = container.get("securityContext", {})
+    return own[key] if key in own else spec.get("securityContext", {}).get(key)
+
+
+@pytest.mark.parametrize("kustomization", EVERY_KUSTOMIZATION, ids=_ids(EVERY_KUSTOMIZATION))
 def test_pods_are_hardened_and_bounded(kustomization: str) -> None:
-    for doc in _workloads(render(kustomization)):
+    """Every pod and container of the base and every overlay: no service-account token, non-root,
+    read-only root filesystem (an emptyDir where the image keeps caches), no privilege
+    escalation, no capabilities, RuntimeDefault seccomp, CPU and memory limits."""
+    from .helpers import DOCKERFILES, parse_dockerfile
+
+    # Image -> the top directories of the caches it writes (all under /tmp today).
+    cache_dirs = {
+        f"pairloop/{name}": {
+            "/" + v.split("/")[1]
+            for k, v in parse_dockerfile(path).effective_env({"VARIANT": "cpu"}).items()
+            if k in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR")
+        }
+        for name, path in DOCKERFILES.items()
+    }
+    workloads = _workloads(render(kustomization))
+    assert {d["metadata"]["name"] for d in workloads} >= {
+        "generator",
+        "ranker",
+        "trainer",
+        "redis",
+        "orchestrator-api",
+        "pairloop-run",
+    }
+    for doc in workloads:
         spec = pod_spec(doc)
         name = doc["metadata"]["name"]
-        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["automountServiceAccountToken"] is False, name
         assert spec["securityContext"]["runAsUser"] != 0, name
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for c in _containers(doc):
-            assert c["securityContext"]["allowPrivilegeEscalation"] is False, (name, c["name"])
-            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], (name, c["name"])
+            where = (name, c["name"])
+            assert _effective(spec, c, "runAsNonRoot") is True, where
+            assert _effective(spec, c, "seccompProfile") == {"type": "RuntimeDefault"}, where
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], where
+            assert "add" not in c["securityContext"]["capabilities"], where
+            assert "privileged" not in c["securityContext"], where
             limits = c["resources"]["limits"]
-            assert {"cpu", "memory"} <= limits.keys(), (name, c["name"])
+            assert {"cpu", "memory"} <= limits.keys(), where
             assert not c["image"].endswith(":latest"), c["image"]
+            # Where the image writes (its caches under /tmp), an emptyDir is mounted.
+            image = c["image"].split(":")[0].removesuffix("-cpu")
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            # (wait-for-services only polls two URLs: it writes nothing.)
+            needed = cache_dirs.get(image, set()) if c["name"] != "wait-for-services" else set()
+            for path in needed:
+                assert path in mounts and "emptyDir" in volumes[mounts[path]], (where, path)
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
@@ -180,6 +232,9 @@ def test_commands_are_the_real_entry_points(kustomization: str) -> None:
                 )
             for kind in ("livenessProbe", "readinessProbe"):
                 probe_cmd = c.get(kind, {}).get("exec", {}).get("command")
+                if probe_cmd and c["name"] == "redis":
+                    assert probe_cmd[:2] == ["sh", "-c"] and "redis-cli ping" in probe_cmd[2]
+                    continue
                 if probe_cmd and probe_cmd[:2] == ["python3", "-m"]:
                     usage = help_text(*python_argv(probe_cmd)).splitlines()[0]
                     assert f"python -m {probe_cmd[2]}" in usage, (c["name"], kind, probe_cmd)
@@ -205,6 +260,11 @@ def test_the_trainer_liveness_probe_does_not_depend_on_the_broker(kustomization:
         assert probe["periodSeconds"] * probe["failureThreshold"] >= 60
 
 
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) in an env value: a variable defined earlier in the list, else as is."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), value)
+
+
 @pytest.mark.parametrize("kustomization", OVERLAYS, ids=_ids(OVERLAYS))
 def test_environment_names_and_values_build_the_settings(
     kustomization: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -215,26 +275,46 @@ def test_environment_names_and_values_build_the_settings(
     cfg = _run_config(docs)
     store = tmp_path / "models"
     (store / Path(cfg.base_model).relative_to(STORE)).mkdir(parents=True)
-    secrets = {"admin-token": "test-admin-token-0123", "api-token": "test-api-token-0123"}
+    secrets = {
+        "admin-token": "test-admin-token-0123",
+        "api-token": "test-api-token-0123",
+        "redis-password": "test-redis-password-0123",
+    }
     for doc in _workloads(docs):
         for c in _containers(doc):
-            env = {}
+            env: dict[str, str] = {}
             for name, item in container_env(c).items():
                 if "value" in item:
-                    env[name] = item["value"]
+                    env[name] = _expand(item["value"], env)
                     continue
                 source = item["valueFrom"]
                 if "configMapKeyRef" in source:
                     ref = source["configMapKeyRef"]
                     cms = find(docs, "ConfigMap", ref["name"])
-                    assert cms and ref["key"] in cms[0]["data"], f"{c['name']}: {ref}"
+                    assert cms, f"{c['name']}: {ref}"
+                    if ref["key"] not in cms[0]["data"]:
+                        # Kubernetes leaves an optional key's variable unset; a required one fails.
+                        assert ref.get("optional"), f"{c['name']}: {ref}"
+                        continue
                     env[name] = cms[0]["data"][ref["key"]]
                 elif "secretKeyRef" in source:
                     ref = source["secretKeyRef"]
                     # Created by hand (docs/deploy.md); never rendered from the repository.
                     assert ref["name"] == "pairloop-tokens" and ref["key"] in secrets, ref
                     env[name] = secrets[ref["key"]]
-            check_settings_env(env, store=store, monkeypatch=monkeypatch)
+            built = check_settings_env(env, store=store, monkeypatch=monkeypatch)
+            # Every Redis client's URL, and the one its settings assemble, carry the password.
+            if "PAIRLOOP_REDIS_URL" in env:
+                assert urlsplit(env["PAIRLOOP_REDIS_URL"]).password == secrets["redis-password"]
+                from pairloop.settings import redis_url_for
+
+                assert (
+                    urlsplit(redis_url_for(cfg.services.redis_url)).password
+                    == (secrets["redis-password"])
+                ), c["name"]
+                trainer = [b for b in built if type(b).__name__ == "TrainerSettings"]
+                for settings in trainer:
+                    assert urlsplit(settings.redis_url).password == secrets["redis-password"]
     assert not find(docs, "Secret"), "tokens must not be committed as a Secret manifest"
     readme = (REPO / "docs" / "deploy.md").read_text()
     assert "create secret generic pairloop-tokens" in readme
@@ -293,11 +373,19 @@ def test_services_ports_and_run_config_agree(kustomization: str) -> None:
     ):
         parts = urlsplit(env[var]["value"])
         assert parts.port == port_of(parts.hostname), var
+    run_redis = urlsplit(cfg.services.redis_url)
     for doc in _workloads(docs):
         for c in _containers(doc):
             redis = container_env(c).get("PAIRLOOP_REDIS_URL")
             if redis:
-                assert redis["value"] == cfg.services.redis_url, c["name"]
+                # The same Redis as the run config's, with the password in front of it.
+                parts = urlsplit(redis["value"])
+                assert parts.password == "$(PAIRLOOP_REDIS_PASSWORD)", c["name"]
+                assert (parts.hostname, parts.port, parts.path) == (
+                    run_redis.hostname,
+                    run_redis.port,
+                    run_redis.path,
+                ), c["name"]
     wait = pod_spec(find(docs, "Job", "pairloop-run")[0])["initContainers"][0]["command"][2]
     for url in re.findall(r"http://[^\"']+", wait):
         parts = urlsplit(url)
@@ -478,3 +566,99 @@ def test_only_orchestrator_pods_reach_the_generator(kustomization: str) -> None:
         if "PAIRLOOP_ORCHESTRATOR_GENERATOR_ADMIN_TOKEN" in container_env(c)
     }
     assert holders == allowed
+
+
+@pytest.mark.parametrize("kustomization", EVERY_KUSTOMIZATION, ids=_ids(EVERY_KUSTOMIZATION))
+def test_redis_requires_the_password_from_the_secret(kustomization: str, tmp_path: Path) -> None:
+    """Redis's argv and readiness probe, as the kubelet runs them ($(VAR) expanded, the probe in
+    the container's environment), against a real redis-server here: PONG only with the password."""
+    import os
+    import socket
+    import subprocess
+
+    import redis as redis_py
+
+    from pairloop_local.processes import free_port, wait_until
+
+    (sts,) = find(render(kustomization), "StatefulSet", "redis")
+    (c,) = pod_spec(sts)["containers"]
+    env = container_env(c)
+    ref = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "pairloop-tokens", "key": "redis-password"}
+    argv = c["command"]
+    assert argv[argv.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    password = "test-redis-password-0123"
+    port = free_port()
+    argv = [_expand(a, {"REDIS_PASSWORD": password}) for a in argv]
+    argv[argv.index("--dir") + 1] = str(tmp_path)
+    argv += ["--port", str(port), "--bind", "127.0.0.1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, timeout=20, interval=0.05, what="redis-server")
+        probe = c["readinessProbe"]["exec"]["command"]
+        probe = [*probe[:2], probe[2].replace("redis-cli ping", f"redis-cli -p {port} ping")]
+
+        def run_probe(value: str) -> int:
+            return subprocess.run(
+                probe, env={**os.environ, "REDIS_PASSWORD": value}, timeout=20
+            ).returncode
+
+        assert run_probe(password) == 0
+        assert run_probe("wrong-password") != 0  # redis-cli exits 0 on NOAUTH: grep decides
+        with pytest.raises(redis_py.exceptions.AuthenticationError):
+            redis_py.Redis(port=port).ping()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("kustomization", EVERY_KUSTOMIZATION, ids=_ids(EVERY_KUSTOMIZATION))
+def test_network_policies_deny_by_default_and_guard_the_api(kustomization: str) -> None:
+    """A default-deny ingress policy for the whole namespace; the orchestrator API (whose GET and
+    chat routes take no token) is reachable on its port only from labelled api-client pods."""
+    docs = render(kustomization)
+    (deny,) = find(docs, "NetworkPolicy", "default-deny-ingress")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    (policy,) = find(docs, "NetworkPolicy", "orchestrator-api-ingress")
+    (api,) = find(docs, "Deployment", "orchestrator-api")
+    labels = api["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    port = pod_spec(api)["containers"][0]["ports"][0]["containerPort"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}, "nothing outside the namespace"
+    allowed = peer["podSelector"]["matchLabels"]
+    assert allowed == {"pairloop.io/api-client": "true"}
+    # No workload of ours carries it: nothing in the stack needs the API.
+    assert not [
+        d["metadata"]["name"]
+        for d in _workloads(docs)
+        if allowed.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    # The routes that take no token are the reason for the policy: they exist.
+    routes = app_routes("orchestrator")
+    assert ("GET", "/runs") in routes and ("POST", "/v1/chat/completions") in routes
+    # Every pod that serves a port is let in by exactly one policy besides the default deny.
+    serving = {
+        d["metadata"]["name"]
+        for d in _workloads(docs)
+        if any(c.get("ports") for c in pod_spec(d)["containers"])
+    }
+    covered = set()
+    for pol in find(docs, "NetworkPolicy"):
+        if pol["metadata"]["name"] == "default-deny-ingress":
+            continue
+        sel = pol["spec"]["podSelector"]["matchLabels"]
+        covered |= {
+            d["metadata"]["name"]
+            for d in _workloads(docs)
+            if sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        }
+    assert serving <= covered, serving - covered
