@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,8 @@ async def test_admin_routes_are_off_without_a_token_and_ready_says_loading(tmp_p
             "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
         )
         assert r.status_code == 503
-        assert (await c.get("/health")).json() == {"status": "ok", "engine": "loading"}
+        health = (await c.get("/health")).json()
+        assert health == {"status": "ok", "engine": "loading", "pid": os.getpid(), "instance": None}
 
 
 async def test_admin_auth_comes_before_engine_state(tmp_path: Path) -> None:
