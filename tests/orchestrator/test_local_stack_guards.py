@@ -24,7 +24,7 @@ from orchestrator.config import load_run_config
 from orchestrator.local import LocalStack, StackSpec
 from orchestrator.local.stack import TMP_RECORD
 from orchestrator.local.supervisor import Supervisor
-from pairloop_local.processes import ManagedProcess, PortInUseError, free_port, wait_until
+from pairloop_local.processes import ManagedProcess, PortInUseError, wait_until
 from pairloop_local.redis_server import start_redis
 
 
@@ -33,7 +33,7 @@ class _Impostor(BaseHTTPRequestHandler):
 
     seen: list[str] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         type(self).seen.append(self.path)
         body = json.dumps({"status": "ok", "engine": "ready"}).encode()
         self.send_response(200)
