@@ -79,7 +79,10 @@ def register_exception_handlers(app: FastAPI) -> None:
             log.debug("%s: %s", type(exc).__name__, exc.message)
         elif exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
-        return JSONResponse(exc.to_response().model_dump(), status_code=exc.status_code)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return JSONResponse(
+            exc.to_response().model_dump(), status_code=exc.status_code, headers=headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

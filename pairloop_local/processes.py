@@ -43,6 +43,7 @@ __all__ = [
     "ProcessFailedError",
     "check_port_free",
     "free_port",
+    "spawn_detached",
     "wait_for_http",
     "wait_until",
 ]
@@ -172,6 +173,29 @@ def _reap_main() -> None:
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+def spawn_detached(
+    argv: Sequence[str], *, log_path: str | Path, env: Mapping[str, str] | None = None
+) -> int:
+    """Start `argv` in a session of its own that outlives this process; return its pid.
+
+    Unlike ManagedProcess, no parent-death signal and no reaper: a run started through the API
+    must go on when the API stops. A thread reaps it if it ends while we are still here.
+    """
+    path = Path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as log_file:
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=None if env is None else dict(env),
+            start_new_session=True,  # not in our process group: a signal to ours misses it
+        )
+    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+    return proc.pid
 
 
 class GroupReaper:

@@ -4,8 +4,8 @@
     pairloop demo --new      # a fresh run even if one is unfinished
 
 Builds a tiny Llama-architecture chat model, then runs `configs/demo.yaml` (this package's
-`demo.yaml`) on the local stack, as `pairloop run configs/demo.yaml --local` would: Redis (the
-machine's if one answers at PAIRLOOP_REDIS_URL, else a private one), the generator, the ranker and
+`demo.yaml`) on the local stack, as `pairloop run configs/demo.yaml --local` would: Redis (a
+private one with a password, unless PAIRLOOP_REDIS_URL names one), the generator, the ranker and
 a Celery trainer worker as local processes on loopback; 3 iterations on the 400 shipped prompts
 (`prompts.jsonl`), the report, the summary table; every process it started is stopped, even if
 the demo is killed. A demo that was interrupted (Ctrl-C, `kill -9`, a crash) is continued by

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from pydantic import SecretStr
 from rich.console import Console
 
-from orchestrator.config import RunConfig
+from orchestrator.config import RunConfig, ServicesConfig
 from orchestrator.local.secrets import load_or_create_admin_token, load_or_create_secret
 from orchestrator.local.stack import LocalStack, StackSpec
 from orchestrator.manifest import Manifest, load_manifest
@@ -178,7 +178,7 @@ def _execute_supervised(
     *,
     console: Console,
     settings: OrchestratorSettings,
-    services: Any,
+    services: ServicesConfig,
 ) -> Manifest:
     """Execute the run; resume it after a failure that a service restart caused."""
     from orchestrator.loop import execute_run

@@ -386,6 +386,9 @@ def test_connection_refused_is_one_line_error(
 # --- supervision: a killed service is restarted and the run carries on --------------------------
 
 
+SUPERVISED = ["--run-id", "supervised"]
+
+
 def test_generator_killed_mid_generation_is_restarted_and_the_run_completes_equal(
     local_store: Path, reference: Path, tmp_path: Path
 ) -> None:
@@ -400,8 +403,7 @@ def test_generator_killed_mid_generation_is_restarted_and_the_run_completes_equa
     # Inherited settings that would expose the services: the stack must not pass them on.
     env = cli_env(PAIRLOOP_GENERATOR_HOST="0.0.0.0", PAIRLOOP_RANKER_HOST="0.0.0.0")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(config), "--local"]
-        + ["--run-id", "supervised"],
+        [sys.executable, "-m", "orchestrator", "run", str(config), "--local", *SUPERVISED],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -131,7 +131,9 @@ def test_redis_auto_uses_only_a_named_redis(
     assert StackSpec.from_config(cfg).redis_url == "redis://127.0.0.1:6390/2"
 
 
-def _sleeper(tmp_path: Path, name: str, code: str = "import time; time.sleep(60)") -> ManagedProcess:
+def _sleeper(
+    tmp_path: Path, name: str, code: str = "import time; time.sleep(60)"
+) -> ManagedProcess:
     return ManagedProcess(name, [sys.executable, "-c", code], log_path=tmp_path / f"{name}.log")
 
 
