@@ -89,9 +89,9 @@ class StackSpec:
         elif local.redis == "auto":
             # Only a Redis someone named: the run config's, or PAIRLOOP_REDIS_URL set explicitly.
             # Whatever happens to answer on 127.0.0.1:6379 may be anyone's (and has no password).
-            env = RedisSettings()
+            redis_env = RedisSettings()
             named = cfg.services.redis_url or (
-                env.redis_url if "redis_url" in env.model_fields_set else None
+                redis_env.redis_url if "redis_url" in redis_env.model_fields_set else None
             )
             redis_url, fallback = named, True
         else:
@@ -186,7 +186,7 @@ class _Service:
 
     def restart(self) -> None:
         self.process.stop()  # the rest of the old group (vLLM's engine core, pool children)
-        self.stack.clean_tmp(self.name)
+        self.stack.clean_tmp(self.name.removesuffix("-worker"))
         self.process.start()
         self.ready(self.process)
         if self.after_restart is not None:
@@ -266,9 +266,10 @@ class LocalStack:
         )
         env.update(self.spec.extra_env)
         if service is not None:
+            # Each service's own scratch (vLLM's IPC sockets and temp files), emptied on a
+            # restart; the config's own TMPDIR for a service wins.
+            env["TMPDIR"] = str(self._tmp(service))
             env.update(self.spec.service_env.get(service, {}))
-            # Each service's own scratch: vLLM's IPC sockets and temp files, removed on restart.
-            env.setdefault("TMPDIR", str(self._tmp(service)))
         env.update(extra)
         return env
 

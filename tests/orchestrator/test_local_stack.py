@@ -362,7 +362,8 @@ def test_connection_refused_is_one_line_error(
     override = {
         "generator": {"generator_urls": [f"http://127.0.0.1:{dead}"]},
         "ranker": {"ranker_url": f"http://127.0.0.1:{dead}"},
-        "redis": {"redis_url": f"redis://127.0.0.1:{dead}/0"},
+        # With a password: it must not reach the terminal or the manifest (pairloop.redact).
+        "redis": {"redis_url": f"redis://:hunter2-secret@127.0.0.1:{dead}/0"},
     }[service]
     config = _refused_config(tmp_path, stack, **override)
     run_id = f"refused-{service}"
@@ -380,7 +381,9 @@ def test_connection_refused_is_one_line_error(
     line = lines[0]
     assert str(dead) in line and "refused" in line.lower(), line
     assert f"pairloop resume {stack.spec.store / 'runs' / run_id}" in line, line
-    assert load_manifest(stack.spec.store / "runs" / run_id).status == "failed"
+    manifest = load_manifest(stack.spec.store / "runs" / run_id)
+    assert manifest.status == "failed"
+    assert "hunter2" not in done.stdout + done.stderr + (manifest.error or "")
 
 
 # --- supervision: a killed service is restarted and the run carries on --------------------------
