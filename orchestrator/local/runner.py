@@ -184,19 +184,34 @@ def _execute_supervised(
     from orchestrator.loop import execute_run
 
     supervisor = stack.supervisor
+
+    async def attempt() -> Manifest:
+        # A service the supervisor gave up on stops the run at once, even one blocked in a wait.
+        if supervisor is not None:
+            loop, task = asyncio.get_running_loop(), asyncio.current_task()
+            if task is not None:
+
+                def give_up(_message: str) -> None:
+                    loop.call_soon_threadsafe(task.cancel)
+
+                supervisor.on_give_up = give_up
+        try:
+            return await execute_run(
+                run_dir, console=console, settings=settings, services=services, lock=False
+            )
+        finally:
+            if supervisor is not None:
+                supervisor.on_give_up = None
+
     while True:
         deaths = supervisor.deaths if supervisor is not None else 0
         try:
-            return run_until_signal(
-                execute_run(
-                    run_dir, console=console, settings=settings, services=services, lock=False
-                )
-            )
-        except Exception as exc:
-            if supervisor is None:
-                raise
-            if supervisor.failed is not None:
+            return run_until_signal(attempt())
+        except (Exception, asyncio.CancelledError) as exc:
+            if supervisor is not None and supervisor.failed is not None:
                 raise ProcessFailedError(supervisor.failed) from None
+            if supervisor is None or isinstance(exc, asyncio.CancelledError):
+                raise
             if supervisor.deaths == deaths:
                 raise  # not ours to retry: no service died during this attempt
             console.print(

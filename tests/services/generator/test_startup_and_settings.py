@@ -25,6 +25,9 @@ def test_ready_was_503_while_the_engine_loaded(generator) -> None:
         "http_status": 200,
         "status": "ok",
         "engine": "loading",
+        # Which process answers (pairloop.contracts.health): the one the fixture started.
+        "pid": generator.process.pid,
+        "instance": None,
     }
     ready = httpx.get(f"{generator.base_url}/ready", timeout=10).json()
     assert ready["status"] == "ready" and ready["weight_version"] == generator.current_version()
