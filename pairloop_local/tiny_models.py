@@ -182,6 +182,7 @@ def build_tiny_chat_model(
     The same (arch, preset) always gets the same tokenizer; `seed` changes only the weights, so
     two seeds give checkpoints with identical names and shapes but different outputs.
     `max_position_embeddings` overrides the preset's context (RoPE: no weight depends on it).
+    `out_dir` is the model's own directory: it is built beside it and replaces it as a whole.
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
