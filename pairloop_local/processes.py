@@ -330,7 +330,9 @@ class ManagedProcess:
         """What this child's `/health` must echo (`pairloop.contracts.health`)."""
         return {"pid": self.pid, "instance": self.instance}
 
-    def wait_ready(self, url: str, *, timeout: float = 120.0, health_url: str | None = None) -> None:
+    def wait_ready(
+        self, url: str, *, timeout: float = 120.0, health_url: str | None = None
+    ) -> None:
         """Wait for `url` to answer 200; on failure, stop the process and raise with its log.
 
         With `health_url` (and an `instance_env`), first wait until `health_url` echoes this

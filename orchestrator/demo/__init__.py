@@ -194,6 +194,7 @@ def run_demo(
     Errors propagate (the CLI turns them into messages with the next step).
     """
     from orchestrator.config import ConfigError
+
     console = console or Console()
     if prompts_file is not None and not prompts_file.is_file():
         raise ConfigError(f"--prompts: {prompts_file} is not a file")  # before anything is built
