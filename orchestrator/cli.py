@@ -61,7 +61,10 @@ def _root(
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
     # soft_wrap: one message stays one line, whatever the terminal width (or none, in CI logs).
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    from pairloop.redact import redact_text
+
+    # A Redis URL in a message may carry its password: never on a terminal or in a CI log.
+    err_console.print(f"[red]error:[/red] {redact_text(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -297,8 +297,9 @@ class LocalConfig(_Strict):
 
     redis: str = Field(
         "auto",
-        description="auto: the machine's Redis (PAIRLOOP_REDIS_URL) if it answers, else a "
-        "private redis-server; private: always a private one (in RUN_DIR/local); or a redis:// URL",
+        description="auto: the Redis that PAIRLOOP_REDIS_URL or services.redis_url names, if set "
+        "and answering, else a private redis-server with a password; private: always a private "
+        "one (in RUN_DIR/local); or a redis:// URL",
     )
     cpu_threads: int = Field(
         1, ge=1, description="OMP/MKL/torch threads per service process on CPU"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,13 +31,26 @@ from orchestrator.prompts import (
 from orchestrator.run_state import resume_command
 from pairloop.atomic import atomic_write_text
 
-__all__ = ["FROZEN_CONFIG", "RunLockedError", "create_run", "eval_overlap", "load_run", "run_lock"]
+__all__ = [
+    "FROZEN_CONFIG",
+    "RunLockedError",
+    "create_run",
+    "eval_overlap",
+    "load_run",
+    "new_run_id",
+    "run_lock",
+]
 
 FROZEN_CONFIG = "config.yaml"
 
 
 class RunLockedError(RuntimeError):
     """Another orchestrator process is executing this run."""
+
+
+def new_run_id(prefix: str) -> str:
+    """`PREFIX-YYYYmmdd-HHMMSS-xxxxxx`: readable, sortable, and unique even within one second."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def create_run(
@@ -89,11 +103,22 @@ def create_run(
             on_skip=skipped.append,
         )
         slices["eval"] = eval_admission.prompts
-    rid = cfg.run_id or f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    rid = cfg.run_id or new_run_id(Path(config_path).stem)
     cfg = cfg.model_copy(update={"run_id": rid})
     run_dir = Path(cfg.model_store) / "runs" / rid
-    if (run_dir / MANIFEST_NAME).exists():
-        raise ConfigError(f"run {rid} already exists at {run_dir}; use `{resume_command(run_dir)}`")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # Atomic claim: of two creators of one run id, exactly one gets the directory.
+        run_dir.mkdir()
+    except FileExistsError:
+        if (run_dir / MANIFEST_NAME).exists():
+            raise ConfigError(
+                f"run {rid} already exists at {run_dir}; use `{resume_command(run_dir)}`"
+            ) from None
+        raise ConfigError(
+            f"run {rid} already exists at {run_dir} (being created, or left half-created by a "
+            "crash: remove that directory to reuse the id)"
+        ) from None
     for name, prompts in slices.items():
         write_prompts(run_dir / "prompts" / f"{name}.jsonl", prompts)
     write_prompts(run_dir / "prompts" / "skipped.jsonl", skipped)

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 __all__ = [
     "AuthenticationError",
+    "BadGatewayError",
     "ClientError",
     "ConflictError",
     "EngineDeadError",
@@ -53,10 +54,14 @@ class PairloopError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        # Seconds after which a retry may succeed: sent as the Retry-After header.
+        self.retry_after = retry_after
 
     def to_response(self) -> ErrorResponse:
         return ErrorResponse(
@@ -106,6 +111,13 @@ class ServerError(PairloopError):
     """Our fault: worth a retry, worth a bug report if it persists."""
 
 
+class BadGatewayError(ServerError):
+    """A service this one depends on failed or answered outside its contract."""
+
+    status_code = 502
+    error_type = "bad_gateway"
+
+
 class ServiceUnavailableError(ServerError):
     """Not ready yet, or busy: retry later (after `retry_after` seconds, when it is known)."""
 
@@ -141,6 +153,7 @@ _BY_STATUS: dict[int, type[PairloopError]] = {
     409: ConflictError,
     413: PayloadTooLargeError,
     422: ValidationError,
+    502: BadGatewayError,
     503: ServiceUnavailableError,
 }
 

@@ -79,8 +79,7 @@ def register_exception_handlers(app: FastAPI) -> None:
             log.debug("%s: %s", type(exc).__name__, exc.message)
         elif exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
-        retry_after = getattr(exc, "retry_after", None)
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
         return JSONResponse(
             exc.to_response().model_dump(), status_code=exc.status_code, headers=headers
         )

@@ -5,6 +5,11 @@ tests alike: each service is a real process (`python -m services.generator ...`)
 group of its own, awaited on its `/health` or `/ready` URL with a deadline, and stopped with its
 whole group (vLLM's engine core and the Celery worker's pool children are in it).
 
+Readiness is proven, not assumed: a service started with an `instance_env` gets a fresh nonce in
+that environment variable, and `wait_ready` accepts a `/health` answer only when it echoes the
+nonce and the child's pid. Whatever else holds the port (an orphan, another user's stack) is
+reported as such instead of being talked to.
+
 No orphans, whatever ends the parent (`kill -9` included), by two mechanisms:
 * every child started from the main thread gets the Linux parent-death signal
   (PR_SET_PDEATHSIG = SIGKILL), so it dies with this process;
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,17 +39,44 @@ import httpx
 __all__ = [
     "GroupReaper",
     "ManagedProcess",
+    "PortInUseError",
     "ProcessFailedError",
+    "check_port_free",
     "free_port",
+    "spawn_detached",
     "wait_for_http",
     "wait_until",
 ]
 
+log = logging.getLogger(__name__)
+
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# After SIGKILL a process ends at once unless it is stuck in the kernel (a hung NFS read, a GPU
+# driver call): then waiting longer does not help, and a stop must not hang the run with it.
+KILL_WAIT_S = 10.0
 
 
 class ProcessFailedError(RuntimeError):
     """A managed process exited or never became ready; the message carries its log's tail."""
+
+
+class PortInUseError(ProcessFailedError):
+    """A port we were to use is held by another process (which we must not talk to)."""
+
+
+def check_port_free(port: int, *, what: str) -> None:
+    """Raise PortInUseError if something already listens on 127.0.0.1:`port`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR as uvicorn and redis-server set it: a port in TIME_WAIT counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise PortInUseError(
+                f"{what}: port {port} on 127.0.0.1 is in use by another process "
+                f"({os.strerror(exc.errno) if exc.errno else exc}); stop that process or choose "
+                "another port"
+            ) from None
 
 
 def free_port() -> int:
@@ -69,8 +103,14 @@ def wait_for_http(
     timeout: float,
     alive: Callable[[], bool] = lambda: True,
     expect_status: int = 200,
+    expect: Mapping[str, object] | None = None,
 ) -> None:
-    """Poll `url` until it answers `expect_status`, `alive()` turns false, or `timeout` passes."""
+    """Poll `url` until it answers `expect_status`, `alive()` turns false, or `timeout` passes.
+
+    With `expect`, the answer must be a JSON object holding those items (a service's pid and the
+    nonce it was given): an answer without them comes from another process that holds the port,
+    and raises PortInUseError at once.
+    """
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     pause = 0.05
@@ -81,7 +121,13 @@ def wait_for_http(
             try:
                 resp = client.get(url)
                 if resp.status_code == expect_status:
-                    return
+                    if expect is None or _matches(resp, expect):
+                        return
+                    raise PortInUseError(
+                        f"{url} answers, but not from the process we started (expected "
+                        f"{dict(expect)}, got {resp.text[:200]!r}): another process holds the "
+                        "port; stop it or choose another port"
+                    )
                 last = f"HTTP {resp.status_code}"
             except httpx.TransportError as exc:
                 last = type(exc).__name__
@@ -90,6 +136,14 @@ def wait_for_http(
             time.sleep(pause)
             pause = min(pause * 1.5, 1.0)
     raise ProcessFailedError(f"{url} did not answer {expect_status} within {timeout:.0f}s ({last})")
+
+
+def _matches(resp: httpx.Response, expect: Mapping[str, object]) -> bool:
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and all(body.get(k) == v for k, v in expect.items())
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
@@ -119,6 +173,29 @@ def _reap_main() -> None:
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+def spawn_detached(
+    argv: Sequence[str], *, log_path: str | Path, env: Mapping[str, str] | None = None
+) -> int:
+    """Start `argv` in a session of its own that outlives this process; return its pid.
+
+    Unlike ManagedProcess, no parent-death signal and no reaper: a run started through the API
+    must go on when the API stops. A thread reaps it if it ends while we are still here.
+    """
+    path = Path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as log_file:
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=None if env is None else dict(env),
+            start_new_session=True,  # not in our process group: a signal to ours misses it
+        )
+    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+    return proc.pid
 
 
 class GroupReaper:
@@ -191,6 +268,7 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
         reaper: GroupReaper | None = None,
+        instance_env: str | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -198,10 +276,16 @@ class ManagedProcess:
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
         self.reaper = reaper
+        # The environment variable that carries this start's nonce into the child's settings.
+        self.instance_env = instance_env
+        self.instance: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.instance_env is not None:
+            self.instance = secrets.token_hex(16)  # fresh per start: a restart is a new child
+            self.env[self.instance_env] = self.instance
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         try:
             self.proc = subprocess.Popen(
@@ -242,22 +326,53 @@ class ManagedProcess:
         except OSError:
             return "(no log)"
 
-    def wait_ready(self, url: str, *, timeout: float = 120.0) -> None:
-        """Wait for `url` to answer 200; on failure, stop the process and raise with its log."""
+    def identity(self) -> dict[str, object]:
+        """What this child's `/health` must echo (`pairloop.contracts.health`)."""
+        return {"pid": self.pid, "instance": self.instance}
+
+    def wait_ready(
+        self, url: str, *, timeout: float = 120.0, health_url: str | None = None
+    ) -> None:
+        """Wait for `url` to answer 200; on failure, stop the process and raise with its log.
+
+        With `health_url` (and an `instance_env`), first wait until `health_url` echoes this
+        child's pid and nonce: only then is the port known to be ours.
+        """
+        deadline = time.monotonic() + timeout
         try:
-            wait_for_http(url, timeout=timeout, alive=self.alive)
+            if health_url is not None and self.instance is not None:
+                wait_for_http(health_url, timeout=timeout, alive=self.alive, expect=self.identity())
+            wait_for_http(url, timeout=max(deadline - time.monotonic(), 1.0), alive=self.alive)
+        except PortInUseError as exc:
+            self.stop()
+            raise PortInUseError(f"{self.name}: {exc}") from None
         except ProcessFailedError as exc:
             self.stop()
             raise ProcessFailedError(
                 f"{self.name} did not become ready: {exc}\n--- {self.log_path} ---\n{self.log_tail()}"
             ) from None
 
-    def kill(self) -> None:
-        """SIGKILL the whole group at once, as a crash would."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+    def kill(self, *, wait: float = KILL_WAIT_S) -> bool:
+        """SIGKILL the whole group at once, as a crash would; wait at most `wait` seconds.
+
+        Returns False (and logs) if the leader is still there after that: stuck in the kernel,
+        where no signal reaches it; the caller goes on rather than hanging with it.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            log.warning(
+                "%s (pid %d) still alive %.0fs after SIGKILL (stuck in the kernel?); leaving it",
+                self.name,
+                self.proc.pid,
+                wait,
+            )
+            return False
+        return True
 
     def stop(self, *, grace: float = 10.0) -> None:
         """SIGTERM the group, wait up to `grace` seconds, then SIGKILL what is left."""

@@ -7,15 +7,24 @@ chat template, generation_config.json) with a byte-level BPE tokenizer trained h
 built-in corpus, so no hub is needed. head_dim is 32 because vLLM's CPU attention rejects 16.
 Weights are initialised wider than the usual 0.02 so that greedy decoding has clear winners:
 random tiny models with near-uniform logits make "vLLM equals transformers" tests flaky on ties.
+
+A model is built in a hidden staging directory beside its destination, its marker
+(`pairloop_tiny.json`, TINY_MARKER) written last, then renamed into place: a build killed at any
+moment leaves no half-written model at the destination, and `is_built(dir)` (the marker) is the one
+test of "built" (also in docker-compose.cpu.yml and the cpu-demo overlay, on `tiny-models.complete`,
+which `build_tiny_models` writes once all three are in place).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from pairloop.atomic import publish_dir
 from pairloop_local.corpus import training_corpus
 
 if TYPE_CHECKING:
@@ -54,6 +63,25 @@ MISTRAL_CHAT_TEMPLATE = (
 )
 
 CHAT_TEMPLATES: dict[Arch, str] = {"llama": LLAMA_CHAT_TEMPLATE, "mistral": MISTRAL_CHAT_TEMPLATE}
+
+TINY_MARKER = "pairloop_tiny.json"  # written last: its presence means the model is complete
+ALL_BUILT_MARKER = "tiny-models.complete"  # in build_tiny_models' root, once all are in place
+
+
+def is_built(model_dir: str | Path) -> bool:
+    """True when `model_dir` holds a complete tiny model (its marker is there)."""
+    return (Path(model_dir) / TINY_MARKER).is_file()
+
+
+def staging_for(out: Path) -> Path:
+    """A fresh staging directory beside `out` (same filesystem: the final rename is atomic);
+    staging directories of earlier, killed builds are removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    staging.mkdir()
+    return staging
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,7 @@ def build_tiny_chat_model(
     The same (arch, preset) always gets the same tokenizer; `seed` changes only the weights, so
     two seeds give checkpoints with identical names and shapes but different outputs.
     `max_position_embeddings` overrides the preset's context (RoPE: no weight depends on it).
+    `out_dir` is the model's own directory: it is built beside it and replaces it as a whole.
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -165,8 +194,8 @@ def build_tiny_chat_model(
     spec = PRESETS[preset]
     if max_position_embeddings is not None:
         spec = replace(spec, max_position_embeddings=max_position_embeddings)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    out = staging_for(final)
 
     tokenizer = build_tokenizer(
         vocab_size=spec.vocab_size,
@@ -186,10 +215,11 @@ def build_tiny_chat_model(
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "pairloop_tiny.json").write_text(
+    (out / TINY_MARKER).write_text(
         json.dumps({"arch": arch, "preset": preset, "seed": seed}, indent=2) + "\n"
     )
-    return out
+    publish_dir(out, final)
+    return final
 
 
 def build_tiny_models(
@@ -206,4 +236,5 @@ def build_tiny_models(
     }
     ranker_preset = preset if preset in PAIRRM_PRESETS else "tiny"
     built["pairrm"] = build_tiny_pairrm(root / "tiny-pairrm", preset=ranker_preset, seed=seed)
+    (root / ALL_BUILT_MARKER).write_text(json.dumps({"preset": preset, "seed": seed}) + "\n")
     return built

@@ -38,6 +38,7 @@ from tenacity import (
 
 from pairloop.errors import ServerError
 from pairloop.jobs import TRAIN_QUEUE, TrainJob, TrainProgress, TrainResult
+from pairloop.redact import redact_url
 from pairloop.train_client import (
     TrainState,
     make_train_client,
@@ -127,7 +128,8 @@ class TrainerClient:
                 raise InterruptedError(f"stopped while waiting for Redis ({what})")
             exc = state.outcome.exception() if state.outcome else None
             # INFO, not WARNING: a retried outage is expected, and the CLI's stderr stays for errors.
-            log.info("Redis at %s unreachable (%s): %s; retrying", self.redis_url, what, exc)
+            url = redact_url(self.redis_url)
+            log.info("Redis at %s unreachable (%s): %s; retrying", url, what, exc)
 
         return Retrying(
             stop=stop_after_delay(self.outage_s),
@@ -145,7 +147,7 @@ class TrainerClient:
         except Exception as exc:
             if broker_error(exc):
                 raise BrokerUnreachableError(
-                    f"Redis (the Celery broker) at {self.redis_url} did not answer for "
+                    f"Redis (the Celery broker) at {redact_url(self.redis_url)} did not answer for "
                     f"{self.outage_s:.0f}s ({what}: {type(exc).__name__}: {exc}); start it "
                     "again (or fix services.redis_url)"
                 ) from None

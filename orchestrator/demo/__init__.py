@@ -4,8 +4,8 @@
     pairloop demo --new      # a fresh run even if one is unfinished
 
 Builds a tiny Llama-architecture chat model, then runs `configs/demo.yaml` (this package's
-`demo.yaml`) on the local stack, as `pairloop run configs/demo.yaml --local` would: Redis (the
-machine's if one answers at PAIRLOOP_REDIS_URL, else a private one), the generator, the ranker and
+`demo.yaml`) on the local stack, as `pairloop run configs/demo.yaml --local` would: Redis (a
+private one with a password, unless PAIRLOOP_REDIS_URL names one), the generator, the ranker and
 a Celery trainer worker as local processes on loopback; 3 iterations on the 400 shipped prompts
 (`prompts.jsonl`), the report, the summary table; every process it started is stopped, even if
 the demo is killed. A demo that was interrupted (Ctrl-C, `kill -9`, a crash) is continued by
@@ -16,6 +16,11 @@ running `pairloop demo` again.
 A file of your own goes through the same prompt admission as any run: prompts too long for the
 tiny model's context are skipped (and counted in the report); slices shrink to fit a small file.
 
+One demo at a time per workdir: a second `pairloop demo` in the same workdir stops at once with
+the running one's pid (`demo_lock`, an flock on WORKDIR/.demo.lock that the kernel drops if the
+holder dies). The tiny base model is built in a staging directory and renamed into place with its
+marker last, so a demo killed mid-build rebuilds it instead of running on a broken one.
+
 The ranker is a programmatic scorer with a stated preference (DEMO_RANKER below), so the report
 shows the policy moving toward it: the final policy's win rate against the base on held-out
 prompts, judged by that scorer, is printed at the end.
@@ -23,7 +28,11 @@ prompts, judged by that scorer, is printed at the end.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,10 +40,22 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from rich.console import Console
 
+from orchestrator.runs import RunLockedError
+
 if TYPE_CHECKING:
     from orchestrator.manifest import Manifest
 
-__all__ = ["DEMO_PREFERENCE", "DEMO_RANKER_ARGS", "demo_config", "find_unfinished", "run_demo"]
+__all__ = [
+    "DEMO_PREFERENCE",
+    "DEMO_RANKER_ARGS",
+    "DemoLockedError",
+    "demo_config",
+    "demo_lock",
+    "find_unfinished",
+    "run_demo",
+]
+
+LOCK_FILE = ".demo.lock"
 
 # The preference the demo aligns toward, and the ranker that encodes it.
 DEMO_PREFERENCE = (
@@ -42,6 +63,32 @@ DEMO_PREFERENCE = (
     "(no capitals, digits or symbols)"
 )
 DEMO_RANKER_ARGS = ["--backend", "scorer", "--model", "services.ranker.score_functions:plain_prose"]
+
+
+class DemoLockedError(RunLockedError):
+    """Another `pairloop demo` is running in this workdir."""
+
+
+@contextlib.contextmanager
+def demo_lock(workdir: Path) -> Iterator[None]:
+    """Hold WORKDIR/.demo.lock (flock) for the demo's lifetime; the holder's pid is written in it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK_FILE
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise DemoLockedError(
+                f"another pairloop demo (pid {holder}) is running in {workdir}; wait for it, "
+                "stop it, or use another --workdir"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
 
 
 def _packaged(name: str) -> Path:
@@ -172,19 +219,42 @@ def run_demo(
     Errors propagate (the CLI turns them into messages with the next step).
     """
     from orchestrator.config import ConfigError
-    from orchestrator.local import run_local
-    from orchestrator.runs import create_run
-    from pairloop.atomic import atomic_write_text
-    from pairloop_local.tiny_models import build_tiny_chat_model
 
     console = console or Console()
     if prompts_file is not None and not prompts_file.is_file():
         raise ConfigError(f"--prompts: {prompts_file} is not a file")  # before anything is built
     demo_loss(loss)  # an unknown --loss fails before anything is built
+    with demo_lock(workdir):
+        return _run_demo(
+            workdir,
+            iterations=iterations,
+            new=new,
+            console=console,
+            prompts_file=prompts_file,
+            prompt_field=prompt_field,
+            loss=loss,
+        )
+
+
+def _run_demo(
+    workdir: Path,
+    *,
+    iterations: int,
+    new: bool,
+    console: Console,
+    prompts_file: Path | None,
+    prompt_field: str,
+    loss: str,
+) -> tuple[Path, Manifest]:
+    from orchestrator.local import run_local
+    from orchestrator.runs import create_run, new_run_id
+    from pairloop.atomic import atomic_write_text
+    from pairloop_local.tiny_models import build_tiny_chat_model, is_built
+
     started = time.monotonic()
     store = workdir / "store"
     base = store / "models" / "tiny-llama"
-    if not (base / "config.json").is_file():
+    if not is_built(base):
         console.print("building the tiny base model ...")
         build_tiny_chat_model(base, arch="llama", seed=0)
     source = str((prompts_file or _packaged("prompts.jsonl")).resolve())
@@ -210,7 +280,7 @@ def run_demo(
         config_path = workdir / "demo-config.yaml"
         atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
         tag = "" if loss == "sigmoid" else f"{loss}-"
-        run_dir = create_run(config_path, run_id=f"demo-{tag}{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = create_run(config_path, run_id=new_run_id(f"demo-{tag}".rstrip("-")))
     manifest = run_local(run_dir, console=console)
     _print_outcome(run_dir, manifest, iterations=iterations, console=console)
     console.print(f"finished in {time.monotonic() - started:.0f} s")

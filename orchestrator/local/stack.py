@@ -5,14 +5,24 @@
 
 Each service is the real one (`python -m services.generator`, `python -m services.ranker`,
 `python -m services.trainer`) on a loopback port, its log under `workdir/logs/`, its GPUs set by
-CUDA_VISIBLE_DEVICES. Redis is the machine's if one answers (or the URL the config names), else a
-private redis-server with its data in `workdir/redis`. Everything started here is stopped on exit,
-in order (worker, ranker, generator, then Redis), whatever happened; and if this process dies
-without a word (`kill -9`), a `GroupReaper` kills every service's process group within a second.
+CUDA_VISIBLE_DEVICES, passed `--host 127.0.0.1` whatever the inherited environment says. Redis is
+the one a URL names explicitly (the config's `local.redis`, or PAIRLOOP_REDIS_URL with `auto`) if
+it answers, else a private redis-server with a password, its data in `workdir/redis`. Each
+service's readiness is proven by the nonce and pid its `/health` echoes (`pairloop.contracts.health`)
+and the private Redis's by its password and process id, so a port held by another process is
+reported, never talked to.
+
+After start-up a `Supervisor` watches every service and restarts a dead one with backoff (the
+generator is swapped back onto the run's current weights, `generator_weights`). Everything started
+here is stopped on exit, in order (worker, ranker, generator, then Redis), whatever happened; and if
+this process dies without a word (`kill -9`), a `GroupReaper` kills every service's process group
+within a second. Temporary files (vLLM's IPC sockets and scratch) live in one directory per stack,
+recorded in `workdir/tmp.json` and removed at the next start if a killed stack left it behind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -24,13 +34,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pairloop_local.processes import GroupReaper, ManagedProcess, ProcessFailedError, free_port
-from pairloop_local.redis_server import RedisHandle, ensure_redis
+import httpx
+
+from orchestrator.local.supervisor import Supervisor
+from pairloop.redact import redact_url
+from pairloop_local.processes import (
+    GroupReaper,
+    ManagedProcess,
+    ProcessFailedError,
+    check_port_free,
+    free_port,
+)
+from pairloop_local.redis_server import RedisHandle, ensure_redis, wait_for_redis
 
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
 
-__all__ = ["LocalStack", "StackSpec", "wait_for_worker"]
+__all__ = ["TMP_RECORD", "LocalStack", "StackSpec", "wait_for_worker"]
+
+TMP_RECORD = "tmp.json"
+_TMP_PREFIX = "pairloop-"
 
 
 @dataclass
@@ -64,7 +87,13 @@ class StackSpec:
         if local.redis == "private":
             redis_url, fallback = None, True
         elif local.redis == "auto":
-            redis_url, fallback = RedisSettings().redis_url, True
+            # Only a Redis someone named: the run config's, or PAIRLOOP_REDIS_URL set explicitly.
+            # Whatever happens to answer on 127.0.0.1:6379 may be anyone's (and has no password).
+            redis_env = RedisSettings()
+            named = cfg.services.redis_url or (
+                redis_env.redis_url if "redis_url" in redis_env.model_fields_set else None
+            )
+            redis_url, fallback = named, True
         else:
             redis_url, fallback = local.redis, False
         service_env: dict[str, dict[str, str]] = {}
@@ -129,17 +158,74 @@ def wait_for_worker(
         app.close()
 
 
-class LocalStack:
-    """Start the whole stack on loopback; stop everything started here on exit."""
+class _Service:
+    """One supervised service: how to start it and how to know the new process is ready."""
 
     def __init__(
-        self, spec: StackSpec, workdir: str | Path, *, admin_token: str | None = None
+        self,
+        stack: LocalStack,
+        process: ManagedProcess,
+        ready: Callable[[ManagedProcess], None],
+        after_restart: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = process.name
+        self.stack = stack
+        self.process = process
+        self.ready = ready
+        self.after_restart = after_restart
+
+    def alive(self) -> bool:
+        return self.process.alive()
+
+    def exit_status(self) -> str:
+        proc = self.process.proc
+        code = proc.poll() if proc is not None else None
+        if code is None:
+            return "running"
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+    def restart(self) -> None:
+        self.process.stop()  # the rest of the old group (vLLM's engine core, pool children)
+        self.stack.clean_tmp(self.name.removesuffix("-worker"))
+        self.process.start()
+        self.ready(self.process)
+        if self.after_restart is not None:
+            self.after_restart()
+        if self.stack.on_restart is not None:
+            self.stack.on_restart(self.stack)
+
+
+class LocalStack:
+    """Start the whole stack on loopback; stop everything started here on exit.
+
+    `generator_weights()` returns the run's current (checkpoint path, version label), or None
+    for the base model: a restarted generator is swapped back onto them before it counts as up.
+    `on_restart(stack)` is called after every restart (the runner rewrites `stack.json`).
+    """
+
+    def __init__(
+        self,
+        spec: StackSpec,
+        workdir: str | Path,
+        *,
+        admin_token: str | None = None,
+        redis_password: str | None = None,
+        generator_weights: Callable[[], tuple[str, str] | None] | None = None,
+        supervise: bool = True,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.spec = spec
         self.workdir = Path(workdir)
         self.admin_token = admin_token or secrets.token_urlsafe(24)
+        self.redis_password = redis_password or secrets.token_urlsafe(24)
+        self.generator_weights = generator_weights
+        self.on_event = on_event
+        self.on_restart: Callable[[LocalStack], None] | None = None
         self.redis: RedisHandle | None = None
         self.processes: list[ManagedProcess] = []
+        self.services: list[_Service] = []
+        self.supervisor: Supervisor | None = None
+        self._supervise = supervise
         self.reaper: GroupReaper | None = None
         self.generator_url = ""
         self.ranker_url = ""
@@ -151,12 +237,21 @@ class LocalStack:
             raise ProcessFailedError("stack not started")
         return self.redis.url
 
+    @property
+    def redis_url_redacted(self) -> str:
+        """The Redis URL without its password: for consoles, logs and `stack.json`."""
+        return redact_url(self.redis_url)
+
     def pids(self) -> list[int]:
         """Process-group leaders started here (each service's group has its id)."""
-        out = [p.pid for p in self.processes]
+        out = [p.pid for p in self.processes if p.proc is not None]
         if self.redis is not None and self.redis.process is not None:
             out.append(self.redis.process.pid)
         return out
+
+    def service_pids(self) -> dict[str, int]:
+        """Each service's current process-group leader, by name."""
+        return {s.name: s.process.pid for s in self.services if s.process.proc is not None}
 
     def _env(self, service: str | None = None, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -171,36 +266,60 @@ class LocalStack:
         )
         env.update(self.spec.extra_env)
         if service is not None:
+            # Each service's own scratch (vLLM's IPC sockets and temp files), emptied on a
+            # restart; the config's own TMPDIR for a service wins.
+            env["TMPDIR"] = str(self._tmp(service))
             env.update(self.spec.service_env.get(service, {}))
         env.update(extra)
         return env
 
-    def _start(self, name: str, argv: list[str], env: dict[str, str]) -> ManagedProcess:
+    def _start(
+        self, name: str, argv: list[str], env: dict[str, str], *, instance_env: str | None = None
+    ) -> ManagedProcess:
         proc = ManagedProcess(
-            name, argv, log_path=self.workdir / "logs" / f"{name}.log", env=env, reaper=self.reaper
+            name,
+            argv,
+            log_path=self.workdir / "logs" / f"{name}.log",
+            env=env,
+            reaper=self.reaper,
+            instance_env=instance_env,
         )
         self.processes.append(proc.start())
         return proc
 
     def start(self) -> LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._claim_tmp()
         self.reaper = GroupReaper().start()
         try:
             self._start_services()
         except BaseException:
             self.stop()
             raise
+        if self._supervise:
+            self.supervisor = Supervisor(self.services, on_event=self.on_event).start()
         return self
 
     def _start_services(self) -> None:
         spec = self.spec
+        # A fixed port someone else holds is refused before anything starts (the readiness
+        # checks below would catch it too, after a service's start-up).
+        for name in ("generator", "ranker"):
+            if name in spec.ports:
+                check_port_free(spec.ports[name], what=f"local.{name}.port")
         if spec.redis_url is not None and not spec.redis_fallback:
             self.redis = RedisHandle(url=spec.redis_url)
         else:
-            self.redis = ensure_redis(spec.redis_url, self.workdir / "redis", reaper=self.reaper)
+            self.redis = ensure_redis(
+                spec.redis_url,
+                self.workdir / "redis",
+                reaper=self.reaper,
+                password=self.redis_password,
+            )
         gport = spec.ports.get("generator") or free_port()
         rport = spec.ports.get("ranker") or free_port()
         cache = self.workdir / "cache"
+        # `--host` explicitly: an inherited PAIRLOOP_*_HOST=0.0.0.0 must not expose them.
         generator = self._start(
             "generator",
             [
@@ -211,6 +330,8 @@ class LocalStack:
                 str(spec.base_model),
                 "--model-root",
                 str(spec.store),
+                "--host",
+                "127.0.0.1",
                 "--port",
                 str(gport),
                 *spec.generator_args,
@@ -220,13 +341,23 @@ class LocalStack:
                 "generator",
                 PAIRLOOP_GENERATOR_ADMIN_TOKEN=self.admin_token,
                 VLLM_CACHE_ROOT=str(cache / "vllm"),
-                TMPDIR=str(self._tmp()),
             ),
+            instance_env="PAIRLOOP_GENERATOR_INSTANCE_ID",
         )
         ranker = self._start(
             "ranker",
-            [sys.executable, "-m", "services.ranker", "--port", str(rport), *spec.ranker_args],
+            [
+                sys.executable,
+                "-m",
+                "services.ranker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(rport),
+                *spec.ranker_args,
+            ],
             self._env("ranker"),
+            instance_env="PAIRLOOP_RANKER_INSTANCE_ID",
         )
         node = f"pairloop-local-{gport}@127.0.0.1"
         worker = self._start(
@@ -248,29 +379,104 @@ class LocalStack:
         )
         self.generator_url = f"http://127.0.0.1:{gport}"
         self.ranker_url = f"http://127.0.0.1:{rport}"
-        ranker.wait_ready(f"{self.ranker_url}/ready", timeout=spec.startup_timeout)
-        generator.wait_ready(f"{self.generator_url}/ready", timeout=spec.startup_timeout)
-        try:
-            wait_for_worker(
-                self.redis_url,
-                timeout=spec.startup_timeout,
-                alive=worker.alive,
-                destination=node,
-            )
-        except ProcessFailedError as exc:
-            raise ProcessFailedError(
-                f"{exc}\n--- {worker.log_path} ---\n{worker.log_tail()}"
-            ) from None
 
-    def _tmp(self) -> Path:
-        # In the system's temp directory, not under workdir: vLLM puts its ZeroMQ IPC sockets
-        # here, and a socket path may not exceed 107 bytes (a run directory easily does).
+        def http_ready(url: str) -> Callable[[ManagedProcess], None]:
+            def ready(proc: ManagedProcess) -> None:
+                proc.wait_ready(
+                    f"{url}/ready", timeout=spec.startup_timeout, health_url=f"{url}/health"
+                )
+
+            return ready
+
+        def worker_ready(proc: ManagedProcess) -> None:
+            try:
+                wait_for_worker(
+                    self.redis_url, timeout=spec.startup_timeout, alive=proc.alive, destination=node
+                )
+            except ProcessFailedError as exc:
+                raise ProcessFailedError(
+                    f"{exc}\n--- {proc.log_path} ---\n{proc.log_tail()}"
+                ) from None
+
+        services = [
+            _Service(self, ranker, http_ready(self.ranker_url)),
+            _Service(self, generator, http_ready(self.generator_url), self._reswap_generator),
+            _Service(self, worker, worker_ready),
+        ]
+        for service in services:
+            service.ready(service.process)
+        if self.redis.process is not None:
+            redis_proc, url = self.redis.process, self.redis.url
+            services.insert(
+                0,
+                _Service(
+                    self,
+                    redis_proc,
+                    lambda p: wait_for_redis(url, p, timeout=spec.startup_timeout),
+                ),
+            )
+        self.services = services
+
+    def _reswap_generator(self) -> None:
+        """Put a restarted generator back on the run's current weights (it starts on the base)."""
+        current = self.generator_weights() if self.generator_weights is not None else None
+        if current is None:
+            return
+        path, version = current
+        with httpx.Client(base_url=self.generator_url, timeout=600.0) as client:
+            reply = client.post(
+                "/admin/weights",
+                json={"path": path, "version": version},
+                headers={"Authorization": f"Bearer {self.admin_token}"},
+            )
+        if reply.status_code != 200:
+            raise ProcessFailedError(
+                f"the restarted generator could not be swapped to {version} ({path}): "
+                f"HTTP {reply.status_code} {reply.text[:300]}"
+            )
+
+    # --- temporary files --------------------------------------------------------------------
+    def _claim_tmp(self) -> None:
+        """Remove the temp directory a killed stack of this workdir left, and make ours.
+
+        In the system's temp directory, not under workdir: vLLM puts its ZeroMQ IPC sockets
+        there, and a socket path may not exceed 107 bytes (a run directory easily does).
+        """
+        record = self.workdir / TMP_RECORD
+        try:
+            stale = Path(json.loads(record.read_text())["tmpdir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            stale = None
+        # Only a directory of ours: named by us, directly in the system's temp directory.
+        if (
+            stale is not None
+            and stale.name.startswith(_TMP_PREFIX)
+            and stale.parent == Path(tempfile.gettempdir())
+        ):
+            shutil.rmtree(stale, ignore_errors=True)
+        self._tmpdir = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))
+        from pairloop.atomic import atomic_write_json
+
+        atomic_write_json(record, {"tmpdir": str(self._tmpdir)})
+
+    def _tmp(self, service: str) -> Path:
         if self._tmpdir is None:
-            self._tmpdir = Path(tempfile.mkdtemp(prefix="pairloop-"))
-        return self._tmpdir
+            self._tmpdir = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))
+        path = self._tmpdir / service
+        path.mkdir(exist_ok=True)
+        return path
+
+    def clean_tmp(self, service: str) -> None:
+        """Empty `service`'s temp directory (what its killed process left there)."""
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir / service, ignore_errors=True)
+            (self._tmpdir / service).mkdir(exist_ok=True)
 
     def stop(self) -> None:
         """Stop the worker, ranker and generator (in that order), then a Redis started here."""
+        if self.supervisor is not None:
+            self.supervisor.stop()  # first: a service stopped on purpose is not restarted
+            self.supervisor = None
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()
@@ -282,6 +488,7 @@ class LocalStack:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+            (self.workdir / TMP_RECORD).unlink(missing_ok=True)
 
     def __enter__(self) -> LocalStack:
         return self.start()

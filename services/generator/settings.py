@@ -140,6 +140,12 @@ class GeneratorSettings(BaseSettings):
 
     # --- serving ----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
+    instance_id: str | None = Field(
+        None,
+        max_length=128,
+        description="a nonce from the launcher, echoed by /health with the pid (proves the answer "
+        "is this process's)",
+    )
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
     access_log: bool = Field(True, description="one log line per HTTP request")

@@ -12,6 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pairloop.contracts.health import health_identity
 from pairloop.contracts.ranker import (
     CompareRequest,
     CompareResponse,
@@ -50,9 +51,10 @@ async def select(body: SelectRequest, service: ServiceDep) -> SelectResponse:
 
 
 @health_router.get("/health")
-async def health() -> dict[str, str]:
-    """The process is up (the model may still be loading)."""
-    return {"status": "ok"}
+async def health(service: ServiceDep) -> dict[str, str | int | None]:
+    """The process is up (the model may still be loading); `pid` and `instance` say which
+    process answers (`pairloop.contracts.health`)."""
+    return {"status": "ok", **health_identity(service.settings.instance_id)}
 
 
 @health_router.get("/ready", responses=error_responses(503))

@@ -38,6 +38,12 @@ class RankerSettings(BaseSettings):
         description="pairrm | reward-model | scorer, or package.module:factory for your own",
     )
     host: str = Field("127.0.0.1", description="interface to listen on")
+    instance_id: str | None = Field(
+        None,
+        max_length=128,
+        description="a nonce from the launcher, echoed by /health with the pid (proves the answer "
+        "is this process's)",
+    )
     port: int = Field(8001, ge=1, le=65535)
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N or mps")
     dtype: Dtype = Field(

@@ -18,6 +18,7 @@ import jsonschema
 import pytest
 
 from orchestrator.config import load_run_config
+from pairloop_local.tiny_models import ALL_BUILT_MARKER
 
 from .helpers import (
     REPO,
@@ -469,7 +470,8 @@ def test_cpu_demo_runs_the_demo_recipe() -> None:
     init = services["models-init"]["entrypoint"]
     assert init[:2] == ["sh", "-c"]
     script = init[2]
-    assert f"test -f {cfg.base_model}/config.json" in script
+    # "Built" is the marker build_tiny_models writes once every model is renamed into place.
+    assert f"test -f {Path(cfg.base_model).parent / ALL_BUILT_MARKER}" in script
     argv = shlex.split(script.split("exec ", 1)[1])
     assert argv[:2] == ["pairloop", "tiny-models"] and Path(argv[2]) / "tiny-llama" == Path(
         cfg.base_model

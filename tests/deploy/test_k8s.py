@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from orchestrator.config import RunConfig, load_run_config
+from pairloop_local.tiny_models import ALL_BUILT_MARKER
 
 from .helpers import (
     K8S_VERSION,
@@ -499,7 +500,8 @@ def test_cpu_demo_overlay_needs_no_gpu_and_runs_the_demo_recipe() -> None:
     assert cfg.model_dump(exclude=exclude) == compose_cfg.model_dump(exclude=exclude)
     gen = pod_spec(find(docs, "Deployment", "generator")[0])
     (init,) = gen["initContainers"]
-    assert f"test -f {cfg.base_model}/config.json" in init["command"][2]
+    # "Built" is the marker build_tiny_models writes once every model is renamed into place.
+    assert f"test -f {Path(cfg.base_model).parent / ALL_BUILT_MARKER}" in init["command"][2]
     # The image test_compose proves can run that command.
     compose_init = compose_model("docker-compose.yml", "docker-compose.cpu.yml")["services"][
         "models-init"

@@ -362,7 +362,8 @@ def test_connection_refused_is_one_line_error(
     override = {
         "generator": {"generator_urls": [f"http://127.0.0.1:{dead}"]},
         "ranker": {"ranker_url": f"http://127.0.0.1:{dead}"},
-        "redis": {"redis_url": f"redis://127.0.0.1:{dead}/0"},
+        # With a password: it must not reach the terminal or the manifest (pairloop.redact).
+        "redis": {"redis_url": f"redis://:hunter2-secret@127.0.0.1:{dead}/0"},
     }[service]
     config = _refused_config(tmp_path, stack, **override)
     run_id = f"refused-{service}"
@@ -380,4 +381,68 @@ def test_connection_refused_is_one_line_error(
     line = lines[0]
     assert str(dead) in line and "refused" in line.lower(), line
     assert f"pairloop resume {stack.spec.store / 'runs' / run_id}" in line, line
-    assert load_manifest(stack.spec.store / "runs" / run_id).status == "failed"
+    manifest = load_manifest(stack.spec.store / "runs" / run_id)
+    assert manifest.status == "failed"
+    assert "hunter2" not in done.stdout + done.stderr + (manifest.error or "")
+
+
+# --- supervision: a killed service is restarted and the run carries on --------------------------
+
+
+SUPERVISED = ["--run-id", "supervised"]
+
+
+def test_generator_killed_mid_generation_is_restarted_and_the_run_completes_equal(
+    local_store: Path, reference: Path, tmp_path: Path
+) -> None:
+    config = small_config(
+        tmp_path / "supervised.yaml", store=local_store, base_model=local_store / "models" / "base"
+    )
+    run_dir = local_store / "runs" / "supervised"
+    # Killed in iteration 2, after a seeded shard: the next shard's request is in flight, and the
+    # restarted generator must come back on policy 1, not on the base weights it starts with.
+    shard = random.Random(19).randint(0, 1)
+    written = run_dir / "iter2" / "generations" / f"shard-{shard:05d}.jsonl"
+    # Inherited settings that would expose the services: the stack must not pass them on.
+    env = cli_env(PAIRLOOP_GENERATOR_HOST="0.0.0.0", PAIRLOOP_RANKER_HOST="0.0.0.0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(config), "--local", *SUPERVISED],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        wait_running(proc, written.is_file, timeout=900, what=f"iter2 shard {shard} written")
+        info = json.loads((run_dir / "local" / "stack.json").read_text())
+        killed = info["services"]["generator"]
+        for name in ("generator", "ranker"):
+            listening = {
+                c.laddr.ip
+                for c in psutil.Process(info["services"][name]).net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            }
+            assert listening == {"127.0.0.1"}, (name, listening)
+        os.killpg(killed, signal.SIGKILL)
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "generator exited (killed by signal 9); restarting it" in out, out
+    assert "generator restarted and ready" in out, out
+    assert "Traceback" not in out + err
+    assert_stack_gone(run_dir, within=1.0)
+    restarted = json.loads((run_dir / "local" / "stack.json").read_text())["services"]["generator"]
+    assert restarted != killed
+    m = load_manifest(run_dir)
+    assert m.status == "completed"
+    assert_same_artifacts(run_dir, reference)
+    # The private Redis's password lives only in the 0600 secrets file.
+    secrets_file = run_dir / "local" / "secrets.json"
+    assert secrets_file.stat().st_mode & 0o777 == 0o600
+    password = json.loads(secrets_file.read_text())["redis_password"]
+    for public in ("config.yaml", "manifest.json", "local/stack.json"):
+        assert password not in (run_dir / public).read_text(), public
+    assert password not in out + err

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 from fastapi import APIRouter, status
+from starlette.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import AdminDep, RunsRootDep
 from orchestrator.api.schemas import RunDetail, RunStartRequest, RunSummary
@@ -17,11 +17,12 @@ from orchestrator.context import CANCEL_FILE
 from orchestrator.loop import create_run
 from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
 from orchestrator.report import iteration_rows
+from orchestrator.runs import new_run_id
 from pairloop.atomic import atomic_write_text
 from pairloop.errors import ConflictError, NotFoundError, ValidationError
 from pairloop.http import error_responses
 from pairloop.paths import resolve_inside
-from pairloop_local.processes import ManagedProcess
+from pairloop_local.processes import spawn_detached
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
@@ -67,13 +68,15 @@ async def get_run(run_id: str, runs_root: RunsRootDep) -> dict[str, Any]:
     responses=error_responses(400, 401, 403, 409, 503),
 )
 async def start_run(body: RunStartRequest, runs_root: RunsRootDep, _: AdminDep) -> dict[str, Any]:
-    """Validate the config, create the run, and execute it in a child `pairloop resume` process."""
+    """Validate the config, create the run, and execute it in a detached `pairloop execute`
+    process (a session of its own: it outlives this API, and `cancel` stops it)."""
     configs = runs_root / "_configs"
-    name = body.run_id or f"api-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = body.run_id or new_run_id("api")
     config_path = configs / f"{name}.yaml"
     atomic_write_text(config_path, yaml.safe_dump(body.config, sort_keys=False))
     try:
-        run_dir = create_run(config_path, run_id=name)
+        # Prompt admission tokenizes every prompt: seconds to minutes, off the event loop.
+        run_dir = await run_in_threadpool(create_run, config_path, run_id=name)
     except ConfigError as exc:
         config_path.unlink(missing_ok=True)
         if "already exists" in str(exc):
@@ -85,13 +88,10 @@ async def start_run(body: RunStartRequest, runs_root: RunsRootDep, _: AdminDep) 
             f"{runs_root}; set model_store accordingly",
             param="config.model_store",
         )
-    # Not kept: the run is its own process (its own session), outlives this API on purpose, and
-    # an unreferenced Popen that has exited is reaped by the subprocess module at its next start.
-    ManagedProcess(
-        f"run-{name}",
+    spawn_detached(
         [sys.executable, "-m", "orchestrator", "execute", str(run_dir)],
         log_path=run_dir / "orchestrator.log",
-    ).start()
+    )
     return _summary(load_manifest(run_dir))
 
 

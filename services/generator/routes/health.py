@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pairloop.contracts.health import health_identity
 from pairloop.http import error_responses
 from services.generator.deps import RuntimeDep, engine_state
 
@@ -12,9 +13,11 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-async def health(request: Request) -> dict[str, str]:
-    """200 while the process runs; `engine` says loading, ready, dead or failed."""
-    return {"status": "ok", "engine": engine_state(request)}
+async def health(request: Request) -> dict[str, str | int | None]:
+    """200 while the process runs; `engine` says loading, ready, dead or failed; `pid` and
+    `instance` say which process answers (`pairloop.contracts.health`)."""
+    instance = request.app.state.settings.instance_id
+    return {"status": "ok", "engine": engine_state(request), **health_identity(instance)}
 
 
 @router.get("/ready", responses=error_responses(503))

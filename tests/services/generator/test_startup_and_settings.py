@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,9 @@ def test_ready_was_503_while_the_engine_loaded(generator) -> None:
         "http_status": 200,
         "status": "ok",
         "engine": "loading",
+        # Which process answers (pairloop.contracts.health): the one the fixture started.
+        "pid": generator.process.pid,
+        "instance": None,
     }
     ready = httpx.get(f"{generator.base_url}/ready", timeout=10).json()
     assert ready["status"] == "ready" and ready["weight_version"] == generator.current_version()
@@ -67,7 +71,8 @@ async def test_admin_routes_are_off_without_a_token_and_ready_says_loading(tmp_p
             "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
         )
         assert r.status_code == 503
-        assert (await c.get("/health")).json() == {"status": "ok", "engine": "loading"}
+        health = (await c.get("/health")).json()
+        assert health == {"status": "ok", "engine": "loading", "pid": os.getpid(), "instance": None}
 
 
 async def test_admin_auth_comes_before_engine_state(tmp_path: Path) -> None:
