@@ -181,8 +181,9 @@ async def _best_of_rows(
             "failed_prompts": failed,
             # The ranker that picked the sample prefers it by construction: its own verdict on
             # the pick is inflated. `evaluation.judge` names a judge that did not pick.
-            "picked_by": ctx.ranker.base_url,
-            "judge": ctx.judge.base_url,
+            # By kind and model, as the plain rows: an address differs from stack to stack.
+            "picked_by": ctx.ranker_labels.get(ctx.ranker.base_url, ctx.ranker.base_url),
+            "judge": ctx.judge_label,
             "self_judged": ctx.judge is ctx.ranker,
             "vs_base": await _compare(
                 ctx,
