@@ -322,7 +322,8 @@ def _plots(
         xlabel="mean answer length (characters)",
         ylabel="win rate vs the base",
     )
-    ax.legend(fontsize=8)
+    if bests:  # a run with no evaluation yet has no line to name
+        ax.legend(fontsize=8)
     save(fig, "win_rate_vs_length.png")
 
     if lengths:
