@@ -613,7 +613,7 @@ def check_api(api: Api) -> None:
 
 
 def check_second_up(stack: Stack, api: Api, before: dict[str, Any]) -> None:
-    """`down` (volumes kept) then `up`: the run is resumed and reported, nothing is redone."""
+    """`down` (volumes kept) then `up`: the finished run is found complete, nothing is redone."""
     stack("down", timeout=300)
     stack("up", "-d", "--no-build", timeout=600)
     wait_healthy(stack, SERVING, HEALTHY_WITHIN)
@@ -629,11 +629,11 @@ def check_second_up(stack: Stack, api: Api, before: dict[str, Any]) -> None:
             )
         time.sleep(2)
     # The orchestrator's own output, not docker/run-or-resume.sh's echo: `pairloop resume`
-    # reports the run it found finished (its summary's title).
+    # says the run it found is complete and changes nothing (orchestrator/cli.py).
     logs = "\n".join(
         line for line in stack.logs("orchestrator", 300).splitlines() if "resuming it" not in line
     )
-    if orch.get("ExitCode") != 0 or f"run {RUN_ID}: completed" not in logs:
+    if orch.get("ExitCode") != 0 or f"run {RUN_ID} is complete" not in logs:
         raise Failed(
             f"second up: orchestrator exited {orch.get('ExitCode')} without reporting run "
             f"{RUN_ID} completed (expected a resume of the finished run)",
@@ -650,7 +650,7 @@ def check_second_up(stack: Stack, api: Api, before: dict[str, Any]) -> None:
     runs = sorted(r["run_id"] for r in api.client.get("/runs").json())
     if runs != sorted([RUN_ID, REFERENCE_ID]):
         raise Failed(f"second up created another run: {runs}", ["orchestrator"])
-    log("second up: the finished run was resumed and reported, no stage redone")
+    log("second up: the finished run was found complete, no stage redone")
 
 
 def check_nothing_left(env: dict[str, str]) -> None:
