@@ -318,11 +318,14 @@ def test_redis_restarted_in_generation_ranking_and_training_run_completes_equal(
             return raw is not None and json.loads(raw)["status"] == "PROGRESS"
 
         wait_running(proc, training, timeout=300, what="training progress in Redis")
+        # The worker rewrites its job's key as soon as Redis is back, so a key only this test
+        # writes is what proves the restarted server came up empty.
+        redis.Redis.from_url(url).set("pairloop-test-sentinel", "1")
         handle.process.kill()
         assert stage("iter1.train").state == "running"
         time.sleep(2.0)  # the outage itself (a fault we inject, not a wait for a condition)
         handle = start_redis(data, port=port, persist=False)
-        assert not redis.Redis.from_url(url).exists(job_key)  # no persistence: all lost
+        assert not redis.Redis.from_url(url).exists("pairloop-test-sentinel")  # all lost
 
         out, err = proc.communicate(timeout=600)
     finally:
