@@ -445,7 +445,8 @@ def test_time_shared_gpu_overlay_fits_one_8_gpu_node() -> None:
     env = container_env(gen["containers"][0])
     # Generation uses every GPU: one data-parallel engine per GPU of the node.
     assert env["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"]["value"] == "8"
-    assert float(env["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]["value"]) <= 0.79
+    # `pairloop plan` of the recipe (ranker batch and judge resident): at most 0.76.
+    assert float(env["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]["value"]) <= 0.76
     for name in ("generator", "ranker"):
         spec = pod_spec(find(docs, "Deployment", name)[0])
         assert container_env(spec["containers"][0])["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
