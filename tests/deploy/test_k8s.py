@@ -470,7 +470,7 @@ def test_time_shared_gpu_overlay_fits_one_8_gpu_node() -> None:
     cfg = _run_config(docs)
     assert cfg.placement == "time_shared"
     recipe = load_run_config(REPO / "configs" / "snorkel-mistral-pairrm.yaml")
-    exclude = {"services", "run_id"}
+    exclude = {"services", "local", "run_id"}
     assert cfg.model_dump(exclude=exclude) == recipe.model_dump(exclude=exclude), (
         "k8s/overlays/gpu/run-config.yaml drifted from configs/snorkel-mistral-pairrm.yaml"
     )
@@ -491,7 +491,7 @@ def test_gpu_split_overlay_fits_a_generation_node_and_a_training_node() -> None:
     cfg = _run_config(docs)
     assert cfg.placement == "dedicated"
     recipe = load_run_config(REPO / "configs" / "snorkel-mistral-pairrm.yaml")
-    exclude = {"services", "run_id", "placement"}
+    exclude = {"services", "local", "run_id", "placement"}
     assert cfg.model_dump(exclude=exclude) == recipe.model_dump(exclude=exclude)
 
 

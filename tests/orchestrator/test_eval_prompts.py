@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, EvalPromptsConfig, load_run_config
+from orchestrator.config import DEFAULT_JUDGE_MODEL, ConfigError, EvalPromptsConfig, load_run_config
+from orchestrator.local import StackSpec
 from orchestrator.loop import create_run
 from orchestrator.manifest import load_manifest
 from orchestrator.prompts import (
@@ -84,6 +85,11 @@ def test_defaults_are_alpaca_eval_2() -> None:
         loaded = load_run_config(path)
         assert loaded.evaluation.judge == "http://judge:8002", path
         assert loaded.services.ranker_url == "http://ranker:8001", path
+    # `--local` of a recipe config starts that judge itself (no `judge` host there).
+    for path in recipes[:3]:
+        spec = StackSpec.from_config(load_run_config(path))
+        assert spec.judge_args is not None, path
+        assert spec.judge_args[:4] == ["--backend", "reward-model", "--model", DEFAULT_JUDGE_MODEL]
 
 
 def test_exclusion_is_by_normalised_text() -> None:
