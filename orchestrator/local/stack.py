@@ -77,7 +77,8 @@ class StackSpec:
     cpu_threads: int = 1
     startup_timeout: float = 300.0
     extra_env: dict[str, str] = field(default_factory=dict)
-    # Per service (generator, ranker, judge, trainer): environment on top of extra_env, and a fixed port.
+    # Per service (generator, ranker, judge, trainer): environment on top of extra_env, and a
+    # fixed port.
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -400,9 +401,10 @@ class LocalStack:
                     f"{exc}\n--- {proc.log_path} ---\n{proc.log_tail()}"
                 ) from None
 
-        services = [
-            _Service(self, ranker, http_ready(self.ranker_url)),
-            *([_Service(self, judge, http_ready(self.judge_url))] if judge and self.judge_url else []),
+        services = [_Service(self, ranker, http_ready(self.ranker_url))]
+        if judge is not None and self.judge_url is not None:
+            services.append(_Service(self, judge, http_ready(self.judge_url)))
+        services += [
             _Service(self, generator, http_ready(self.generator_url), self._reswap_generator),
             _Service(self, worker, worker_ready),
         ]
