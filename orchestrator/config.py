@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -45,6 +45,7 @@ __all__ = [
     "ServicesConfig",
     "apply_overrides",
     "check_paths",
+    "config_fingerprint",
     "load_run_config",
     "looks_like_hub_id",
 ]
@@ -395,8 +396,21 @@ class RunConfig(_Strict):
         Where the services run (`services`, `local`, `placement`) is not part of it: a run may
         resume on another stack.
         """
-        payload = self.model_dump(exclude={"services", "local", "placement", "push_to_hub"}, mode="json")
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return config_fingerprint(self.model_dump(mode="json"))
+
+
+# Where the services run: a run may resume on another stack.
+_NOT_FINGERPRINTED = ("services", "local", "placement", "push_to_hub")
+
+
+def config_fingerprint(frozen: dict[str, Any]) -> str:
+    """The fingerprint of a run config as frozen in its file (`RunConfig.model_dump(mode="json")`).
+
+    Taken over the file's own keys, not over a model that fills in defaults: a field that a
+    later pairloop adds is absent from an older run's file, and that is not an edit.
+    """
+    payload = {k: v for k, v in frozen.items() if k not in _NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _absolutise(cfg: RunConfig, base_dir: Path) -> RunConfig:

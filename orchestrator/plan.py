@@ -44,6 +44,7 @@ __all__ = [
     "StageEstimate",
     "generator_memory",
     "load_shape",
+    "optimizer_state",
     "plan_run",
     "ranker_memory",
     "trainer_disk",
@@ -267,6 +268,27 @@ def _dtype_bytes(name: str) -> int:
     return 4 if name in ("float32", "auto") else 2
 
 
+def optimizer_state(optim: str, w: int) -> tuple[str, float]:
+    """(label, bytes per trainable parameter) of the optimizer state of TRL's `optim` name.
+
+    AdamW keeps two moments in the master dtype; Lion one; RMSprop and Adagrad one (the
+    Trainer builds RMSprop without momentum); SGD none (no momentum by default); Adafactor's
+    factored second moment is a row and a column per matrix (counted as 0). bitsandbytes' 8-bit
+    optimizers keep one byte per moment. A name not listed is counted as AdamW, and says so.
+    """
+    name = optim.lower()
+    moments = 1 if "lion" in name else 2
+    if "8bit" in name:
+        return f"optimizer state ({optim}, 8-bit)", float(moments)
+    if "lion" in name or "rmsprop" in name or "adagrad" in name:
+        return f"optimizer state ({optim}, 1 moment)", float(w)
+    if name.startswith("sgd") or name.startswith("adafactor"):
+        return f"optimizer state ({optim}, none counted)", 0.0
+    if name.startswith("adam"):
+        return "AdamW moments", 2.0 * w
+    return f"optimizer state ({optim}: counted as AdamW's 2 moments)", 2.0 * w
+
+
 def activation_bytes(shape: ModelShape, hp: DPOHyperparameters, *, checkpointing: bool) -> float:
     """One micro-batch's activations: chosen + rejected sequences of max_length tokens."""
     tokens = 2 * hp.per_device_train_batch_size * hp.max_length
@@ -309,11 +331,13 @@ def trainer_memory(
     parts: dict[str, float] = {}
     if lora is not None:
         parts["weights (frozen base)"] = p * w / shard
-        parts["LoRA weights + grads + AdamW"] = trainable * (w + w + 2 * w)
+        label, per_param = optimizer_state(hp.optim, w)
+        parts[f"LoRA weights + grads + {label}"] = trainable * (w + w + per_param)
     else:
+        label, per_param = optimizer_state(hp.optim, w)
         parts["weights (master)"] = p * w / shard
         parts["gradients"] = p * w / shard
-        parts["AdamW moments"] = p * 2 * w / shard
+        parts[label] = p * per_param / shard
     if strategy == "ddp" and gpus > 1:
         # DDP's reducer all-reduces flat buckets holding a copy of every gradient (measured on
         # CPU ranks: bench/trainer_memory.py).
@@ -381,7 +405,8 @@ def trainer_host_memory(
     if on_cpu:
         resident = dict(device_parts)
     elif hp.cpu_offload and strategy != "ddp":
-        resident["offloaded shards (weights, gradients, AdamW)"] = p * 4 * w / shard
+        state = optimizer_state(hp.optim, w)[1]
+        resident["offloaded shards (weights, gradients, optimizer)"] = p * (2 * w + state) / shard
     load: dict[str, float] = {"runtime": runtime}
     if reads:
         load["policy (whole, read by this rank)"] = p * w
@@ -407,14 +432,16 @@ def trainer_disk(
 ) -> dict[str, float]:
     """Disk bytes of one iteration's training at its peak, by part.
 
-    Resume checkpoints (sharded, torch.distributed.checkpoint: master weights + AdamW's two
-    moments) are kept `save_total_limit` at a time, and deleted once the iteration's weights are
+    Resume checkpoints (sharded, torch.distributed.checkpoint: master weights + the optimizer
+    state, AdamW's two moments by default) are kept `save_total_limit` at a time, and deleted once the iteration's weights are
     published; the published weights stay (the next iteration's policy and reference).
     """
     p, w = shape.parameters, _dtype_bytes(hp.dtype)
     return {
         "published weights": p * publish_bytes,
-        f"resume checkpoints (x{save_total_limit}, until published)": save_total_limit * p * 3 * w,
+        f"resume checkpoints (x{save_total_limit}, until published)": save_total_limit
+        * p
+        * (w + optimizer_state(hp.optim, w)[1]),
     }
 
 

@@ -17,7 +17,13 @@ from pathlib import Path
 import yaml
 
 from orchestrator.admission import PromptMeter, TokenizerMeter, admit_eval_prompts, admit_prompts
-from orchestrator.config import ConfigError, RunConfig, check_paths, load_run_config
+from orchestrator.config import (
+    ConfigError,
+    RunConfig,
+    check_paths,
+    config_fingerprint,
+    load_run_config,
+)
 from orchestrator.hub import fetch_base_model
 from orchestrator.manifest import MANIFEST_NAME, Manifest, load_manifest
 from orchestrator.prompts import (
@@ -170,9 +176,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def load_run(run_dir: Path) -> tuple[RunConfig, Manifest]:
     """The frozen config and the manifest of RUN_DIR; refuses a config edited after the start."""
-    cfg = RunConfig.model_validate(yaml.safe_load((run_dir / FROZEN_CONFIG).read_text()))
+    frozen = yaml.safe_load((run_dir / FROZEN_CONFIG).read_text())
+    cfg = RunConfig.model_validate(frozen)
     manifest = load_manifest(run_dir)
-    if manifest.config_fingerprint != cfg.fingerprint():
+    if manifest.config_fingerprint != config_fingerprint(frozen):
         raise ConfigError(
             f"{run_dir / FROZEN_CONFIG} was edited after the run started (fingerprint differs); "
             "results would mix two configs. Start a new run instead."

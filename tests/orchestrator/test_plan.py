@@ -283,6 +283,32 @@ def test_host_memory_per_rank_at_load_train_and_save() -> None:
     assert sum(cpu["train"].values()) == RUNTIME_HOST_BYTES + sum(device.values())
 
 
+def test_the_optimizer_state_is_the_configured_optimizers() -> None:
+    """The SPPO recipe trains with RMSprop: one moment per parameter, not AdamW's two."""
+    from orchestrator.plan import trainer_disk
+
+    sppo = load_run_config(RECIPE.with_name("sppo-mistral-pairrm.yaml"))
+    assert sppo.dpo.optim == "rmsprop"
+    p = MISTRAL.parameters
+    rmsprop = trainer_memory(MISTRAL, sppo.dpo, strategy="fsdp", gpus=8)
+    adamw = trainer_memory(
+        MISTRAL, replace_hp(sppo.dpo, optim="adamw_torch"), strategy="fsdp", gpus=8
+    )
+    assert rmsprop["optimizer state (rmsprop, 1 moment)"] == 4 * p / 8
+    assert adamw["AdamW moments"] == 8 * p / 8
+    assert sum(adamw.values()) - sum(rmsprop.values()) == 4 * p / 8
+    assert (
+        trainer_memory(
+            MISTRAL, replace_hp(sppo.dpo, optim="paged_adamw_8bit"), strategy="ddp", gpus=1
+        )["optimizer state (paged_adamw_8bit, 8-bit)"]
+        == 2 * p
+    )
+    unknown = trainer_memory(MISTRAL, replace_hp(sppo.dpo, optim="novel"), strategy="ddp", gpus=1)
+    assert unknown["optimizer state (novel: counted as AdamW's 2 moments)"] == 8 * p
+    disk = trainer_disk(MISTRAL, sppo.dpo)
+    assert disk["resume checkpoints (x2, until published)"] == 2 * 8 * p  # fp32 weights + 1 moment
+
+
 def test_disk_per_iteration_counts_resume_checkpoints_until_published() -> None:
     from orchestrator.plan import trainer_disk
 

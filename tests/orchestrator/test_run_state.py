@@ -13,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
+from orchestrator.config import ConfigError, DPOHyperparameters, config_fingerprint
 from orchestrator.manifest import load_manifest
-from orchestrator.runs import create_run, run_lock
+from orchestrator.runs import FROZEN_CONFIG, create_run, load_run, run_lock
 from pairloop_local.processes import free_port
 
 
@@ -187,3 +189,33 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+# --- the frozen config's fingerprint: edits refused, a newer pairloop's new fields are not edits --
+
+
+def test_a_run_frozen_before_a_field_existed_still_loads(dead_run: Path) -> None:
+    """A field added to RunConfig after the run started (absent from its frozen file, so it takes
+    its default) is no edit: the run loads, with the same fingerprint."""
+    frozen = dead_run / FROZEN_CONFIG
+    raw = yaml.safe_load(frozen.read_text())
+    del raw["dpo"]["beta"]  # as if `beta` had been added in a later version
+    del raw["sampling"]
+    # The manifest's fingerprint as the older version computed it, over the file it froze.
+    manifest = load_manifest(dead_run)
+    manifest.config_fingerprint = config_fingerprint(raw)
+    manifest.save(dead_run)
+    frozen.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    cfg, loaded = load_run(dead_run)
+    assert loaded.config_fingerprint == config_fingerprint(raw)
+    assert cfg.dpo.beta == DPOHyperparameters().beta
+
+
+def test_an_edited_frozen_config_is_refused(dead_run: Path) -> None:
+    frozen = dead_run / FROZEN_CONFIG
+    raw = yaml.safe_load(frozen.read_text())
+    raw["dpo"]["beta"] = raw["dpo"]["beta"] * 2
+    frozen.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError, match="edited after the run started"):
+        load_run(dead_run)
