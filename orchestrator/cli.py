@@ -252,9 +252,10 @@ def _print_phases(phases: PhasePlan) -> None:
         )
     for phase, idle in phases.idle_gpus.items():
         console.print(f"idle during {phase}: GPUs {', '.join(map(str, idle))}")
+    judge = any(part.startswith("judge") for p in phases.phases for part in p.parts)
     console.print(
         f"generator: gpu_memory_utilization at most {phases.generator_memory_utilization:.2f} "
-        "(the ranker shares its GPUs)"
+        f"(the ranker{' and the judge' if judge else ''} share its GPUs)"
     )
     console.print(
         f"estimated wall time: {phases.seconds_per_iteration / 3600:.2f} h per iteration, "

@@ -27,10 +27,12 @@ from pairloop.jobs import TRAIN_QUEUE, DPOHyperparameters, LoraSettings
 from pairloop.validation import describe_validation_error
 
 __all__ = [
+    "DEFAULT_JUDGE_MODEL",
     "ConfigError",
     "EvalPromptsConfig",
     "EvaluationConfig",
     "LocalConfig",
+    "LocalJudgeConfig",
     "LocalRankerConfig",
     "LocalServiceConfig",
     "LocalTrainerConfig",
@@ -50,6 +52,9 @@ __all__ = [
 
 
 _LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
+# The recipe's judge (compose, k8s, `local.judge`): a DeBERTa-v3-large reward model trained by
+# OpenAssistant on human preferences; another model than PairRM, which picks best-of-n (docs/deploy.md).
+DEFAULT_JUDGE_MODEL = "OpenAssistant/reward-model-deberta-v3-large-v2"
 HUB_DIR = "hub"  # MODEL_STORE/hub/ORG/NAME: base models named by their hub id
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -289,6 +294,18 @@ class LocalRankerConfig(LocalServiceConfig):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N")
 
 
+class LocalJudgeConfig(LocalRankerConfig):
+    """A second ranker process that judges the evaluations (`evaluation.judge` of a --local run)."""
+
+    backend: str = Field(
+        "reward-model", description="reward-model (default) | pairrm | scorer | module:factory"
+    )
+    model: str = Field(
+        DEFAULT_JUDGE_MODEL,
+        description="checkpoint or hub name of the judge: not the model that picks best-of-n",
+    )
+
+
 class LocalTrainerConfig(LocalServiceConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -308,6 +325,11 @@ class LocalConfig(_Strict):
     startup_timeout_s: float = Field(600.0, gt=0, description="per service, to become ready")
     generator: LocalServiceConfig = Field(default_factory=LocalServiceConfig)
     ranker: LocalRankerConfig = Field(default_factory=LocalRankerConfig)
+    judge: LocalJudgeConfig | None = Field(
+        None,
+        description="a second ranker process as the evaluations' judge (replaces "
+        "evaluation.judge in --local runs); null: none, evaluation.judge as written",
+    )
     trainer: LocalTrainerConfig = Field(default_factory=LocalTrainerConfig)
 
     @field_validator("redis")

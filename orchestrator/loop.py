@@ -136,6 +136,7 @@ async def execute_run(
     console: Console | None = None,
     settings: OrchestratorSettings | None = None,
     services: ServicesConfig | None = None,
+    judge_url: str | None = None,
     lock: bool = True,
 ) -> Manifest:
     """Execute (or resume) the run in `run_dir` to completion; return its final manifest.
@@ -143,7 +144,8 @@ async def execute_run(
     Failures are recorded in the manifest (status failed, the stage's error) and re-raised;
     a cancellation of this coroutine (Ctrl-C, SIGTERM) is recorded as status interrupted.
     `services` replaces the frozen config's service addresses (the local stack's, which change
-    at every start); `lock=False` when the caller already holds `run_lock(run_dir)`.
+    at every start); `judge_url` replaces `evaluation.judge` (the local stack's judge, likewise);
+    `lock=False` when the caller already holds `run_lock(run_dir)`.
     """
     run_path = Path(run_dir).resolve()
     console = console or Console()
@@ -152,6 +154,10 @@ async def execute_run(
     if services is not None:
         cfg = cfg.model_copy(update={"services": services})
     services = cfg.services
+    if judge_url is not None:
+        cfg = cfg.model_copy(
+            update={"evaluation": cfg.evaluation.model_copy(update={"judge": judge_url})}
+        )
     token = (
         settings.generator_admin_token.get_secret_value()
         if settings.generator_admin_token

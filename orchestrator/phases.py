@@ -184,6 +184,14 @@ def plan_phases(
     ranker_resident = {
         "ranker resident (weights + CUDA context)": ranker["weights (fp32)"] + CUDA_CONTEXT_BYTES
     }
+    # The evaluations' judge (`evaluation.judge`) is a second resident ranker process beside the
+    # first. Counted as PairRM's size: the shipped judge is a DeBERTa-v3-large reward model, the
+    # same network as PairRM's (a larger judge needs its own figures).
+    judge_resident = (
+        {"judge resident (weights + CUDA context)": sum(ranker_resident.values())}
+        if cfg.evaluation.enabled and cfg.evaluation.judge
+        else {}
+    )
 
     everything = list(range(n_gpus))
     if where == "time_shared":
@@ -215,16 +223,18 @@ def plan_phases(
     # vLLM reserves gpu_memory_utilization of each GPU it runs on, and the ranker shares those
     # GPUs (in both placements): what the ranker's largest batch needs bounds that fraction.
     needs = sum(generator.values())
-    vllm_max = (budget - sum(ranker.values())) / gpu_bytes
+    vllm_max = (budget - sum(ranker.values()) - sum(judge_resident.values())) / gpu_bytes
     reserved = {"generator (vLLM reservation)": max(needs, vllm_max * gpu_bytes)}
     ranker_parts = {f"ranker {name}": v for name, v in ranker.items()}
 
-    gen_parts = {**reserved, **ranker_resident}
-    rank_parts = {**reserved, **ranker_parts}
+    gen_parts = {**reserved, **ranker_resident, **judge_resident}
+    # In evaluation one of the two batches at a time (picking best-of-n, then judging).
+    rank_parts = {**reserved, **ranker_parts, **judge_resident}
     train_parts = dict(trainer.parts)
     if where == "time_shared":
         train_parts["generator asleep (CUDA context)"] = GENERATOR_ASLEEP_BYTES
         train_parts.update(ranker_resident)
+        train_parts.update(judge_resident)
 
     phases = [
         PhaseEstimate(

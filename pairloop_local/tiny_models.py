@@ -238,3 +238,20 @@ def build_tiny_models(
     built["pairrm"] = build_tiny_pairrm(root / "tiny-pairrm", preset=ranker_preset, seed=seed)
     (root / ALL_BUILT_MARKER).write_text(json.dumps({"preset": preset, "seed": seed}) + "\n")
     return built
+
+
+def build_tiny_reward_model(chat_model: str | Path, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A tiny reward model from a tiny chat model: the same weights under a freshly seeded
+    one-label sequence-classification head (`--backend reward-model`), written to `out_dir`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    final = Path(out_dir)
+    out = staging_for(final)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(chat_model, num_labels=1)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(chat_model).save_pretrained(out)
+    (out / TINY_MARKER).write_text(json.dumps({"reward_model_of": str(chat_model), "seed": seed}) + "\n")
+    publish_dir(out, final)
+    return final

@@ -44,6 +44,18 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_reward_model(
+    tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A tiny Llama reward model (one-label sequence classification), built once per session."""
+    from pairloop_local.tiny_models import build_tiny_reward_model
+
+    return build_tiny_reward_model(
+        tiny_models["llama"], tmp_path_factory.mktemp("tiny-reward-model") / "model"
+    )
+
+
+@pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private, real redis-server on a free loopback port, for this test session only."""
     from pairloop_local.redis_server import start_redis

@@ -103,6 +103,7 @@ def _write_stack_file(local_dir: Path, stack: LocalStack) -> None:
         {
             "generator_url": stack.generator_url,
             "ranker_url": stack.ranker_url,
+            "judge_url": stack.judge_url,
             "redis_url": stack.redis_url_redacted,  # the password stays in secrets.json
             "process_groups": stack.pids(),
             "services": stack.service_pids(),
@@ -130,7 +131,8 @@ def run_local(
     settings = base.model_copy(update={"generator_admin_token": SecretStr(token)})
     with sigterm_interrupts(), run_lock(run_dir):
         console.print(
-            f"starting the local stack: redis, generator, ranker, trainer worker "
+            f"starting the local stack: redis, generator, ranker, "
+            f"{'judge, ' if cfg.local.judge is not None else ''}trainer worker "
             f"(logs: {local_dir / 'logs'})"
         )
         # A queue of this run's own: on a shared Redis no other run's worker takes its jobs, and
@@ -150,9 +152,10 @@ def run_local(
                 if stack.redis is not None and stack.redis.started_here
                 else "the Redis"
             )
+            judge = f"judge {stack.judge_url}, " if stack.judge_url else ""
             console.print(
                 f"stack up: generator {stack.generator_url}, ranker {stack.ranker_url}, "
-                f"{redis_kind} at {stack.redis_url_redacted}"
+                f"{judge}{redis_kind} at {stack.redis_url_redacted}"
             )
             _write_stack_file(local_dir, stack)
             stack.on_restart = lambda s: _write_stack_file(local_dir, s)
@@ -197,7 +200,12 @@ def _execute_supervised(
                 supervisor.on_give_up = give_up
         try:
             return await execute_run(
-                run_dir, console=console, settings=settings, services=services, lock=False
+                run_dir,
+                console=console,
+                settings=settings,
+                services=services,
+                judge_url=stack.judge_url,
+                lock=False,
             )
         finally:
             if supervisor is not None:

@@ -4,7 +4,8 @@
         stack.generator_url, stack.ranker_url, stack.redis_url, stack.admin_token
 
 Each service is the real one (`python -m services.generator`, `python -m services.ranker`,
-`python -m services.trainer`) on a loopback port, its log under `workdir/logs/`, its GPUs set by
+`python -m services.trainer`; with `local.judge`, a second `services.ranker` as the evaluations'
+judge, `stack.judge_url`) on a loopback port, its log under `workdir/logs/`, its GPUs set by
 CUDA_VISIBLE_DEVICES, passed `--host 127.0.0.1` whatever the inherited environment says. Redis is
 the one a URL names explicitly (the config's `local.redis`, or PAIRLOOP_REDIS_URL with `auto`) if
 it answers, else a private redis-server with a password, its data in `workdir/redis`. Each
@@ -48,7 +49,7 @@ from pairloop_local.processes import (
 from pairloop_local.redis_server import RedisHandle, ensure_redis, wait_for_redis
 
 if TYPE_CHECKING:
-    from orchestrator.config import RunConfig
+    from orchestrator.config import LocalRankerConfig, LocalServiceConfig, RunConfig
 
 __all__ = ["TMP_RECORD", "LocalStack", "StackSpec", "wait_for_worker"]
 
@@ -63,6 +64,8 @@ class StackSpec:
     store: Path
     base_model: Path
     ranker_args: list[str] = field(default_factory=lambda: ["--model", "llm-blender/PairRM"])
+    # A second ranker process, the evaluations' judge (`local.judge`); None: none is started.
+    judge_args: list[str] | None = None
     # None: a private redis-server. A URL: that Redis if it answers, else (with redis_fallback)
     # a private one.
     redis_url: str | None = None
@@ -74,7 +77,8 @@ class StackSpec:
     cpu_threads: int = 1
     startup_timeout: float = 300.0
     extra_env: dict[str, str] = field(default_factory=dict)
-    # Per service (generator, ranker, trainer): environment on top of extra_env, and a fixed port.
+    # Per service (generator, ranker, judge, trainer): environment on top of extra_env, and a
+    # fixed port.
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -98,30 +102,25 @@ class StackSpec:
             redis_url, fallback = local.redis, False
         service_env: dict[str, dict[str, str]] = {}
         ports: dict[str, int] = {}
-        for name, svc in (
+        services: list[tuple[str, LocalServiceConfig]] = [
             ("generator", local.generator),
             ("ranker", local.ranker),
             ("trainer", local.trainer),
-        ):
+        ]
+        if local.judge is not None:
+            services.append(("judge", local.judge))
+        for name, svc in services:
             env = dict(svc.env)
             if svc.gpus is not None:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in svc.gpus)
             service_env[name] = env
             if svc.port is not None:
                 ports[name] = svc.port
-        ranker = local.ranker
         return cls(
             store=Path(cfg.model_store),
             base_model=Path(cfg.base_model),
-            ranker_args=[
-                "--backend",
-                ranker.backend,
-                "--model",
-                ranker.model,
-                "--device",
-                ranker.device,
-                *ranker.args,
-            ],
+            ranker_args=_ranker_args(local.ranker),
+            judge_args=_ranker_args(local.judge) if local.judge is not None else None,
             redis_url=redis_url,
             redis_fallback=fallback,
             generator_args=list(local.generator.args),
@@ -132,6 +131,18 @@ class StackSpec:
             service_env=service_env,
             ports=ports,
         )
+
+
+def _ranker_args(ranker: LocalRankerConfig) -> list[str]:
+    return [
+        "--backend",
+        ranker.backend,
+        "--model",
+        ranker.model,
+        "--device",
+        ranker.device,
+        *ranker.args,
+    ]
 
 
 def wait_for_worker(
@@ -229,6 +240,7 @@ class LocalStack:
         self.reaper: GroupReaper | None = None
         self.generator_url = ""
         self.ranker_url = ""
+        self.judge_url: str | None = None  # only with spec.judge_args
         self._tmpdir: Path | None = None
 
     @property
@@ -304,7 +316,7 @@ class LocalStack:
         spec = self.spec
         # A fixed port someone else holds is refused before anything starts (the readiness
         # checks below would catch it too, after a service's start-up).
-        for name in ("generator", "ranker"):
+        for name in ("generator", "ranker", "judge"):
             if name in spec.ports:
                 check_port_free(spec.ports[name], what=f"local.{name}.port")
         if spec.redis_url is not None and not spec.redis_fallback:
@@ -344,21 +356,12 @@ class LocalStack:
             ),
             instance_env="PAIRLOOP_GENERATOR_INSTANCE_ID",
         )
-        ranker = self._start(
-            "ranker",
-            [
-                sys.executable,
-                "-m",
-                "services.ranker",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(rport),
-                *spec.ranker_args,
-            ],
-            self._env("ranker"),
-            instance_env="PAIRLOOP_RANKER_INSTANCE_ID",
-        )
+        ranker = self._start_ranker("ranker", rport, spec.ranker_args)
+        judge = None
+        if spec.judge_args is not None:
+            jport = spec.ports.get("judge") or free_port()
+            judge = self._start_ranker("judge", jport, spec.judge_args)
+            self.judge_url = f"http://127.0.0.1:{jport}"
         node = f"pairloop-local-{gport}@127.0.0.1"
         worker = self._start(
             "trainer-worker",
@@ -398,8 +401,10 @@ class LocalStack:
                     f"{exc}\n--- {proc.log_path} ---\n{proc.log_tail()}"
                 ) from None
 
-        services = [
-            _Service(self, ranker, http_ready(self.ranker_url)),
+        services = [_Service(self, ranker, http_ready(self.ranker_url))]
+        if judge is not None and self.judge_url is not None:
+            services.append(_Service(self, judge, http_ready(self.judge_url)))
+        services += [
             _Service(self, generator, http_ready(self.generator_url), self._reswap_generator),
             _Service(self, worker, worker_ready),
         ]
@@ -416,6 +421,13 @@ class LocalStack:
                 ),
             )
         self.services = services
+
+    def _start_ranker(self, name: str, port: int, args: list[str]) -> ManagedProcess:
+        """`python -m services.ranker` as `name` (the ranker, or the judge) on loopback `port`."""
+        argv = [sys.executable, "-m", "services.ranker", "--host", "127.0.0.1", "--port", str(port)]
+        return self._start(
+            name, [*argv, *args], self._env(name), instance_env="PAIRLOOP_RANKER_INSTANCE_ID"
+        )
 
     def _reswap_generator(self) -> None:
         """Put a restarted generator back on the run's current weights (it starts on the base)."""
@@ -473,7 +485,8 @@ class LocalStack:
             (self._tmpdir / service).mkdir(exist_ok=True)
 
     def stop(self) -> None:
-        """Stop the worker, ranker and generator (in that order), then a Redis started here."""
+        """Stop the worker, the judge, ranker and generator (in that order), then a Redis started
+        here."""
         if self.supervisor is not None:
             self.supervisor.stop()  # first: a service stopped on purpose is not restarted
             self.supervisor = None

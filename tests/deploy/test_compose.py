@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 
-from orchestrator.config import load_run_config
+from orchestrator.config import DEFAULT_JUDGE_MODEL, load_run_config
 from pairloop_local.tiny_models import ALL_BUILT_MARKER
 
 from .helpers import (
@@ -318,6 +318,8 @@ def test_ports_urls_and_paths_agree(variant: str) -> None:
         "redis": 6379,  # the image's default; its command sets no --port
         "api": int(env["api"]["PAIRLOOP_ORCHESTRATOR_PORT"]),
     }
+    if "judge" in services:
+        ports["judge"] = int(env["judge"]["PAIRLOOP_RANKER_PORT"])
     assert "--port" not in _redis_argv(services["redis"])
 
     def check_url(url: str) -> None:
@@ -327,7 +329,8 @@ def test_ports_urls_and_paths_agree(variant: str) -> None:
             f"{url}: {parts.hostname} listens on {ports[parts.hostname]}"
         )
 
-    for url in [*cfg.services.generator_urls, cfg.services.ranker_url, cfg.services.redis_url]:
+    judge = [cfg.evaluation.judge] if cfg.evaluation.judge else []
+    for url in [*cfg.services.generator_urls, cfg.services.ranker_url, cfg.services.redis_url, *judge]:
         check_url(url)
     for var in (
         "PAIRLOOP_ORCHESTRATOR_GENERATOR_URL",
@@ -340,7 +343,7 @@ def test_ports_urls_and_paths_agree(variant: str) -> None:
         assert env[name]["PAIRLOOP_REDIS_URL"] == cfg.services.redis_url
 
     # One model store, at one path everywhere: swaps and training jobs name paths inside it.
-    for name in ("generator", "ranker", "trainer", "orchestrator", "api"):
+    for name in ("generator", "ranker", "judge", "trainer", "orchestrator", "api"):
         assert f"models:{STORE}" in services[name]["volumes"], name
     assert cfg.model_store == STORE
     assert env["generator"]["PAIRLOOP_GENERATOR_MODEL_ROOT"] == STORE
@@ -404,20 +407,24 @@ def test_start_order_is_health_gated(variant: str) -> None:
                 assert cond["condition"] == "service_completed_successfully", (name, dep, cond)
                 assert target.get("restart") == "no"
     orch = services["orchestrator"]["depends_on"]
+    # The judge only where the orchestrator's run config names it (the GPU recipe; not the demo).
+    judged = _run_config(services).evaluation.judge is not None
     assert {k for k, v in orch.items() if v["condition"] == "service_healthy"} == {
         "redis",
         "generator",
         "ranker",
         "trainer",
+        *(["judge"] if judged else []),
     }
+    assert judged == (variant == "gpu-stack")
     # The loop must not start before the engine is loaded: gate on /ready, which says so.
-    for name in ("generator", "ranker"):
+    for name in ("generator", "ranker", *(["judge"] if judged else [])):
         test = " ".join(services[name]["healthcheck"]["test"])
         assert "/ready'" in test, name
         path = test.split("127.0.0.1:")[1].split("'")[0].split("/", 1)[1]
         from .helpers import app_routes
 
-        assert ("GET", "/" + path) in app_routes(name)
+        assert ("GET", "/" + path) in app_routes("ranker" if name == "judge" else name)
 
 
 def test_redis_persists_to_a_volume() -> None:
@@ -608,7 +615,30 @@ def test_time_shared_gpu_stack_gives_every_phase_all_8_gpus() -> None:
     # The ranker stays resident on a GPU the generator uses: vLLM must leave it room.
     ranker = service_env(services["ranker"])
     assert set(ranker["CUDA_VISIBLE_DEVICES"].split(",")) <= eight
-    assert float(generator["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]) <= 0.79
+    # `pairloop plan` of the recipe (ranker batch and judge resident): at most 0.76.
+    assert float(generator["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]) <= 0.76
     # The CPU demo runs one engine.
     cpu = service_env(compose_model(*CPU)["services"]["generator"])
     assert cpu["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"] == "1"
+
+
+def test_the_gpu_stack_judges_with_a_reward_model_beside_the_ranker() -> None:
+    """The judge: the ranker's image and build serving a reward model that is not PairRM, on the
+    ranker's GPU (time-shared: resident like it); the CPU demo names none and never starts it."""
+    services = compose_model(*GPU)["services"]
+    judge, ranker = services["judge"], services["ranker"]
+    assert (judge["image"], judge["build"]) == (ranker["image"], ranker["build"])
+    assert judge["deploy"] == ranker["deploy"]
+    env, ranker_env = service_env(judge), service_env(ranker)
+    assert env["PAIRLOOP_RANKER_BACKEND"] == "reward-model"
+    assert env["PAIRLOOP_RANKER_MODEL"] == DEFAULT_JUDGE_MODEL != ranker_env["PAIRLOOP_RANKER_MODEL"]
+    assert env["CUDA_VISIBLE_DEVICES"] == ranker_env["CUDA_VISIBLE_DEVICES"]
+    # DeBERTa's 512-token window: instruction, answer and the 3 special tokens fit it exactly.
+    limits = int(env["PAIRLOOP_RANKER_SOURCE_MAX_LENGTH"]) + int(
+        env["PAIRLOOP_RANKER_CANDIDATE_MAX_LENGTH"]
+    )
+    assert limits + 3 == 512
+    assert "8002/ready" in " ".join(judge["healthcheck"]["test"])
+    cpu = compose_model(*CPU)["services"]
+    assert cpu["judge"]["profiles"] == ["judge"] and "judge" not in cpu["orchestrator"]["depends_on"]
+    assert _run_config(cpu).evaluation.judge is None

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from orchestrator.config import RunConfig, load_run_config
+from orchestrator.config import DEFAULT_JUDGE_MODEL, RunConfig, load_run_config
 from pairloop_local.tiny_models import ALL_BUILT_MARKER
 
 from .helpers import (
@@ -44,7 +44,7 @@ EVERY_KUSTOMIZATION = (
     ),
 )
 # Container name -> the app whose routes its HTTP probes must hit.
-APPS = {"generator": "generator", "ranker": "ranker", "api": "orchestrator"}
+APPS = {"generator": "generator", "ranker": "ranker", "judge": "ranker", "api": "orchestrator"}
 STORE = "/models"
 
 
@@ -361,9 +361,13 @@ def test_services_ports_and_run_config_agree(kustomization: str) -> None:
     assert services[host]["spec"]["clusterIP"] == "None"
     assert int(port) == port_of(host)
     assert [d["metadata"]["name"] for d in pods_for(services[host])] == ["generator"]
-    for url in (cfg.services.ranker_url, cfg.services.redis_url):
+    judge = [cfg.evaluation.judge] if cfg.evaluation.judge else []
+    for url in (cfg.services.ranker_url, cfg.services.redis_url, *judge):
         parts = urlsplit(url)
         assert parts.port == port_of(parts.hostname), url
+    # The run waits for every service its config names, the judge included.
+    wait = pod_spec(find(docs, "Job", "pairloop-run")[0])["initContainers"][0]["command"][2]
+    assert all(f"{url}/ready" in wait for url in judge), wait
     # The same addresses everywhere else they are written.
     api = find(docs, "Deployment", "orchestrator-api")[0]
     env = container_env(pod_spec(api)["containers"][0])
@@ -445,8 +449,9 @@ def test_time_shared_gpu_overlay_fits_one_8_gpu_node() -> None:
     env = container_env(gen["containers"][0])
     # Generation uses every GPU: one data-parallel engine per GPU of the node.
     assert env["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"]["value"] == "8"
-    assert float(env["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]["value"]) <= 0.79
-    for name in ("generator", "ranker"):
+    # `pairloop plan` of the recipe (ranker batch and judge resident): at most 0.76.
+    assert float(env["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]["value"]) <= 0.76
+    for name in ("generator", "ranker", "judge"):
         spec = pod_spec(find(docs, "Deployment", name)[0])
         assert container_env(spec["containers"][0])["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
         (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
@@ -465,7 +470,7 @@ def test_time_shared_gpu_overlay_fits_one_8_gpu_node() -> None:
     cfg = _run_config(docs)
     assert cfg.placement == "time_shared"
     recipe = load_run_config(REPO / "configs" / "snorkel-mistral-pairrm.yaml")
-    exclude = {"services", "run_id"}
+    exclude = {"services", "local", "run_id"}
     assert cfg.model_dump(exclude=exclude) == recipe.model_dump(exclude=exclude), (
         "k8s/overlays/gpu/run-config.yaml drifted from configs/snorkel-mistral-pairrm.yaml"
     )
@@ -480,12 +485,13 @@ def test_gpu_split_overlay_fits_a_generation_node_and_a_training_node() -> None:
             pool = pod_spec(doc)["nodeSelector"]["pairloop.dev/pool"]
             pools[pool] = pools.get(pool, 0) + held[doc["metadata"]["name"]]
     assert pools == {"generation": 8, "training": 8}, pools
+    assert held["judge"] == 1  # a GPU is one container's here: the judge has its own
     gen = container_env(pod_spec(find(docs, "Deployment", "generator")[0])["containers"][0])
     assert int(gen["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"]["value"]) == held["generator"]
     cfg = _run_config(docs)
     assert cfg.placement == "dedicated"
     recipe = load_run_config(REPO / "configs" / "snorkel-mistral-pairrm.yaml")
-    exclude = {"services", "run_id", "placement"}
+    exclude = {"services", "local", "run_id", "placement"}
     assert cfg.model_dump(exclude=exclude) == recipe.model_dump(exclude=exclude)
 
 
@@ -664,3 +670,45 @@ def test_network_policies_deny_by_default_and_guard_the_api(kustomization: str) 
             if sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         }
     assert serving <= covered, serving - covered
+
+
+@pytest.mark.parametrize("kustomization", OVERLAYS, ids=_ids(OVERLAYS))
+def test_gpu_overlays_judge_with_a_reward_model_only_the_orchestrator_reaches(
+    kustomization: str,
+) -> None:
+    """The GPU overlays run the judge their run config names: the ranker image serving a reward
+    model that is not PairRM, on port 8002, reachable only from the orchestrator's pods. The CPU
+    demo names no judge and runs none."""
+    docs = render(kustomization)
+    cfg = _run_config(docs)
+    judges = find(docs, "Deployment", "judge")
+    if kustomization.endswith("cpu-demo"):
+        assert cfg.evaluation.judge is None and not judges
+        return
+    assert cfg.evaluation.judge == "http://judge:8002"
+    (judge,) = judges
+    (ranker,) = find(docs, "Deployment", "ranker")
+    (container,) = pod_spec(judge)["containers"]
+    assert container["image"] == pod_spec(ranker)["containers"][0]["image"]
+    env = {k: v["value"] for k, v in container_env(container).items() if "value" in v}
+    assert env["PAIRLOOP_RANKER_BACKEND"] == "reward-model"
+    assert env["PAIRLOOP_RANKER_MODEL"] == DEFAULT_JUDGE_MODEL
+    ranker_env = container_env(pod_spec(ranker)["containers"][0])
+    assert ranker_env["PAIRLOOP_RANKER_MODEL"]["value"] != DEFAULT_JUDGE_MODEL
+    # DeBERTa's 512-token window: instruction, answer and the 3 special tokens fit it exactly.
+    limits = int(env["PAIRLOOP_RANKER_SOURCE_MAX_LENGTH"])
+    assert limits + int(env["PAIRLOOP_RANKER_CANDIDATE_MAX_LENGTH"]) + 3 == 512
+    assert env["PAIRLOOP_RANKER_PORT"] == "8002"
+    (policy,) = find(docs, "NetworkPolicy", "judge-ingress")
+    labels = judge["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8002}]
+    (peer,) = rule["from"]
+    allowed = {
+        d["metadata"]["name"]
+        for d in _workloads(docs)
+        if peer["podSelector"]["matchLabels"].items()
+        <= d["spec"]["template"]["metadata"]["labels"].items()
+    }
+    assert allowed == {"pairloop-run", "orchestrator-api"}

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, EvalPromptsConfig, load_run_config
+from orchestrator.config import DEFAULT_JUDGE_MODEL, ConfigError, EvalPromptsConfig, load_run_config
+from orchestrator.local import StackSpec
 from orchestrator.loop import create_run
 from orchestrator.manifest import load_manifest
 from orchestrator.prompts import (
@@ -73,11 +74,22 @@ def test_defaults_are_alpaca_eval_2() -> None:
     recipe_path = Path(__file__).resolve().parents[2] / "configs/snorkel-mistral-pairrm.yaml"
     recipe = load_run_config(recipe_path)
     assert recipe.evaluation.prompts == cfg and recipe.evaluation.best_of == [1, 16]
-    # Best-of-16 is picked by the run's ranker (PairRM). No shipped deployment starts a second
-    # judge service yet, so the recipe leaves the judge unset (its rows are reported self-judged)
-    # and names the one to deploy in a comment.
-    assert recipe.evaluation.judge is None
-    assert "# judge: http://judge:8002" in recipe_path.read_text()
+    # Best-of-16 is picked by the run's ranker (PairRM) and judged by another service: the
+    # `judge` (a reward model) that compose and the GPU overlays start, in every recipe config.
+    repo = recipe_path.parents[1]
+    recipes = [
+        *(repo / "configs" / f"{name}-mistral-pairrm.yaml" for name in ("snorkel", "simpo", "sppo")),
+        *(repo / "k8s" / "overlays" / o / "run-config.yaml" for o in ("gpu", "gpu-split")),
+    ]
+    for path in recipes:
+        loaded = load_run_config(path)
+        assert loaded.evaluation.judge == "http://judge:8002", path
+        assert loaded.services.ranker_url == "http://ranker:8001", path
+    # `--local` of a recipe config starts that judge itself (no `judge` host there).
+    for path in recipes[:3]:
+        spec = StackSpec.from_config(load_run_config(path))
+        assert spec.judge_args is not None, path
+        assert spec.judge_args[:4] == ["--backend", "reward-model", "--model", DEFAULT_JUDGE_MODEL]
 
 
 def test_exclusion_is_by_normalised_text() -> None:

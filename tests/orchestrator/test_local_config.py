@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, load_run_config
+from orchestrator.config import DEFAULT_JUDGE_MODEL, ConfigError, load_run_config
 from orchestrator.demo import DEMO_RANKER_ARGS, _packaged
 from orchestrator.local import StackSpec
 from orchestrator.local.secrets import load_or_create_admin_token
@@ -29,11 +29,15 @@ def test_local_section_becomes_the_stack_spec(write_config: Callable[..., Path])
                     "device": "cuda",
                     "gpus": [2],
                 },
+                "judge": {"model": "/models/judge-rm", "gpus": [3], "port": 8102},
                 "trainer": {"gpus": [], "device": "cpu", "port": None},
             }
         )
     )
     spec = StackSpec.from_config(cfg)
+    # The judge: a second ranker process, a reward model by default, on its own GPU and port.
+    assert spec.judge_args == ["--backend", "reward-model", "--model", "/models/judge-rm", "--device", "cpu"]
+    assert spec.service_env["judge"]["CUDA_VISIBLE_DEVICES"] == "3" and spec.ports["judge"] == 8102
     assert spec.base_model == Path(cfg.base_model) and spec.store == Path(cfg.model_store)
     assert spec.service_env["generator"]["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert spec.service_env["ranker"]["CUDA_VISIBLE_DEVICES"] == "2"
@@ -54,6 +58,10 @@ def test_local_section_becomes_the_stack_spec(write_config: Callable[..., Path])
 
 def test_local_section_defaults_and_errors(write_config: Callable[..., Path]) -> None:
     spec = StackSpec.from_config(load_run_config(write_config()))
+    assert spec.judge_args is None and "judge" not in spec.service_env  # no judge unless asked
+    judged = load_run_config(write_config(local={"judge": {}})).local.judge
+    assert judged is not None
+    assert (judged.backend, judged.model) == ("reward-model", DEFAULT_JUDGE_MODEL)
     assert spec.redis_fallback and "CUDA_VISIBLE_DEVICES" not in spec.service_env["generator"]
     with pytest.raises(ConfigError, match=r"local\.redis: .*auto, private or a redis:// URL"):
         load_run_config(write_config(local={"redis": "sometimes"}))
@@ -65,7 +73,9 @@ def test_where_services_run_does_not_change_the_fingerprint(
     write_config: Callable[..., Path],
 ) -> None:
     plain = load_run_config(write_config())
-    placed = load_run_config(write_config(local={"generator": {"gpus": [3]}, "redis": "private"}))
+    placed = load_run_config(
+        write_config(local={"generator": {"gpus": [3]}, "redis": "private", "judge": {}})
+    )
     assert plain.fingerprint() == placed.fingerprint()
 
 

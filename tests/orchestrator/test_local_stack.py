@@ -122,8 +122,9 @@ def assert_stack_gone(run_dir: Path, *, within: float = 10.0) -> None:
         pytest.fail(f"stack processes still alive {within:.0f}s after the CLI died: {left}")
 
 
-def assert_same_artifacts(run_dir: Path, reference: Path) -> None:
-    """Datasets, trained weights and evaluation figures equal the undisturbed run's."""
+def assert_same_artifacts(run_dir: Path, reference: Path, *, same_judge: bool = True) -> None:
+    """Datasets, trained weights and evaluation figures equal the undisturbed run's; with another
+    judge (`same_judge=False`), the evaluated answers (figures are that judge's own)."""
     for split in SPLITS:
         ours = load_rows(split_path(run_dir / "dataset", split))
         theirs = load_rows(split_path(reference / "dataset", split))
@@ -134,6 +135,15 @@ def assert_same_artifacts(run_dir: Path, reference: Path) -> None:
         theirs = load_file(reference / "checkpoints" / f"policy{k}" / "model.safetensors")
         assert ours.keys() == theirs.keys()
         assert all((ours[n] == theirs[n]).all() for n in theirs), f"policy{k} weights differ"
+    if not same_judge:
+        answers = sorted(p.relative_to(reference) for p in reference.glob("eval/**/*outputs.json"))
+        assert len(answers) == 2 * (ITERATIONS + 1)  # plain and best-of-4 of every policy
+        for path in answers:
+            ours, theirs = (json.loads((root / path).read_text()) for root in (run_dir, reference))
+            assert [(o["instruction"], o["output"]) for o in ours] == [
+                (o["instruction"], o["output"]) for o in theirs
+            ], path
+        return
     m, ref = load_manifest(run_dir), load_manifest(reference)
     for k in range(0, ITERATIONS + 1):
         name = "policy0.evaluate" if k == 0 else f"iter{k}.evaluate"
@@ -396,10 +406,14 @@ SUPERVISED = ["--run-id", "supervised"]
 
 
 def test_generator_killed_mid_generation_is_restarted_and_the_run_completes_equal(
-    local_store: Path, reference: Path, tmp_path: Path
+    local_store: Path, reference: Path, tiny_reward_model: Path, tmp_path: Path
 ) -> None:
+    # With `local.judge`: a reward model judges, the demo's scorer (the run's ranker) picks.
     config = small_config(
-        tmp_path / "supervised.yaml", store=local_store, base_model=local_store / "models" / "base"
+        tmp_path / "supervised.yaml",
+        store=local_store,
+        base_model=local_store / "models" / "base",
+        local={"judge": {"model": str(tiny_reward_model)}},
     )
     run_dir = local_store / "runs" / "supervised"
     # Killed in iteration 2, after a seeded shard: the next shard's request is in flight, and the
@@ -420,7 +434,7 @@ def test_generator_killed_mid_generation_is_restarted_and_the_run_completes_equa
         wait_running(proc, written.is_file, timeout=900, what=f"iter2 shard {shard} written")
         info = json.loads((run_dir / "local" / "stack.json").read_text())
         killed = info["services"]["generator"]
-        for name in ("generator", "ranker"):
+        for name in ("generator", "ranker", "judge"):
             listening = {
                 c.laddr.ip
                 for c in psutil.Process(info["services"][name]).net_connections(kind="inet")
@@ -441,7 +455,23 @@ def test_generator_killed_mid_generation_is_restarted_and_the_run_completes_equa
     assert restarted != killed
     m = load_manifest(run_dir)
     assert m.status == "completed"
-    assert_same_artifacts(run_dir, reference)
+    assert_same_artifacts(run_dir, reference, same_judge=False)
+    # The judge that local.judge started judged every row, best-of-4 included: not self-judged.
+    judge = f"reward model {tiny_reward_model}"
+    assert f"judge {info['judge_url']}" in out
+    for name in ("policy0.evaluate", "iter1.evaluate", "iter2.evaluate"):
+        metrics = m.stages[name].metrics
+        assert (metrics["judge"], metrics["judge_is_run_ranker"]) == (judge, False), name
+        row = metrics["best_of"]["4"]
+        assert (row["picked_by"], row["judge"], row["self_judged"]) == (
+            "scorer plain_prose",
+            judge,
+            False,
+        ), name
+    report = (run_dir / "report" / "report.md").read_text()
+    assert f"{judge}, a separate ranker service" in report
+    best_of_rows = [line for line in report.splitlines() if line.startswith("| 2 | 4 |")]
+    assert len(best_of_rows) == 1 and best_of_rows[0].endswith("| no |"), report
     # The private Redis's password lives only in the 0600 secrets file.
     secrets_file = run_dir / "local" / "secrets.json"
     assert secrets_file.stat().st_mode & 0o777 == 0o600

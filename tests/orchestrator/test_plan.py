@@ -173,6 +173,19 @@ def test_time_shared_recipe_uses_every_gpu_in_every_phase_and_beats_dedicated() 
     assert shared.phases[1].seconds == pytest.approx(400_000 / (185 * 8))
     # The generator's reservation leaves the ranker its largest batch on the shared GPUs.
     assert 0.5 < shared.generator_memory_utilization < 0.9
+    # The recipe's judge (evaluation.judge) is a second resident ranker: counted in every phase,
+    # it lowers the generator's share; a run without one does not count it.
+    judge = "judge resident (weights + CUDA context)"
+    assert all(p.parts[judge] > 0 for p in shared.phases)
+    unjudged_cfg = cfg.model_copy(
+        update={"evaluation": cfg.evaluation.model_copy(update={"judge": None})}
+    )
+    unjudged = plan_phases(unjudged_cfg, memory)
+    assert not any(judge in p.parts for p in unjudged.phases)
+    gained = unjudged.generator_memory_utilization - shared.generator_memory_utilization
+    assert gained * 80 * GIB == pytest.approx(shared.phases[0].parts[judge])
+    # The compose and k8s generators' 0.75 still leaves room for both.
+    assert shared.generator_memory_utilization >= 0.75
 
     dedicated = plan_phases(cfg, memory, placement="dedicated")
     assert dedicated.phases[0].gpus == [0] and dedicated.phases[2].gpus == list(range(1, 8))

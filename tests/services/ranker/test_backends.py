@@ -71,18 +71,9 @@ def check_routes_agree(url: str, expected: list[list[float]], backend: str) -> N
 
 
 @pytest.fixture(scope="module")
-def reward_model_dir(
-    tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """A tiny Llama reward model: `AutoModelForSequenceClassification` with one label."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny-reward-model")
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=1)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(out)
-    return out
+def reward_model_dir(tiny_reward_model: Path) -> Path:
+    """The session's tiny Llama reward model (`pairloop_local.tiny_models`)."""
+    return tiny_reward_model
 
 
 @pytest.fixture(scope="module")
