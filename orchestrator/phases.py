@@ -185,8 +185,8 @@ def plan_phases(
         "ranker resident (weights + CUDA context)": ranker["weights (fp32)"] + CUDA_CONTEXT_BYTES
     }
     # The evaluations' judge (`evaluation.judge`) is a second resident ranker process beside the
-    # first. Counted as PairRM's size: the shipped judge is a DeBERTa-v3-large reward model, the
-    # same network as PairRM's (a larger judge needs its own figures).
+    # first, counted at the ranker's resident size: the shipped judge (a 0.6B reward model, ~1.2
+    # GB in bf16) is smaller than PairRM in float32 (a larger judge needs its own figures).
     judge_resident = (
         {"judge resident (weights + CUDA context)": sum(ranker_resident.values())}
         if cfg.evaluation.enabled and cfg.evaluation.judge

@@ -1,6 +1,6 @@
 """Reward-model backend: any `AutoModelForSequenceClassification` with one label scores a response.
 
-    python -m services.ranker --backend reward-model --model OpenAssistant/reward-model-deberta-v3-large-v2
+    python -m services.ranker --backend reward-model --model Skywork/Skywork-Reward-V2-Qwen3-0.6B
 
 Each (prompt, candidate) becomes one sequence: the tokenizer's chat template over a user and an
 assistant turn (modern reward models) or, without a template, the text pair (prompt, candidate)
