@@ -19,6 +19,7 @@ import pytest
 
 from orchestrator.config import load_run_config
 from pairloop_local.tiny_models import ALL_BUILT_MARKER
+from services.ranker.settings import RankerSettings
 
 from .helpers import (
     REPO,
@@ -605,10 +606,17 @@ def test_time_shared_gpu_stack_gives_every_phase_all_8_gpus() -> None:
     assert set(generator["CUDA_VISIBLE_DEVICES"].split(",")) == eight
     assert set(trainer["CUDA_VISIBLE_DEVICES"].split(",")) == eight
     assert int(generator["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"]) == 8
-    # The ranker stays resident on a GPU the generator uses: vLLM must leave it room.
+    # The ranker keeps a replica resident on every GPU the generator uses: vLLM must leave it
+    # room, and the ranking phase uses all 8.
     ranker = service_env(services["ranker"])
-    assert set(ranker["CUDA_VISIBLE_DEVICES"].split(",")) <= eight
+    assert set(ranker["CUDA_VISIBLE_DEVICES"].split(",")) == eight
+    assert ranker["PAIRLOOP_RANKER_DEVICES"] == "cuda:all"
+    assert "PAIRLOOP_RANKER_DEVICE" not in ranker
+    settings = RankerSettings(devices=ranker["PAIRLOOP_RANKER_DEVICES"])
+    assert settings.replica_devices(cuda_count=len(eight)) == [f"cuda:{i}" for i in range(8)]
     assert float(generator["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]) <= 0.79
-    # The CPU demo runs one engine.
-    cpu = service_env(compose_model(*CPU)["services"]["generator"])
+    # The CPU demo runs one engine and one ranker replica.
+    cpu_services = compose_model(*CPU)["services"]
+    cpu = service_env(cpu_services["generator"])
     assert cpu["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"] == "1"
+    assert service_env(cpu_services["ranker"])["PAIRLOOP_RANKER_DEVICES"] == "cpu"
