@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -39,12 +38,11 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench import write_result
 from bench.ranker_throughput import make_inputs
 from orchestrator.stages.rank import REQUESTS_PER_REPLICA
 from pairloop_local.processes import ManagedProcess, free_port
 from pairloop_local.tiny_ranker import PAIRRM_PRESETS, build_tiny_pairrm
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -206,10 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "requests_per_replica": requests,
         "comparisons_per_replica": comparisons,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"ranker_replicas{'_' + args.tag if args.tag else ''}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result('ranker_replicas', args.tag, result)}")
     return 0
 
 
