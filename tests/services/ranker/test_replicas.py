@@ -111,3 +111,78 @@ def test_devices_cuda_all_without_a_gpu_exits_at_startup_with_the_reason(pairrm_
     )
     assert proc.returncode == 1, proc.stderr
     assert "--devices cuda:all: this process sees no CUDA device" in proc.stderr
+
+
+# A backend through the documented `--backend package.module:build` extension point, whose
+# replica 1 finishes starting only when the test opens its gate.
+_GATED_BACKEND = """
+import asyncio
+
+from pairloop.contracts.ranker import Truncation
+from services.ranker.rankers.base import PointwiseRanker
+
+GATE = asyncio.Event()
+
+
+class Gated(PointwiseRanker):
+    backend = "gated"
+
+    def __init__(self, replica):
+        self.replica, self.started = replica, False
+
+    async def start(self):
+        if self.replica == "1":
+            await GATE.wait()
+        self.started = True
+
+    @property
+    def ready(self):
+        return self.started
+
+    async def score_items(self, prompts, candidates, *, request):
+        return [([float(len(c)) for c in cs], Truncation(candidates=[False] * len(cs)))
+                for cs in candidates]
+
+
+def build(settings, metrics):
+    return Gated(metrics.labels["replica"])
+"""
+
+
+async def test_ready_is_503_until_every_replica_has_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from services.ranker.app import create_app
+
+    (tmp_path / "gated_replica_backend.py").write_text(_GATED_BACKEND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    backend = importlib.import_module("gated_replica_backend")
+    settings = RankerSettings(backend="gated_replica_backend:build", model="x", devices="cpu,cpu")
+    app = create_app(settings)
+    service = app.state.service
+    loading = asyncio.create_task(service.load())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://ranker") as client:
+        async with asyncio.timeout(10):
+            while service.loading_state != "1 of 2 replicas ready (cpu, cpu)":
+                await asyncio.sleep(0.01)
+        r = await client.get("/ready")
+        assert r.status_code == 503
+        assert "1 of 2 replicas ready (cpu, cpu)" in r.json()["error"]["message"]
+        busy = await client.post(
+            "/v1/rank", json={"items": [{"prompt": "p", "candidates": ["a", "bb"]}]}
+        )
+        assert busy.status_code == 503  # no request reaches a half-loaded pool
+
+        backend.GATE.set()
+        await asyncio.wait_for(loading, 10)
+        r = await client.get("/ready")
+        assert r.status_code == 200 and r.json()["replicas"] == 2, r.text
+        ranked = await client.post(
+            "/v1/rank", json={"items": [{"prompt": "p", "candidates": ["a", "bb"]}]}
+        )
+        assert ranked.status_code == 200 and ranked.json()["results"][0]["best_index"] == 1
+    await service.close()
+    sys.modules.pop("gated_replica_backend", None)
