@@ -16,6 +16,7 @@ CPU_BENCHMARKS = (
     "generator_swap",
     "generator_throughput",
     "ranker_throughput",
+    "ranker_replicas",
     "trainer_dpo",
     "trainer_memory",
     "orchestrator_overhead",

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import platform
@@ -39,10 +38,10 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench import write_result
 from pairloop_local.processes import ManagedProcess, free_port
 from pairloop_local.tiny_ranker import PAIRRM_PRESETS, build_tiny_pairrm
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROJECT_PROMPTS = 20_000
 
 _VOCABULARY = (
@@ -323,9 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "full": full,
         "bubble": bubble,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"ranker_throughput{'_' + args.tag if args.tag else ''}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result("ranker_throughput", args.tag, result)
     print(f"service padding share {padding:.1%}; wrote {out}")
     return 0
 

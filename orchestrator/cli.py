@@ -252,6 +252,12 @@ def _print_phases(phases: PhasePlan) -> None:
         )
     for phase, idle in phases.idle_gpus.items():
         console.print(f"idle during {phase}: GPUs {', '.join(map(str, idle))}")
+    ranker = phases.ranker_json()
+    console.print(
+        f"ranker: one PairRM replica on each of GPUs {', '.join(map(str, ranker['gpus']))} "
+        f"({ranker['replicas']} replicas, {ranker['devices_setting']}), "
+        f"{ranker['requests_in_flight']} ranking requests in flight"
+    )
     judge = any(part.startswith("judge") for p in phases.phases for part in p.parts)
     console.print(
         f"generator: gpu_memory_utilization at most {phases.generator_memory_utilization:.2f} "

@@ -228,7 +228,12 @@ class ServicesConfig(_Strict):
     )
     ranker_url: str = "http://127.0.0.1:8001"
     redis_url: str | None = Field(None, description="Celery broker; default PAIRLOOP_REDIS_URL")
-    concurrency: int = Field(4, ge=1, description="generation/ranking calls in flight at once")
+    concurrency: int = Field(
+        4,
+        ge=1,
+        description="generation/ranking calls in flight at once (ranking: at least 2 per ranker "
+        "replica, as its /ready reports them)",
+    )
     request_timeout_s: float = Field(1800.0, gt=0)
     retries: int = Field(5, ge=0, description="retries on connection errors and 5xx (never on 4xx)")
     train_timeout_s: float = Field(7 * 24 * 3600.0, gt=0)

@@ -61,6 +61,8 @@ class RunContext:
     judge_client: RankerClient | None = None  # evaluation.judge; None: the run's ranker judges
     # "PairRM llm-blender/PairRM" per ranker address, from its /ready (addresses change per start).
     ranker_labels: dict[str, str] = field(default_factory=dict)
+    # Model replicas behind the run's ranker address (its /ready `replicas`; 1 if not reported).
+    ranker_replicas: int = 1
     # Set when the run is being interrupted: threads that wait on services (training) stop.
     stopping: threading.Event = field(default_factory=threading.Event)
     _rr: itertools.cycle[GeneratorClient] = field(init=False, repr=False)

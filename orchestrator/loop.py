@@ -109,6 +109,8 @@ async def _preflight(ctx: RunContext) -> None:
     for ranker in [ctx.ranker, *([ctx.judge_client] if ctx.judge_client else [])]:
         ready = (await ranker.request("GET", "/ready")).json()
         ctx.ranker_labels[ranker.base_url] = ranker_label(ready)
+        if ranker is ctx.ranker:
+            ctx.ranker_replicas = ranker_replicas(ready)
     await check_generators(ctx.cfg, ctx.generators)  # the context and dtype admission assumed
     await asyncio.to_thread(
         ctx.trainer.ping_broker, should_stop=ctx.stopping.is_set
@@ -124,6 +126,12 @@ def ranker_label(ready: object) -> str:
     if backend == "scorer":
         model = model.rsplit(":", 1)[-1]  # package.module:function -> the function's name
     return f"{kind} {model}".strip()
+
+
+def ranker_replicas(ready: object) -> int:
+    """How many model replicas a ranker's /ready reply reports (1 when it does not say)."""
+    count = ready.get("replicas") if isinstance(ready, dict) else None
+    return count if isinstance(count, int) and count >= 1 else 1
 
 
 def _interrupted(exc: BaseException) -> bool:

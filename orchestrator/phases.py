@@ -6,13 +6,15 @@ An iteration runs its phases one after the other (the loop is sequential): gener
 training, evaluation. Where they run is the run config's `placement`:
 
 - time_shared (the recipe, one node): every phase uses every GPU. The generator runs one
-  data-parallel vLLM engine per GPU; the ranker (PairRM, ~1.7 GB) stays resident on every GPU;
+  data-parallel vLLM engine per GPU; the ranker, one process, keeps a PairRM replica (~1.7 GB)
+  resident on every GPU (`PAIRLOOP_RANKER_DEVICES=cuda:all`) and the orchestrator keeps two
+  ranking requests per replica in flight (`orchestrator.stages.rank`);
   before training the generator releases its memory (vLLM sleep level 2 keeps only its CUDA
   context), the trainer's ranks take all GPUs, and the generator wakes onto the new policy.
   Generation shares each GPU with the resident ranker, so the generator's
   `gpu_memory_utilization` must leave the ranker its largest batch: the plan says how much.
 - dedicated: generation and ranking on `generation_gpus` GPUs (default 1: compose's CPU/dev
-  layout), training on the rest; the GPUs of the idle side wait.
+  layout; a ranker replica on each), training on the rest; the GPUs of the idle side wait.
 
 Wall time comes from throughput assumptions per GPU (`Throughput`; every figure is a CLI flag
 of `pairloop plan`), measured or published for the recipe's 7B model on one H100-class GPU and
@@ -31,6 +33,7 @@ from typing import Any, Literal
 
 from orchestrator.config import RunConfig
 from orchestrator.plan import GIB, HEADROOM, Plan, ranker_memory
+from orchestrator.stages.rank import REQUESTS_PER_REPLICA
 
 __all__ = [
     "GENERATOR_ASLEEP_BYTES",
@@ -121,6 +124,17 @@ class PhasePlan:
     throughput: Throughput
     generator_memory_utilization: float  # the most vLLM may take so the rest still fits
     idle_gpus: dict[str, list[int]] = field(default_factory=dict)
+    ranker_gpus: list[int] = field(default_factory=list)  # one PairRM replica on each
+
+    def ranker_json(self) -> dict[str, Any]:
+        """How the ranker serves the ranking phase: a replica per GPU, in one process."""
+        return {
+            "replicas": len(self.ranker_gpus),
+            "gpus": self.ranker_gpus,
+            # The container (compose device_ids, a pod's GPU limit) sees exactly these GPUs.
+            "devices_setting": "PAIRLOOP_RANKER_DEVICES=cuda:all",
+            "requests_in_flight": REQUESTS_PER_REPLICA * len(self.ranker_gpus),
+        }
 
     @property
     def seconds_per_iteration(self) -> float:
@@ -150,6 +164,7 @@ class PhasePlan:
             "total_hours": round(self.total_seconds / 3600, 2),
             "generator_gpu_memory_utilization_max": round(self.generator_memory_utilization, 3),
             "idle_gpus": self.idle_gpus,
+            "ranker": self.ranker_json(),
             "assumptions": asdict(self.throughput),
         }
 
@@ -254,7 +269,9 @@ def plan_phases(
             budget,
             passes / (tp.ranking_passes_per_s * len(rank_gpus)),
             f"{passes:,} PairRM passes ({cfg.ranker.mode} mode)",
-            note="ranker batches spread over every GPU; the generator stays loaded, idle",
+            note=f"one PairRM replica per GPU in one ranker process (--devices cuda:all), "
+            f"{REQUESTS_PER_REPLICA * len(rank_gpus)} requests in flight; the generator stays "
+            "loaded, idle",
         ),
         PhaseEstimate(
             "training",
@@ -290,6 +307,7 @@ def plan_phases(
         throughput=tp,
         generator_memory_utilization=vllm_max,
         idle_gpus=idle,
+        ranker_gpus=rank_gpus,
     )
 
 

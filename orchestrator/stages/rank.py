@@ -15,7 +15,18 @@ from orchestrator.records import GenerationRecord, RankedRecord
 from orchestrator.shards import ShardStore, chunk
 from pairloop.contracts.ranker import RankItem, RankRequest, RankResult
 
-__all__ = ["rank_shards", "run", "shard_count"]
+__all__ = ["rank_concurrency", "rank_shards", "run", "shard_count"]
+
+# Requests in flight per ranker replica: one running, one queued behind it, so that a replica
+# tokenizes and batches its next request while its current one runs and never waits for the
+# orchestrator's round trip.
+REQUESTS_PER_REPLICA = 2
+
+
+def rank_concurrency(concurrency: int, replicas: int) -> int:
+    """Ranking shards in flight at once (each sends its /v1/rank calls one after the other):
+    `services.concurrency`, raised to keep every replica of the ranker busy."""
+    return max(concurrency, REQUESTS_PER_REPLICA * replicas)
 
 
 async def _rank_records(ctx: RunContext, records: list[GenerationRecord]) -> list[RankedRecord]:
@@ -76,7 +87,7 @@ async def rank_shards(
     store = ShardStore(out_dir, RankedRecord)
     todo = store.missing(count)
     task = ctx.progress.add_task(description, total=count, completed=count - len(todo))
-    limit = asyncio.Semaphore(ctx.cfg.services.concurrency)
+    limit = asyncio.Semaphore(rank_concurrency(ctx.cfg.services.concurrency, ctx.ranker_replicas))
 
     async def one(index: int) -> None:
         async with limit:

@@ -3,6 +3,7 @@
     python -m services.ranker                                   # llm-blender/PairRM on cpu, :8001
     python -m services.ranker --model /models/tiny-pairrm --port 8102 --batch-wait-ms 5
     python -m services.ranker --device cuda --dtype bfloat16 --batch-size 64
+    python -m services.ranker --devices cuda:all --dtype bfloat16  # one replica per visible GPU
     python -m services.ranker --backend reward-model --model Skywork/Skywork-Reward-V2-Qwen3-0.6B
     python -m services.ranker --backend scorer --model services.ranker.score_functions:concise_and_on_topic
     python -m services.ranker --help                            # every flag (also PAIRLOOP_RANKER_*)

@@ -99,6 +99,7 @@ class MicroBatcher(Generic[J, R]):
     ) -> None:
         self._run_batch = run_batch
         self._metrics = metrics
+        metrics.declare_replica()
         self.budget = budget
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -159,7 +160,7 @@ class MicroBatcher(Generic[J, R]):
             window = await self._gather_window()
             max_bytes = self.budget.bytes() if self.budget is not None else None
             if max_bytes is not None:
-                self._metrics.batch_budget_bytes.set(max_bytes)
+                self._metrics.batch_budget_bytes.labels(**self._metrics.labels).set(max_bytes)
             plan = plan_batches(
                 [p.length for p in window],
                 max_rows=self.max_batch_size,
@@ -185,7 +186,9 @@ class MicroBatcher(Generic[J, R]):
                         if not p.future.done():
                             p.future.set_exception(error)
                     continue
-                self._metrics.forward_seconds.observe(time.perf_counter() - started)
+                self._metrics.forward_seconds.labels(**self._metrics.labels).observe(
+                    time.perf_counter() - started
+                )
                 for p, result in zip(batch, results, strict=True):
                     if p.future.done():
                         continue
@@ -219,7 +222,7 @@ class MicroBatcher(Generic[J, R]):
                 self.budget.note_fit()  # enough of these lift an out-of-memory's limit again
             return results
         # Outside the except block: its traceback would keep the failed pass's tensors alive.
-        self._metrics.oom_splits.inc()
+        self._metrics.oom_splits.labels(**self._metrics.labels).inc()
         if self.budget is not None:
             self.budget.note_out_of_memory(len(jobs), longest)
         _release_cached_memory()
@@ -229,12 +232,12 @@ class MicroBatcher(Generic[J, R]):
     def _observe(self, batch: list[_Pending[J, R]]) -> None:
         longest = max(p.length for p in batch)
         real = sum(p.length for p in batch)
-        m = self._metrics
-        m.batch_size.observe(len(batch))
-        m.batch_requests.observe(len({p.request for p in batch}))
-        m.comparisons.inc(len(batch))
-        m.batch_tokens.labels(kind="real").inc(real)
-        m.batch_tokens.labels(kind="padding").inc(longest * len(batch) - real)
+        m, labels = self._metrics, self._metrics.labels
+        m.batch_size.labels(**labels).observe(len(batch))
+        m.batch_requests.labels(**labels).observe(len({p.request for p in batch}))
+        m.comparisons.labels(**labels).inc(len(batch))
+        m.batch_tokens.labels(kind="real", **labels).inc(real)
+        m.batch_tokens.labels(kind="padding", **labels).inc(longest * len(batch) - real)
 
 
 @dataclass(frozen=True)

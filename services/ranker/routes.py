@@ -59,13 +59,14 @@ async def health(service: ServiceDep) -> dict[str, str | int | None]:
 
 @health_router.get("/ready", responses=error_responses(503))
 async def ready(service: ServiceDep) -> Any:
-    """200 once the model has loaded and run; 503 (with the reason) before, or if it failed."""
+    """200 once every replica has loaded and run (the body lists them); 503 (with the reason)
+    before, or if one failed."""
     if not service.ready:
         # Answered, not raised: probes poll this, and "not ready yet" is not an error to log.
         reason = (
             f"the ranker failed to load: {service.error}"
             if service.error is not None
-            else "the ranker is loading its model"
+            else f"the ranker is loading its model: {service.loading_state}"
         )
         return error_json(503, reason, error_type="service_unavailable")
     return {"status": "ready", **service.describe()}

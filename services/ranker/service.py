@@ -1,8 +1,11 @@
 """The ranking service object behind the routes: loading, caps, request ids and metrics.
 
+It holds one backend replica per device (`--devices`; one with `--device`) and leases each request
+to the least-loaded one (services.ranker.replicas).
+
 Routes stay thin: they validate the body (the contract models do that), then call one method here.
 The backend is loaded in the background at startup so that `/health` answers at once and `/ready`
-says 503 until the model has run a first forward pass; if loading fails, `/ready` reports why and
+says 503 until every replica has run a first forward pass; if loading fails, `/ready` reports why and
 `on_fatal` stops the server (a process that can never serve should exit, not idle).
 """
 
@@ -27,8 +30,7 @@ from pairloop.contracts.ranker import (
 )
 from pairloop.errors import ServiceUnavailableError, ValidationError
 from services.ranker.metrics import RankerMetrics
-from services.ranker.rankers import build_ranker
-from services.ranker.rankers.base import Ranker
+from services.ranker.replicas import ReplicaPool, load_replicas, resolve_devices
 from services.ranker.settings import RankerSettings
 
 __all__ = ["RankingService"]
@@ -37,45 +39,56 @@ log = logging.getLogger(__name__)
 
 
 class RankingService:
-    """Owns the backend for the app's lifetime and answers the three ranking routes."""
+    """Owns the backend replicas for the app's lifetime and answers the three ranking routes."""
 
     def __init__(self, settings: RankerSettings, metrics: RankerMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.ranker: Ranker | None = None
+        self.pool: ReplicaPool | None = None
         self.error: str | None = None
+        self.devices: list[str] = settings.replica_devices()  # cuda:all resolved by load()
+        self._loaded: set[int] = set()
         self._request_ids = itertools.count(1)
 
     async def load(self, on_fatal: Callable[[], None] | None = None) -> None:
         s = self.settings
         started = time.perf_counter()
         try:
-            ranker = await asyncio.to_thread(build_ranker, s, self.metrics)
-            await ranker.start()
+            self.devices = await asyncio.to_thread(resolve_devices, s)
+            replicas = await load_replicas(s, self.metrics, self.devices, self._loaded.add)
         except Exception as exc:  # any failure here is fatal, and must be reported as such
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("could not load %s backend from %r: %s", s.backend, s.model, self.error)
             if on_fatal is not None:
                 on_fatal()
             return
-        self.ranker = ranker
+        self.pool = ReplicaPool(replicas, self.metrics)
         log.info(
             "ready: %s backend, model %r on %s (%s) in %.1fs",
             s.backend,
             s.model,
-            s.device,
+            ", ".join(self.devices),
             s.dtype,
             time.perf_counter() - started,
         )
 
     async def close(self) -> None:
-        if self.ranker is not None:
-            ranker, self.ranker = self.ranker, None
-            await ranker.close()
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            await pool.close()
 
     @property
     def ready(self) -> bool:
-        return self.ranker is not None and self.ranker.ready
+        """Every replica has loaded and run once: one that cannot is an error, not a degraded
+        service (a missing GPU would otherwise go unnoticed until ranking is slow)."""
+        return self.pool is not None and self.pool.ready
+
+    @property
+    def loading_state(self) -> str:
+        """Which replicas are ready while loading: `1 of 2 replicas ready (cuda:0, cuda:1)`."""
+        return (
+            f"{len(self._loaded)} of {len(self.devices)} replicas ready ({', '.join(self.devices)})"
+        )
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
@@ -84,11 +97,14 @@ class RankingService:
             "model": s.model,
             "max_items": s.max_items,
             "max_candidates": s.max_candidates,
+            "replicas": len(self.devices),
+            "devices": self.devices,
+            "replica_load": self.pool.describe() if self.pool is not None else [],
         }
 
-    def _ranker(self) -> Ranker:
-        if self.ranker is not None and self.ranker.ready:
-            return self.ranker
+    def _pool(self) -> ReplicaPool:
+        if self.pool is not None and self.pool.ready:
+            return self.pool
         if self.error is not None:
             raise ServiceUnavailableError(f"the ranker failed to load: {self.error}")
         raise ServiceUnavailableError("the ranker is loading its model; retry when /ready is 200")
@@ -118,13 +134,14 @@ class RankingService:
         if candidates:
             self.metrics.truncations.labels(part="candidate").inc(candidates)
 
-    def _prepare(self, items: Sequence[RankItem]) -> tuple[Ranker, int]:
+    def _prepare(self, items: Sequence[RankItem]) -> tuple[ReplicaPool, int]:
         self._check_caps(len(items), [len(i.candidates) for i in items])
-        return self._ranker(), next(self._request_ids)
+        return self._pool(), next(self._request_ids)
 
     async def rank(self, body: RankRequest) -> RankResponse:
-        ranker, request = self._prepare(body.items)
-        results = await ranker.rank(body.items, mode=body.mode, request=request)
+        pool, request = self._prepare(body.items)
+        with pool.lease() as ranker:
+            results = await ranker.rank(body.items, mode=body.mode, request=request)
         self._count("rank", len(body.items), [r.truncated for r in results])
         return RankResponse(
             model=ranker.model, backend=ranker.backend, mode=body.mode, results=results
@@ -132,14 +149,18 @@ class RankingService:
 
     async def compare(self, body: CompareRequest) -> CompareResponse:
         self._check_caps(len(body.items))
-        ranker, request = self._ranker(), next(self._request_ids)
-        results = await ranker.compare(body.items, request=request)
+        pool, request = self._pool(), next(self._request_ids)
+        with pool.lease() as ranker:
+            results = await ranker.compare(body.items, request=request)
         self._count("compare", len(body.items), [r.truncated for r in results])
         return CompareResponse(model=ranker.model, backend=ranker.backend, results=results)
 
     async def select(self, body: SelectRequest) -> SelectResponse:
-        ranker, request = self._prepare(body.items)
-        results = await ranker.select(body.items, pick=body.pick, mode=body.mode, request=request)
+        pool, request = self._prepare(body.items)
+        with pool.lease() as ranker:
+            results = await ranker.select(
+                body.items, pick=body.pick, mode=body.mode, request=request
+            )
         self._count("select", len(body.items), [r.truncated for r in results])
         return SelectResponse(
             model=ranker.model, backend=ranker.backend, pick=body.pick, results=results

@@ -16,11 +16,14 @@ from pydantic_settings import BaseSettings
 
 from pairloop.settings import service_config
 
-__all__ = ["Dtype", "RankerSettings"]
+__all__ = ["ALL_CUDA", "Dtype", "RankerSettings"]
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+# The `devices` value meaning every CUDA device the process sees (CUDA_VISIBLE_DEVICES, or the
+# GPUs Kubernetes/compose gave the container), resolved when the replicas load.
+ALL_CUDA = "cuda:all"
 
 
 class RankerSettings(BaseSettings):
@@ -46,6 +49,14 @@ class RankerSettings(BaseSettings):
     )
     port: int = Field(8001, ge=1, le=65535)
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N or mps")
+    # One model replica per device, each with its own batcher, inference thread and memory
+    # budget; requests go to the least-loaded replica. One process keeps one address and one
+    # /ready for the orchestrator, whatever the node's GPU count.
+    devices: str | None = Field(
+        None,
+        description="one replica per device, comma-separated (cuda:0,cuda:1; cpu,cpu) or "
+        f"{ALL_CUDA} for every visible CUDA device; replaces --device when set",
+    )
     dtype: Dtype = Field(
         "float32", description="weights' dtype; bfloat16 halves memory and time on GPUs"
     )
@@ -108,6 +119,30 @@ class RankerSettings(BaseSettings):
             raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {v!r}")
         return v
 
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        names = [d.strip() for d in v.split(",")]
+        if names == [ALL_CUDA]:
+            return ALL_CUDA
+        bad = [d for d in names if not _DEVICE.match(d)]
+        if bad:
+            raise ValueError(
+                f"devices must be a comma-separated list of cpu, cuda, cuda:N or mps, or "
+                f"{ALL_CUDA}; {', '.join(repr(d) for d in bad)} is not a device"
+            )
+        accelerators = [d for d in names if d != "cpu"]  # cpu,cpu: two replicas on the host
+        if len(set(accelerators)) != len(accelerators) or (
+            "cuda" in accelerators and any(d.startswith("cuda:") for d in accelerators)
+        ):
+            raise ValueError(
+                f"devices {v!r} names one accelerator twice: one replica per GPU (each plans "
+                "its passes within that GPU's free memory)"
+            )
+        return ",".join(names)
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -117,6 +152,18 @@ class RankerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> RankerSettings:
-        if self.dtype == "float16" and self.device == "cpu":
+        if self.devices is not None and "device" in self.model_fields_set:
+            raise ValueError("set --device (one replica) or --devices (one per device), not both")
+        if self.dtype == "float16" and "cpu" in self.replica_devices():
             raise ValueError("float16 is not supported on cpu; use float32 or bfloat16")
         return self
+
+    def replica_devices(self, cuda_count: int | None = None) -> list[str]:
+        """The device of each replica: `devices` split, or the one `device`. `cuda:all` becomes
+        cuda:0..cuda:N-1 given `cuda_count` (the replicas' loader reads it from torch), and stays
+        as is without it."""
+        if self.devices is None:
+            return [self.device]
+        if self.devices == ALL_CUDA and cuda_count is not None:
+            return [f"cuda:{i}" for i in range(cuda_count)]
+        return self.devices.split(",")

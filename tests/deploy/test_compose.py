@@ -19,6 +19,7 @@ import pytest
 
 from orchestrator.config import DEFAULT_JUDGE_MODEL, load_run_config
 from pairloop_local.tiny_models import ALL_BUILT_MARKER
+from services.ranker.settings import RankerSettings
 
 from .helpers import (
     REPO,
@@ -612,14 +613,21 @@ def test_time_shared_gpu_stack_gives_every_phase_all_8_gpus() -> None:
     assert set(generator["CUDA_VISIBLE_DEVICES"].split(",")) == eight
     assert set(trainer["CUDA_VISIBLE_DEVICES"].split(",")) == eight
     assert int(generator["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"]) == 8
-    # The ranker stays resident on a GPU the generator uses: vLLM must leave it room.
+    # The ranker keeps a replica resident on every GPU the generator uses: vLLM must leave it
+    # room, and the ranking phase uses all 8.
     ranker = service_env(services["ranker"])
-    assert set(ranker["CUDA_VISIBLE_DEVICES"].split(",")) <= eight
+    assert set(ranker["CUDA_VISIBLE_DEVICES"].split(",")) == eight
+    assert ranker["PAIRLOOP_RANKER_DEVICES"] == "cuda:all"
+    assert "PAIRLOOP_RANKER_DEVICE" not in ranker
+    settings = RankerSettings(devices=ranker["PAIRLOOP_RANKER_DEVICES"])
+    assert settings.replica_devices(cuda_count=len(eight)) == [f"cuda:{i}" for i in range(8)]
     # `pairloop plan` of the recipe (ranker batch and judge resident): at most 0.76.
     assert float(generator["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]) <= 0.76
-    # The CPU demo runs one engine.
-    cpu = service_env(compose_model(*CPU)["services"]["generator"])
+    # The CPU demo runs one engine and one ranker replica.
+    cpu_services = compose_model(*CPU)["services"]
+    cpu = service_env(cpu_services["generator"])
     assert cpu["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"] == "1"
+    assert service_env(cpu_services["ranker"])["PAIRLOOP_RANKER_DEVICES"] == "cpu"
 
 
 def test_the_gpu_stack_judges_with_a_reward_model_beside_the_ranker() -> None:
@@ -632,7 +640,10 @@ def test_the_gpu_stack_judges_with_a_reward_model_beside_the_ranker() -> None:
     env, ranker_env = service_env(judge), service_env(ranker)
     assert env["PAIRLOOP_RANKER_BACKEND"] == "reward-model"
     assert env["PAIRLOOP_RANKER_MODEL"] == DEFAULT_JUDGE_MODEL != ranker_env["PAIRLOOP_RANKER_MODEL"]
-    assert env["CUDA_VISIBLE_DEVICES"] == ranker_env["CUDA_VISIBLE_DEVICES"]
+    # On one of the ranker's GPUs (resident beside a replica): one judge replica is plenty.
+    assert set(env["CUDA_VISIBLE_DEVICES"].split(",")) <= set(
+        ranker_env["CUDA_VISIBLE_DEVICES"].split(",")
+    )
     # The judge reads every evaluation answer whole: its candidate limit holds the longest one.
     recipe = _run_config(services).evaluation
     assert int(env["PAIRLOOP_RANKER_CANDIDATE_MAX_LENGTH"]) >= recipe.max_tokens

@@ -451,6 +451,9 @@ def test_time_shared_gpu_overlay_fits_one_8_gpu_node() -> None:
     assert env["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"]["value"] == "8"
     # `pairloop plan` of the recipe (ranker batch and judge resident): at most 0.76.
     assert float(env["PAIRLOOP_GENERATOR_GPU_MEMORY_UTILIZATION"]["value"]) <= 0.76
+    # Ranking uses every GPU too: one PairRM replica per GPU the ranker sees (all 8).
+    ranker = container_env(pod_spec(find(docs, "Deployment", "ranker")[0])["containers"][0])
+    assert ranker["PAIRLOOP_RANKER_DEVICES"]["value"] == "cuda:all"
     for name in ("generator", "ranker", "judge"):
         spec = pod_spec(find(docs, "Deployment", name)[0])
         assert container_env(spec["containers"][0])["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
@@ -488,6 +491,10 @@ def test_gpu_split_overlay_fits_a_generation_node_and_a_training_node() -> None:
     assert held["judge"] == 1  # a GPU is one container's here: the judge has its own
     gen = container_env(pod_spec(find(docs, "Deployment", "generator")[0])["containers"][0])
     assert int(gen["PAIRLOOP_GENERATOR_DATA_PARALLEL_SIZE"]["value"]) == held["generator"]
+    # The generation node's GPUs not generating are the ranker's, a replica on each of them.
+    ranker = container_env(pod_spec(find(docs, "Deployment", "ranker")[0])["containers"][0])
+    assert ranker["PAIRLOOP_RANKER_DEVICES"]["value"] == "cuda:all"
+    assert held["generator"] + held["ranker"] + held["judge"] == 8 and held["ranker"] > 1, held
     cfg = _run_config(docs)
     assert cfg.placement == "dedicated"
     recipe = load_run_config(REPO / "configs" / "snorkel-mistral-pairrm.yaml")

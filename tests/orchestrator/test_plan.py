@@ -336,3 +336,30 @@ def test_cli_plan_json_carries_host_and_disk_and_host_memory_refuses(
     captured = capsys.readouterr()
     assert "host memory" in captured.err and "rank 0" in captured.err
     assert json.loads(captured.out)["fits"] is False
+
+
+def test_plan_ranking_phase_has_one_ranker_replica_per_gpu(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["plan", str(RECIPE), "--gpus", "8", "--gpu-memory", "80"]
+    assert main([*args, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    ranking = {p["phase"]: p for p in plan["phases"]}["ranking"]
+    assert plan["ranker"] == {
+        "replicas": 8,
+        "gpus": ranking["gpus"],
+        "devices_setting": "PAIRLOOP_RANKER_DEVICES=cuda:all",
+        "requests_in_flight": 16,
+    }
+    assert ranking["gpus"] == list(range(8)) and "one PairRM replica per GPU" in ranking["note"]
+    assert main(args) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "one PairRM replica on each of GPUs 0, 1, 2, 3, 4, 5, 6, 7 (8 replicas" in text
+    # Dedicated placement: the ranker's replicas are on the generation GPUs only.
+    cfg = load_run_config(RECIPE)
+    from orchestrator.phases import plan_phases
+
+    dedicated = plan_phases(
+        cfg, plan_run(cfg, gpus=8, gpu_memory_gib=80), placement="dedicated", generation_gpus=2
+    )
+    assert dedicated.ranker_json()["replicas"] == 2 and dedicated.ranker_json()["gpus"] == [0, 1]

@@ -58,7 +58,9 @@ class ScorerRanker(PointwiseRanker):
         self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *, request: int
     ) -> list[tuple[list[float], Truncation]]:
         scored = await asyncio.to_thread(self._score_all, prompts, candidates)
-        self._metrics.comparisons.inc(sum(len(c) for c in candidates))
+        self._metrics.comparisons.labels(**self._metrics.labels).inc(
+            sum(len(c) for c in candidates)
+        )
         return [(s, Truncation(candidates=[False] * len(s))) for s in scored]
 
 
