@@ -34,6 +34,7 @@ __all__ = [
     "TrainJob",
     "TrainProgress",
     "TrainResult",
+    "describe_world",
 ]
 
 # Celery task name: the orchestrator sends by name and never imports the trainer.
@@ -322,6 +323,12 @@ class TrainProgress(BaseModel):
     )
     machines: int = Field(1, ge=1, description="trainer machines training this job")
     world_size: int = Field(1, ge=1, description="training processes over all machines")
+
+
+def describe_world(machines: int, world_size: int) -> str:
+    """How a job trains, for one progress line: "2 machines x 8 ranks"."""
+    per = max(world_size // max(machines, 1), 1)
+    return f"{machines} machine{'s' * (machines != 1)} x {per} rank{'s' * (per != 1)}"
 
 
 class RankReport(BaseModel):
