@@ -25,7 +25,14 @@ from pairloop.jobs import TrainJob, TrainResult
 from services.trainer.runner import run_train_job
 from services.trainer.settings import TrainerSettings
 
-from .helpers import Worker, make_job, start_worker, wait_for_task
+from .helpers import (
+    Worker,
+    make_job,
+    max_diff,
+    published_weights,
+    start_worker,
+    wait_for_task,
+)
 
 MAX_STEPS = 12
 TOLERANCE = 1e-4
@@ -46,18 +53,6 @@ def _job(run_id: str, *, machines: int = 2) -> TrainJob:
         }
     )
     return job.model_copy(update={"hyperparameters": hp})
-
-
-def _weights(result: TrainResult) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(result.checkpoint_path).glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 @dataclass
@@ -159,8 +154,8 @@ def test_fan_out_trains_as_one_world_and_equals_one_machine_with_two_ranks(
         torch.set_num_threads(threads)
     assert one_machine.world_size == 2
     base = load_file(str(model_store / "base" / "model.safetensors"))
-    assert _max_diff(_weights(one_machine), base) > 1e-3  # training moved the weights
-    assert _max_diff(_weights(undisturbed), _weights(one_machine)) <= TOLERANCE
+    assert max_diff(published_weights(one_machine), base) > 1e-3  # training moved the weights
+    assert max_diff(published_weights(undisturbed), published_weights(one_machine)) <= TOLERANCE
 
 
 def test_multi_machine_job_resumes_after_a_machine_is_killed_and_restarted(
@@ -181,7 +176,7 @@ def test_multi_machine_job_resumes_after_a_machine_is_killed_and_restarted(
     assert observed.final.state == "SUCCESS", observed.final.error
     done = observed.final.result
     assert done is not None and done.resumed_from_step >= 4
-    assert _max_diff(_weights(done), _weights(undisturbed)) <= TOLERANCE
+    assert max_diff(published_weights(done), published_weights(undisturbed)) <= TOLERANCE
 
 
 def test_multi_machine_job_fails_in_bounded_time_naming_the_missing_machine(
