@@ -42,6 +42,7 @@ from services.trainer.launcher import (
     run_attempt,
 )
 from services.trainer.process_group import LaunchedGroup, free_port
+from services.trainer.runner import remove_incomplete_checkpoints
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import (
     TrainingOutcome,
@@ -182,6 +183,8 @@ def train_across_machines(
     failures: list[str] = []
     for number in range(1, settings.machine_attempts + 1):
         attempt = renew_attempt(work)
+        if number > 1:  # the failed try may have been killed mid-save
+            remove_incomplete_checkpoints(Path(spec.checkpoints_dir))
         shutil.rmtree(work / MACHINES_DIR, ignore_errors=True)
         (work / MACHINES_DIR).mkdir(parents=True)
         endpoint = f"{settings.advertise_address}:{settings.rendezvous_port or free_port()}"

@@ -47,7 +47,7 @@ from services.trainer.spec import (
     prepare_dataset,
 )
 
-__all__ = ["JobPaths", "resolve_job_paths", "run_train_job"]
+__all__ = ["JobPaths", "remove_incomplete_checkpoints", "resolve_job_paths", "run_train_job"]
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,13 @@ def _prepare_work_dir(paths: JobPaths, job: TrainJob) -> None:
         log.warning("job %s was resubmitted with other settings: starting from step 0", job.job_id)
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
     stamp.write_text(job.fingerprint() + "\n")
-    if paths.checkpoints.is_dir():
-        for ckpt in paths.checkpoints.glob("checkpoint-*"):
+    remove_incomplete_checkpoints(paths.checkpoints)
+
+
+def remove_incomplete_checkpoints(checkpoints: Path) -> None:
+    """Drop trainer checkpoints an interrupted save left half-written (no completion marker)."""
+    if checkpoints.is_dir():
+        for ckpt in checkpoints.glob("checkpoint-*"):
             if not (ckpt / COMPLETE_MARKER).is_file():
                 log.warning("removing incomplete trainer checkpoint %s", ckpt)
                 shutil.rmtree(ckpt, ignore_errors=True)
