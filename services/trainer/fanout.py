@@ -128,7 +128,7 @@ class MachineWatch:
                     f"machine {rank} (worker {self.arrived[rank]}) was lost mid-job: its worker "
                     "left before its ranks ended"
                 )
-            elif rank not in self.arrived:
+            elif rank not in self.arrived and not self._done(rank):  # done between two polls
                 missing.append(rank)
         waited = time.monotonic() - self.started
         if missing and waited > self.arrival_timeout:

@@ -187,8 +187,10 @@ def run_attempt(
                 watch()
             time.sleep(_POLL_SECONDS)
         follower.poll()
-        if proc.returncode != 0 and watch is not None:
-            watch()  # a machine lost mid-job may end the ranks here before the watch saw it
+        if proc.returncode != 0 and watch is not None and not (work / ERROR_FILE).is_file():
+            # A machine lost mid-job may end the ranks here before the watch saw it; a training
+            # error (error.json) is the job's own and is not tried again.
+            watch()
     finally:
         proc.stop()
         spec_file.unlink(missing_ok=True)  # an ended attempt leaves no spec to join
