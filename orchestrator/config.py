@@ -373,9 +373,7 @@ class RunConfig(_Strict):
         Where the services run (`services`, `local`, `placement`) is not part of it: a run may
         resume on another stack.
         """
-        payload = self.model_dump(
-            exclude={"services", "local", "placement", "push_to_hub"}, mode="json"
-        )
+        payload = self.model_dump(exclude={"services", "local", "placement", "push_to_hub"}, mode="json")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

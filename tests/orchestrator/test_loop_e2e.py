@@ -135,10 +135,7 @@ def test_three_iterations_end_to_end(stack, reference_run: Path, tmp_path: Path)
     )
     # ... and which loss made the figures: DPO with its reference (the report says so too).
     assert train["loss"] == {"loss_type": "sigmoid", "beta": 0.1}
-    assert (
-        "Training loss: `sigmoid (beta 0.1)`"
-        in (reference_run / "report" / "report.md").read_text()
-    )
+    assert "Training loss: `sigmoid (beta 0.1)`" in (reference_run / "report" / "report.md").read_text()
 
     # Evaluation figures, AlpacaEval outputs and the report exist; the policy moved toward the
     # ranker's preference (the demo's claim).
