@@ -141,11 +141,8 @@ def remove_incomplete_checkpoints(checkpoints: Path) -> None:
 def _machines(job: TrainJob, settings: TrainerSettings) -> int:
     """Machines training `job`: its own `num_machines` (fanned out by the system), else the
     worker's (other machines joined by hand)."""
-    return (
-        job.hyperparameters.num_machines
-        if job.hyperparameters.num_machines > 1
-        else (settings.num_machines)
-    )
+    own = job.hyperparameters.num_machines
+    return own if own > 1 else settings.num_machines
 
 
 def _choose_device(settings: TrainerSettings, machines: int) -> tuple[Literal["cpu", "cuda"], int]:
