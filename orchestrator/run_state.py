@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.manifest import Manifest
+from pairloop.jobs import describe_world
 
 __all__ = [
     "executing",
@@ -98,7 +99,11 @@ def stage_progress(run_dir: Path, stage: str, manifest: Manifest, *, shard_size:
         total = progress.get("total_steps")
         text = f"step {progress['step']}/{total}" if total else f"step {progress['step']}"
         loss = progress.get("loss")
-        return text + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+        text += f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+        machines, world = progress.get("machines"), progress.get("world_size")
+        if isinstance(machines, int) and isinstance(world, int):
+            text += f", {describe_world(machines, world)}"
+        return text
     match = re.fullmatch(r"iter(\d+)\.(generate|rank)", stage)
     if match:
         k, what = match.groups()

@@ -24,6 +24,7 @@ from pairloop.losses import PAIRLOOP_LOSSES, check_loss_types
 
 __all__ = [
     "TRAIN_QUEUE",
+    "TRAIN_RANK_TASK_NAME",
     "TRAIN_TASK_NAME",
     "DPOHyperparameters",
     "JobCrashLoopError",
@@ -33,12 +34,16 @@ __all__ = [
     "TrainJob",
     "TrainProgress",
     "TrainResult",
+    "describe_world",
 ]
 
 # Celery task name: the orchestrator sends by name and never imports the trainer.
 TRAIN_TASK_NAME = "pairloop.train_dpo"
 # The queue trainer workers consume (`celery ... worker -Q`); clients send training jobs there.
 TRAIN_QUEUE = "pairloop.trainer"
+# One machine's share of a multi-machine job (`dpo.num_machines` > 1): the leader, the worker that
+# took the job, sends it to the same queue for every other machine (services/trainer/fanout.py).
+TRAIN_RANK_TASK_NAME = "pairloop.train_dpo_rank"
 
 
 class JobCrashLoopError(ServerError):
@@ -118,6 +123,13 @@ class DPOHyperparameters(BaseModel):
         description="multi-process strategy: ddp or fsdp (FSDP2 full shard); "
         "None: the trainer worker's PAIRLOOP_TRAINER_STRATEGY (default fsdp). One process is "
         "never sharded",
+    )
+    num_machines: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="trainer machines this job trains on, as one world: the worker that takes it "
+        "leads and the system hands every other machine's share to another trainer worker",
     )
     cpu_offload: bool = Field(
         False,
@@ -309,6 +321,14 @@ class TrainProgress(BaseModel):
     checkpoint_step: int = Field(
         0, description="step of the last complete trainer checkpoint: where a crash resumes from"
     )
+    machines: int = Field(1, ge=1, description="trainer machines training this job")
+    world_size: int = Field(1, ge=1, description="training processes over all machines")
+
+
+def describe_world(machines: int, world_size: int) -> str:
+    """How a job trains, for one progress line: "2 machines x 8 ranks"."""
+    per = max(world_size // max(machines, 1), 1)
+    return f"{machines} machine{'s' * (machines != 1)} x {per} rank{'s' * (per != 1)}"
 
 
 class RankReport(BaseModel):

@@ -10,7 +10,7 @@ import asyncio
 from typing import Any
 
 from orchestrator.context import RunContext
-from pairloop.jobs import TrainJob, TrainProgress, TrainResult
+from pairloop.jobs import TrainJob, TrainProgress, TrainResult, describe_world
 
 __all__ = ["build_job", "run", "run_training_job"]
 
@@ -52,6 +52,8 @@ async def run_training_job(ctx: RunContext, k: int) -> TrainResult:
                 "step": p.step,
                 "total_steps": p.total_steps,
                 "loss": p.loss,
+                "machines": p.machines,
+                "world_size": p.world_size,
             }
             ctx.save()
             ctx.checkpoint_event(f"iter{k}.train")
@@ -59,7 +61,8 @@ async def run_training_job(ctx: RunContext, k: int) -> TrainResult:
             task,
             completed=p.step,
             total=p.total_steps or None,
-            description=f"iter {k}: DPO {p.phase} loss={p.loss if p.loss is not None else '-'}",
+            description=f"iter {k}: DPO {p.phase} on {describe_world(p.machines, p.world_size)} "
+            f"loss={p.loss if p.loss is not None else '-'}",
         )
 
     def stopping() -> bool:

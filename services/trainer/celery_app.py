@@ -35,7 +35,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
-from pairloop.jobs import TRAIN_TASK_NAME
+from pairloop.jobs import TRAIN_RANK_TASK_NAME, TRAIN_TASK_NAME
 from pairloop.train_client import celery_transport_config
 from services.trainer.settings import TrainerSettings
 
@@ -59,7 +59,10 @@ def celery_config(settings: TrainerSettings) -> dict[str, object]:
     )
     conf.update(
         task_default_queue=settings.queue,
-        task_routes={TRAIN_TASK_NAME: {"queue": settings.queue}},
+        task_routes={
+            TRAIN_TASK_NAME: {"queue": settings.queue},
+            TRAIN_RANK_TASK_NAME: {"queue": settings.queue},
+        },
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

@@ -116,6 +116,7 @@ HANDLED_OUTSIDE_DPOCONFIG: dict[str, str] = {
     "(dpo_config)",
     "strategy": "the launch: the strategy's accelerate config file (launcher.py)",
     "cpu_offload": "the launch: fsdp_offload_params (launcher.py)",
+    "num_machines": "the launch: the leader fans the job out over machines (fanout.py)",
     "simpo_gamma": "PairloopLossesMixin.simpo_gamma, set in train_policy (services/trainer/losses.py)",
 }
 # transformers 5: `warmup_ratio` is gone; a float below 1 in `warmup_steps` is the ratio.

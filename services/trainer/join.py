@@ -1,4 +1,7 @@
-"""Join a multi-machine training job from a machine other than machine 0.
+"""Join a multi-machine training job from a machine other than machine 0, by hand.
+
+A job's own `dpo.num_machines` is spread by the system (`fanout.py`): no command per machine.
+This stays for debugging a rendezvous, with the worker-level settings below.
 
     PAIRLOOP_TRAINER_NUM_MACHINES=2 PAIRLOOP_TRAINER_MACHINE_RANK=1 \\
     PAIRLOOP_TRAINER_RENDEZVOUS_ENDPOINT=10.0.0.1:29500 PAIRLOOP_TRAINER_MODEL_STORE_ROOT=/models \\

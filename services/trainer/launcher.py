@@ -20,7 +20,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 import pairloop.errors as errors
 from pairloop.atomic import atomic_write_text
@@ -34,8 +37,11 @@ from services.trainer.spec import TrainingOutcome, TrainingSpec, attempt_id, job
 
 __all__ = [
     "SPEC_FILE",
+    "Rendezvous",
     "accelerate_command",
     "join_training",
+    "run_attempt",
+    "same_network",
     "train_with_accelerate",
     "wait_for_current_spec",
 ]
@@ -51,19 +57,51 @@ def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
-def accelerate_command(
-    spec_file: Path, *, settings: TrainerSettings, spec: TrainingSpec
-) -> list[str]:
-    """The `accelerate launch` argv for `spec_file` on this machine (`settings.machine_rank`).
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this machine's ranks meet the others': machines, this one's rank, HOST:PORT."""
 
-    The strategy's accelerate config file (multi_gpu / fsdp.yaml) carries the
-    strategy; the flags carry what differs per job and per machine. Flags given on the command
-    line win over the file's values (accelerate's `_validate_launch_command`).
+    machines: int = 1
+    machine_rank: int = 0
+    endpoint: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: TrainerSettings) -> Rendezvous:
+        """The worker-level rendezvous (`python -m services.trainer.join` by hand)."""
+        return cls(settings.num_machines, settings.machine_rank, settings.rendezvous_endpoint)
+
+
+def same_network(config_file: Path) -> bool:
+    """The accelerate config file's `same_network` (accelerate's CLI default would hide it)."""
+    try:
+        data = yaml.safe_load(config_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # accelerate itself reports an unreadable config file
+    return isinstance(data, dict) and data.get("same_network") is True
+
+
+def accelerate_command(
+    spec_file: Path,
+    *,
+    settings: TrainerSettings,
+    spec: TrainingSpec,
+    rendezvous: Rendezvous | None = None,
+) -> list[str]:
+    """The `accelerate launch` argv for `spec_file` on this machine.
+
+    `rendezvous` defaults to the worker's settings (`num_machines`, `machine_rank`,
+    `rendezvous_endpoint`). The strategy's accelerate config file (multi_gpu / fsdp.yaml) carries
+    the strategy; the flags carry what differs per job and per machine. Flags given on the command
+    line win over the file's values (accelerate's `_validate_launch_command`), and a boolean flag
+    left out counts as given false: `same_network` is passed when the file sets it.
     """
+    rdzv = rendezvous or Rendezvous.from_settings(settings)
     argv = [sys.executable, "-m", "accelerate.commands.launch"]
     strategy = spec.strategy if spec.strategy != "single-process" else "ddp"
+    config_file: Path | None = None
     if strategy != "ddp" or (spec.device == "cuda" and spec.world_size > 1):
-        argv += ["--config_file", str(settings.accelerate_config_for(strategy))]
+        config_file = settings.accelerate_config_for(strategy)
+        argv += ["--config_file", str(config_file)]
     else:
         # DDP on CPU ranks (a CPU host, the tests), or one process: no config file; several CPU
         # ranks run under torchrun (`--multi_gpu`) with the gloo backend.
@@ -77,14 +115,20 @@ def accelerate_command(
         argv += ["--fsdp_offload_params", _flag(hp.cpu_offload)]
         argv += ["--fsdp_activation_checkpointing", _flag(checkpointing)]
     # --num_processes is the total over all machines; torchrun runs processes per machine.
-    argv += ["--num_processes", str(spec.world_size), "--num_machines", str(settings.num_machines)]
-    if settings.num_machines > 1:
-        assert settings.rendezvous_endpoint is not None  # the settings validator requires it
-        host, port = settings.rendezvous_endpoint.rsplit(":", 1)
-        argv += ["--machine_rank", str(settings.machine_rank), "--rdzv_backend", "c10d"]
+    argv += ["--num_processes", str(spec.world_size), "--num_machines", str(rdzv.machines)]
+    if rdzv.machines > 1:
+        assert rdzv.endpoint is not None  # the settings validator / the leader sets it
+        host, port = rdzv.endpoint.rsplit(":", 1)
+        argv += ["--machine_rank", str(rdzv.machine_rank)]
+        if config_file is not None and same_network(config_file):
+            # accelerate then gives torchrun MASTER_ADDR/PORT, which only the static rendezvous
+            # reads (c10d would get an empty endpoint): machine 0 hosts its store there.
+            argv += ["--same_network", "--rdzv_backend", "static"]
+        else:
+            argv += ["--rdzv_backend", "c10d"]
         argv += ["--main_process_ip", host, "--main_process_port", port]
-    elif settings.rendezvous_endpoint is not None:
-        host, port = settings.rendezvous_endpoint.rsplit(":", 1)
+    elif rdzv.endpoint is not None:
+        host, port = rdzv.endpoint.rsplit(":", 1)
         argv += ["--main_process_ip", host, "--main_process_port", port]
     else:
         argv += ["--main_process_port", str(free_port())]
@@ -104,24 +148,49 @@ def train_with_accelerate(
 ) -> TrainingOutcome:
     """Run the job's training in `spec.world_size` ranks and return rank 0's outcome.
 
-    With several machines, this is machine 0; the others join with `services.trainer.join`.
+    With several machines set on the worker (`num_machines`), this is machine 0; the others join
+    with `services.trainer.join`. A job's own `num_machines` goes through `fanout.py` instead.
+    """
+    return run_attempt(
+        spec, settings, report=report, attempt=attempt_id(), rendezvous=None, watch=None
+    )
+
+
+def run_attempt(
+    spec: TrainingSpec,
+    settings: TrainerSettings,
+    *,
+    report: Callable[[TrainProgress], None],
+    attempt: str,
+    rendezvous: Rendezvous | None,
+    watch: Callable[[], None] | None,
+) -> TrainingOutcome:
+    """Machine 0's side of one attempt: write the spec, launch the ranks, follow them.
+
+    `attempt` is what this process wrote into the job's lock (machines joining check both
+    match). `watch` runs between polls; what it raises stops the ranks and fails the attempt.
     """
     work = Path(spec.checkpoints_dir).parent
     for name in (PROGRESS_FILE, OUTCOME_FILE, ERROR_FILE):
         (work / name).unlink(missing_ok=True)
     spec_file = work / SPEC_FILE
-    # `attempt` is what this process wrote into the job's lock: joiners check both match.
-    spec = spec.model_copy(update={"owner_pid": os.getpid(), "attempt": attempt_id()})
+    spec = spec.model_copy(update={"owner_pid": os.getpid(), "attempt": attempt})
     atomic_write_text(spec_file, spec.model_dump_json(indent=2) + "\n")
-    argv = accelerate_command(spec_file, settings=settings, spec=spec)
+    argv = accelerate_command(spec_file, settings=settings, spec=spec, rendezvous=rendezvous)
     proc = LaunchedGroup(argv, log_path=work / "accelerate.log")
     follower = _ProgressFollower(work / PROGRESS_FILE, report)
     try:
         proc.start()
         while proc.alive():
             follower.poll()
+            if watch is not None:
+                watch()
             time.sleep(_POLL_SECONDS)
         follower.poll()
+        if proc.returncode != 0 and watch is not None and not (work / ERROR_FILE).is_file():
+            # A machine lost mid-job may end the ranks here before the watch saw it; a training
+            # error (error.json) is the job's own and is not tried again.
+            watch()
     finally:
         proc.stop()
         spec_file.unlink(missing_ok=True)  # an ended attempt leaves no spec to join

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pairloop.checkpoints import COMPLETE_MARKER, read_manifest
+from pairloop.checkpoints import read_manifest
 from pairloop.errors import ConflictError, NotFoundError, ValidationError
 from pairloop.jobs import TrainJob, TrainProgress, TrainResult
 from pairloop.paths import resolve_inside
@@ -39,7 +39,14 @@ from services.trainer.publishing import (
     validate_trained,
 )
 from services.trainer.settings import TrainerSettings
-from services.trainer.spec import LOCK_FILE, TrainingSpec, attempt_id, prepare_dataset
+from services.trainer.spec import (
+    LOCK_FILE,
+    TrainingOutcome,
+    TrainingSpec,
+    attempt_id,
+    prepare_dataset,
+    remove_incomplete_checkpoints,
+)
 
 __all__ = ["JobPaths", "resolve_job_paths", "run_train_job"]
 
@@ -120,14 +127,17 @@ def _prepare_work_dir(paths: JobPaths, job: TrainJob) -> None:
         log.warning("job %s was resubmitted with other settings: starting from step 0", job.job_id)
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
     stamp.write_text(job.fingerprint() + "\n")
-    if paths.checkpoints.is_dir():
-        for ckpt in paths.checkpoints.glob("checkpoint-*"):
-            if not (ckpt / COMPLETE_MARKER).is_file():
-                log.warning("removing incomplete trainer checkpoint %s", ckpt)
-                shutil.rmtree(ckpt, ignore_errors=True)
+    remove_incomplete_checkpoints(paths.checkpoints)
 
 
-def _choose_device(settings: TrainerSettings) -> tuple[Literal["cpu", "cuda"], int]:
+def _machines(job: TrainJob, settings: TrainerSettings) -> int:
+    """Machines training `job`: its own `num_machines` (fanned out by the system), else the
+    worker's (other machines joined by hand)."""
+    own = job.hyperparameters.num_machines
+    return own if own > 1 else settings.num_machines
+
+
+def _choose_device(settings: TrainerSettings, machines: int) -> tuple[Literal["cpu", "cuda"], int]:
     """(device, number of training processes on this machine) for this job."""
     import torch
 
@@ -136,17 +146,17 @@ def _choose_device(settings: TrainerSettings) -> tuple[Literal["cpu", "cuda"], i
         raise ValidationError("PAIRLOOP_TRAINER_DEVICE is cuda but no CUDA device is visible")
     use_cuda = settings.device == "cuda" or (settings.device == "auto" and cuda)
     device: Literal["cpu", "cuda"] = "cuda" if use_cuda else "cpu"
-    if settings.launcher == "in-process" and settings.num_machines == 1:
+    if settings.launcher == "in-process" and machines == 1:
         return device, 1
     visible = torch.cuda.device_count() if device == "cuda" else 1
     processes = settings.num_processes or visible
-    if settings.launcher == "accelerate" or processes > 1 or settings.num_machines > 1:
+    if settings.launcher == "accelerate" or processes > 1 or machines > 1:
         return device, max(processes, 1)
     return device, 1
 
 
-def _launched(settings: TrainerSettings, processes: int) -> bool:
-    return processes > 1 or settings.launcher == "accelerate" or settings.num_machines > 1
+def _launched(settings: TrainerSettings, processes: int, machines: int) -> bool:
+    return processes > 1 or settings.launcher == "accelerate" or machines > 1
 
 
 def run_train_job(
@@ -232,6 +242,25 @@ def _training_spec(job: TrainJob, paths: JobPaths, settings: TrainerSettings) ->
     )
 
 
+def _with_world(emit: ProgressReport, *, machines: int, world_size: int) -> ProgressReport:
+    """Every progress report says how many machines and ranks train the job."""
+
+    def report(progress: TrainProgress) -> None:
+        emit(progress.model_copy(update={"machines": machines, "world_size": world_size}))
+
+    return report
+
+
+def _launch(spec: TrainingSpec, settings: TrainerSettings, emit: ProgressReport) -> TrainingOutcome:
+    if spec.job.hyperparameters.num_machines > 1:
+        from services.trainer.fanout import train_across_machines
+
+        return train_across_machines(spec, settings, report=emit)
+    from services.trainer.launcher import train_with_accelerate
+
+    return train_with_accelerate(spec, settings, report=emit)
+
+
 def _train_and_publish(
     spec: TrainingSpec,
     paths: JobPaths,
@@ -242,11 +271,12 @@ def _train_and_publish(
     job, staging = spec.job, Path(spec.staging_dir)
     # Validated here, before torch is even imported, so bad data fails in a second.
     dataset = prepare_dataset(spec)
-    device, processes = _choose_device(settings)
+    machines = _machines(job, settings)
+    device, processes = _choose_device(settings, machines)
     spec.device = device
-    launched = _launched(settings, processes)
+    launched = _launched(settings, processes, machines)
     if launched:
-        spec.world_size = processes * settings.num_machines
+        spec.world_size = processes * machines
         spec.strategy = job.hyperparameters.strategy or settings.strategy
     # Fail now, not in every rank: the global batch must split over the ranks.
     try:
@@ -254,11 +284,10 @@ def _train_and_publish(
     except ValueError as exc:
         raise ValidationError(str(exc), param="hyperparameters.global_batch_size") from None
     clock.lap("prepare")
+    emit = _with_world(emit, machines=machines, world_size=spec.world_size)
     if launched:
-        from services.trainer.launcher import train_with_accelerate
-
         del dataset  # every rank loads it from the cache just written
-        outcome = train_with_accelerate(spec, settings, report=emit)
+        outcome = _launch(spec, settings, emit)
     else:
         outcome = train_policy(spec, emit, dataset)
     gc.collect()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,13 @@ ACCELERATE_CONFIGS: dict[str, Path] = {
     "ddp": _CONFIGS / "multi_gpu.yaml",
     "fsdp": _CONFIGS / "fsdp.yaml",
 }
+
+
+def _this_host_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def _shared_redis_url() -> str:
@@ -104,6 +112,31 @@ class TrainerSettings(BaseSettings):
         pattern=r"^[A-Za-z0-9.\[\]:-]+:\d{1,5}$",
         description="HOST:PORT of the c10d rendezvous every machine meets at (machine 0's "
         "address); required when num_machines > 1, default a free loopback port",
+    )
+    advertise_address: str = Field(
+        default_factory=_this_host_address,
+        pattern=r"^[A-Za-z0-9.\[\]:-]+$",
+        description="the address other trainer machines reach this one at, when it leads a "
+        "multi-machine job (dpo.num_machines > 1); default this host's address. On Kubernetes: "
+        "the pod's stable DNS name",
+    )
+    rendezvous_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="port of the rendezvous a leading worker hosts; 0: a free port per attempt",
+    )
+    arrival_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="seconds a multi-machine job's leader waits for every other machine to "
+        "arrive (a trainer worker to take its share) before it fails the attempt",
+    )
+    machine_attempts: int = Field(
+        3,
+        ge=1,
+        description="attempts of a multi-machine job (a machine missing or lost fails one); each "
+        "retry resumes from the last sharded checkpoint",
     )
     cpu_threads: int | None = Field(
         None,

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
+import shutil
 import socket
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +30,14 @@ __all__ = [
     "attempt_id",
     "job_lock_holder",
     "last_complete_checkpoint",
+    "lock_holder",
     "prepare_dataset",
     "prepare_eval_dataset",
+    "remove_incomplete_checkpoints",
+    "renew_attempt",
 ]
+
+log = logging.getLogger(__name__)
 
 # The job's lock in its work directory (`runner._job_lock`): held by the attempt that trains it.
 LOCK_FILE = ".lock"
@@ -41,26 +49,48 @@ def attempt_id() -> str:
 
 
 def job_lock_holder(work: Path) -> str | None:
-    """The attempt holding the job's lock in `work` right now, or None when nobody holds it.
+    """The attempt holding the job's lock in `work` right now, or None when nobody holds it."""
+    return lock_holder(work / LOCK_FILE)
+
+
+def lock_holder(path: Path) -> str | None:
+    """What the holder of the flock on `path` wrote into it, or None when nobody holds it.
 
     The kernel drops a lock whose holder died (even by SIGKILL), so a held lock names a live
-    attempt. Tested with a shared lock for an instant (never held); flock works across the
+    process. Tested with a shared lock for an instant (never held); flock works across the
     machines of an NFSv4 model store.
     """
     try:
-        fd = os.open(work / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+            return os.pread(fd, 400, 0).decode(errors="replace").strip() or "?"
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def renew_attempt(work: Path) -> str:
+    """A fresh attempt id for the job whose lock this process holds, written into the lock.
+
+    A multi-machine job tries again in the same process: each try needs its own id, so that a
+    machine's share sent for an earlier try never joins a later one.
+    """
+    attempt = f"{attempt_id()} try {uuid.uuid4().hex[:8]}"
+    fd = os.open(work / LOCK_FILE, os.O_WRONLY)
+    try:
+        data = f"{attempt}\n".encode()
+        os.pwrite(fd, data, 0)  # then truncate: never an empty lock file in between
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+    return attempt
 
 
 class TrainingSpec(BaseModel):
@@ -133,3 +163,12 @@ def last_complete_checkpoint(checkpoints_dir: Path) -> tuple[Path, int] | None:
         ):
             best = (path, int(step))
     return best
+
+
+def remove_incomplete_checkpoints(checkpoints: Path) -> None:
+    """Drop trainer checkpoints an interrupted save left half-written (no completion marker)."""
+    if checkpoints.is_dir():
+        for ckpt in checkpoints.glob("checkpoint-*"):
+            if not (ckpt / COMPLETE_MARKER).is_file():
+                log.warning("removing incomplete trainer checkpoint %s", ckpt)
+                shutil.rmtree(ckpt, ignore_errors=True)

@@ -26,14 +26,21 @@ from celery.exceptions import SoftTimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
 
 from pairloop.errors import PairloopError, ServerError, ValidationError
-from pairloop.jobs import TRAIN_TASK_NAME, TrainJob, TrainProgress, TrainResult
+from pairloop.jobs import (
+    TRAIN_RANK_TASK_NAME,
+    TRAIN_TASK_NAME,
+    TrainJob,
+    TrainProgress,
+    TrainResult,
+)
 from pairloop.validation import describe_validation_error
 from services.trainer.celery_app import app
 from services.trainer.deliveries import DeliveryLedger, JobCrashLoopError
+from services.trainer.fanout import MachineShare, run_machine_share
 from services.trainer.progress import ProgressPublisher, wait_for_redis
 from services.trainer.runner import run_train_job
 
-__all__ = ["TrainRequest", "parse_job", "train_dpo"]
+__all__ = ["TrainRequest", "parse_job", "train_dpo", "train_dpo_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +162,19 @@ def train_dpo(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         raise failure
     assert result is not None  # run_train_job returned
     return result.model_dump(mode="json")
+
+
+@app.task(name=TRAIN_RANK_TASK_NAME, bind=True, acks_late=False)
+def train_dpo_rank(self: Task, share: dict[str, Any]) -> str:
+    """Run one machine's ranks of a multi-machine job (a `fanout.MachineShare` as JSON).
+
+    Acknowledged on receipt: a share lost with its worker is never redelivered, the leader's
+    next attempt sends a fresh one.
+    """
+    try:
+        parsed = MachineShare.model_validate(share)
+    except pydantic.ValidationError as exc:
+        raise ValidationError(
+            describe_validation_error(exc, title="invalid machine share"), param="share"
+        ) from None
+    return run_machine_share(parsed, self.app.settings, worker=str(self.request.hostname))

@@ -652,3 +652,38 @@ def test_the_gpu_stack_judges_with_a_reward_model_beside_the_ranker() -> None:
     cpu = compose_model(*CPU)["services"]
     assert cpu["judge"]["profiles"] == ["judge"] and "judge" not in cpu["orchestrator"]["depends_on"]
     assert _run_config(cpu).evaluation.judge is None
+
+
+MULTI_NODE = ("docker-compose.yml", "docker-compose.multi-node.yml")
+MULTI_NODE_ENV = {
+    "PAIRLOOP_REDIS_HOST": "10.0.0.1",
+    "PAIRLOOP_TRAINER_ADVERTISE_ADDRESS": "10.0.0.2",
+    "PAIRLOOP_NFS_SERVER": "10.0.0.9",
+    "PAIRLOOP_NFS_EXPORT": "/export/models",
+}
+
+
+def test_multi_node_override_gives_every_machine_a_trainer_on_the_shared_store(
+    validator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = compose_model(*MULTI_NODE, env=compose_env(**MULTI_NODE_ENV))
+    assert _errors(validator, model) == []
+    trainer = model["services"]["trainer"]
+    assert trainer["network_mode"] == "host"  # rendezvous and NCCL ports on the host
+    env = service_env(trainer)
+    assert urlsplit(env["PAIRLOOP_REDIS_URL"]).hostname == "10.0.0.1"
+    assert env["PAIRLOOP_TRAINER_ADVERTISE_ADDRESS"] == "10.0.0.2"
+    assert model["services"]["redis"]["ports"][0].endswith(":6379")
+    (settings,) = check_settings_env(
+        {k: v for k, v in env.items() if k.startswith("PAIRLOOP_TRAINER_")},
+        store=tmp_path,
+        monkeypatch=monkeypatch,
+    )
+    assert settings.advertise_address == "10.0.0.2" and settings.rendezvous_port == 29500
+    opts = model["volumes"]["models"]["driver_opts"]
+    assert opts["type"] == "nfs" and "addr=10.0.0.9" in opts["o"]
+    assert opts["device"] == ":/export/models"
+    # A machine without its own address (or the store's) is refused, not guessed.
+    for var in MULTI_NODE_ENV:
+        with pytest.raises(InterpolationError, match=var):
+            compose_model(*MULTI_NODE, env=compose_env(**{**MULTI_NODE_ENV, var: ""}))

@@ -32,8 +32,14 @@ from .helpers import (
     render,
 )
 
-KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/gpu-split", "overlays/cpu-demo")
-OVERLAYS = ("overlays/gpu", "overlays/gpu-split", "overlays/cpu-demo")
+KUSTOMIZATIONS = (
+    "base",
+    "overlays/gpu",
+    "overlays/gpu-split",
+    "overlays/cpu-demo",
+    "overlays/multi-node",
+)
+OVERLAYS = ("overlays/gpu", "overlays/gpu-split", "overlays/cpu-demo", "overlays/multi-node")
 # The base and every overlay in k8s/overlays, listed or not: the security checks cover them all.
 EVERY_KUSTOMIZATION = (
     "base",
@@ -55,6 +61,12 @@ def _ids(values: tuple[str, ...]) -> list[str]:
 def _containers(doc: dict) -> list[dict]:
     spec = pod_spec(doc)
     return [] if spec is None else [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def _trainer(docs: tuple[dict, ...]) -> dict:
+    """The trainer workers: a Deployment, or a StatefulSet on several nodes (multi-node)."""
+    (workload,) = [*find(docs, "Deployment", "trainer"), *find(docs, "StatefulSet", "trainer")]
+    return workload
 
 
 def _workloads(docs: tuple[dict, ...]) -> list[dict]:
@@ -298,6 +310,10 @@ def test_environment_names_and_values_build_the_settings(
                         assert ref.get("optional"), f"{c['name']}: {ref}"
                         continue
                     env[name] = cms[0]["data"][ref["key"]]
+                elif "fieldRef" in source:
+                    # The pod's own name: a StatefulSet's first pod stands in for any.
+                    assert source["fieldRef"]["fieldPath"] == "metadata.name", source
+                    env[name] = f"{doc['metadata']['name']}-0"
                 elif "secretKeyRef" in source:
                     ref = source["secretKeyRef"]
                     # Created by hand (docs/deploy.md); never rendered from the repository.
@@ -418,7 +434,7 @@ def test_one_model_store_at_one_path(kustomization: str) -> None:
     data = next(cm["data"] for cm in deploy_cm if "base_model_path" in cm.get("data", {}))
     assert data["base_model_path"] == cfg.base_model
     assert data["run_id"] == cfg.run_id, "a retried Job pod would not find its run to resume"
-    trainer = container_env(pod_spec(find(docs, "Deployment", "trainer")[0])["containers"][0])
+    trainer = container_env(pod_spec(_trainer(docs))["containers"][0])
     assert trainer["PAIRLOOP_TRAINER_MODEL_STORE_ROOT"]["value"] == STORE
     api = container_env(pod_spec(find(docs, "Deployment", "orchestrator-api")[0])["containers"][0])
     assert api["PAIRLOOP_ORCHESTRATOR_RUNS_ROOT"]["value"] == f"{STORE}/runs"
@@ -502,6 +518,57 @@ def test_gpu_split_overlay_fits_a_generation_node_and_a_training_node() -> None:
     assert cfg.model_dump(exclude=exclude) == recipe.model_dump(exclude=exclude)
 
 
+def test_multi_node_overlay_runs_one_trainer_per_node_as_one_world() -> None:
+    docs = render("overlays/multi-node")
+    assert not find(docs, "Deployment", "trainer"), "the single-node trainer must give way"
+    (sts,) = find(docs, "StatefulSet", "trainer")
+    (svc,) = find(docs, "Service", "trainer")
+    cfg = _run_config(docs)
+    # One pod per machine of the job's world, each on its own node with 8 GPUs.
+    machines = cfg.dpo.num_machines
+    assert machines > 1 and sts["spec"]["replicas"] == machines
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    spec = pod_spec(sts)
+    (term,) = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+    trainer = spec["containers"][0]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 8
+    # Stable names: the headless Service governs the set, and each pod advertises its own.
+    assert sts["spec"]["serviceName"] == "trainer" and svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    env = container_env(trainer)
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["PAIRLOOP_TRAINER_ADVERTISE_ADDRESS"]["value"] == "$(POD_NAME).trainer"
+    port = int(env["PAIRLOOP_TRAINER_RENDEZVOUS_PORT"]["value"])
+    assert port in [p["port"] for p in svc["spec"]["ports"]]
+    assert port in [p["containerPort"] for p in trainer["ports"]]
+    assert env["NCCL_SOCKET_IFNAME"]["value"] and env["GLOO_SOCKET_IFNAME"]["value"]
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "1"
+    assert env["PAIRLOOP_TRAINER_STRATEGY"]["value"] == "fsdp"
+    # Peers reach each other (rendezvous, NCCL's ephemeral ports) despite the default deny.
+    (peers,) = find(docs, "NetworkPolicy", "trainer-peers")
+    (rule,) = peers["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "trainer"}}}]
+    assert "ports" not in rule
+    # The sharded checkpoints go to the one shared volume every machine mounts read-write.
+    (pvc,) = find(docs, "PersistentVolumeClaim", "model-store")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    mounts = {v["name"]: v for v in spec["volumes"]}
+    assert mounts["model-store"]["persistentVolumeClaim"]["claimName"] == "model-store"
+    # Generation time-shared on machine 0's node, as the single-node overlay does it.
+    assert cfg.placement == "time_shared"
+    for name in ("generator", "ranker"):
+        pod = pod_spec(find(docs, "Deployment", name)[0])
+        (near,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert near["labelSelector"]["matchLabels"] == {
+            "statefulset.kubernetes.io/pod-name": "trainer-0"
+        }
+    # The global batch still splits over every machine's GPUs.
+    world = machines * 8
+    assert cfg.dpo.gradient_accumulation_for(world) >= 1
+
+
 def test_cpu_demo_overlay_needs_no_gpu_and_runs_the_demo_recipe() -> None:
     docs = render("overlays/cpu-demo")
     for doc in _workloads(docs):
@@ -536,7 +603,7 @@ def test_cpu_demo_overlay_needs_no_gpu_and_runs_the_demo_recipe() -> None:
 def test_images_are_the_ones_compose_builds(kustomization: str) -> None:
     files = (
         ("docker-compose.yml",)
-        if kustomization.startswith("overlays/gpu")
+        if kustomization.startswith(("overlays/gpu", "overlays/multi-node"))
         else ("docker-compose.yml", "docker-compose.cpu.yml")
     )
     built = {svc["image"] for svc in compose_model(*files)["services"].values() if "build" in svc}

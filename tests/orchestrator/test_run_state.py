@@ -168,6 +168,21 @@ def test_status_shows_the_training_step_of_the_running_stage(dead_run: Path) -> 
     assert "step 3/8, loss 0.6931" in done.stdout, done.stdout
 
 
+def test_status_says_machines_and_ranks_of_a_multi_machine_job(dead_run: Path) -> None:
+    m = load_manifest(dead_run)
+    m.stage("iter1.train").state = "running"
+    m.stages["iter1.train"].metrics["progress"] = {
+        "step": 3,
+        "total_steps": 8,
+        "loss": 0.6931,
+        "machines": 2,
+        "world_size": 16,
+    }
+    m.save(dead_run)
+    done = run_cli("status", str(dead_run))
+    assert "step 3/8, loss 0.6931, 2 machines x 8 ranks" in done.stdout, done.stdout
+
+
 def test_status_of_a_runs_root_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
     done = run_cli("status", "--runs-root", str(tmp_path / "nowhere"))
     assert done.returncode == 2

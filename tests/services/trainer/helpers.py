@@ -155,3 +155,19 @@ def wait_for_task(
         time.sleep(0.02)
     tail = worker.process.log_tail() if worker else ""
     raise AssertionError(f"task {result.id} not done after {timeout}s (states {states})\n{tail}")
+
+
+def published_weights(result: Any) -> dict[str, Any]:
+    """Every tensor of the checkpoint a `TrainResult` published, by name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for path in sorted(Path(result.checkpoint_path).glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The largest absolute difference between two checkpoints' tensors (same names)."""
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)

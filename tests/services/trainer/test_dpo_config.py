@@ -52,6 +52,7 @@ NON_DEFAULT: dict[str, Any] = {
     "global_batch_size": 15,
     "strategy": "ddp",
     "cpu_offload": True,
+    "num_machines": 2,
     "simpo_gamma": 0.7,
 }
 # DPOConfig's names and forms of our fields, where they differ.

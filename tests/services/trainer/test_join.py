@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from pairloop.errors import ServerError
+from services.trainer.fanout import MachineShare, run_machine_share, seat_path
 from services.trainer.launcher import SPEC_FILE, join_training, wait_for_current_spec
 from services.trainer.settings import TrainerSettings
-from services.trainer.spec import LOCK_FILE, TrainingSpec, attempt_id
+from services.trainer.spec import LOCK_FILE, TrainingSpec, attempt_id, lock_holder
 
 from .helpers import make_job
 
@@ -72,3 +73,28 @@ def test_the_running_attempts_spec_is_joined_and_no_other(held_lock: Path) -> No
     _spec(held_lock, "pid 1 on another-machine")
     with pytest.raises(ServerError):
         wait_for_current_spec(held_lock, timeout=0.5)
+
+
+def test_a_fan_out_share_of_an_earlier_attempt_never_joins(held_lock: Path) -> None:
+    """A machine's share sent for an earlier attempt (the leader has retried since) starts no rank,
+    and neither does one whose attempt holds the lock but whose spec is another attempt's."""
+    settings = TrainerSettings(
+        model_store_root=held_lock, work_root=held_lock.parent, redis_url="redis://x:1/0"
+    )
+    current = attempt_id()
+    _spec(held_lock, current)
+
+    def share(attempt: str) -> MachineShare:
+        return MachineShare(
+            job_id=held_lock.name,
+            attempt=attempt,
+            machine_rank=1,
+            machines=2,
+            endpoint="127.0.0.1:1",
+        )
+
+    assert run_machine_share(share(f"{current} try old"), settings, worker="w") == "stale"
+    _spec(held_lock, "pid 1 on another-machine")
+    assert run_machine_share(share(current), settings, worker="w") == "stale"
+    assert not (held_lock / "accelerate-machine1.log").exists()  # no rank was started
+    assert lock_holder(seat_path(held_lock, 1)) is None  # and no seat taken

@@ -36,7 +36,14 @@ from pairloop_local.processes import ManagedProcess, free_port
 from services.trainer.runner import run_train_job
 from services.trainer.settings import TrainerSettings
 
-from .helpers import REPO_ROOT, make_job, start_worker, wait_for_task
+from .helpers import (
+    REPO_ROOT,
+    make_job,
+    max_diff,
+    published_weights,
+    start_worker,
+    wait_for_task,
+)
 
 # Long enough for the kill test to land mid-training: orphaned ranks notice their killed worker
 # within 0.25 s (launch_entry's watchdog), a few tiny steps.
@@ -57,18 +64,6 @@ def _sharded_job(run_id: str, *, policy: str = "base", **hp: Any) -> TrainJob:
     # 2 ranks x 1 pair x accumulation 2 = the single process's 4 pairs per step: the recipe's
     # path, where micro-batches run under no_sync (unsharded gradients kept between them).
     return _job(run_id, policy=policy, per_device_train_batch_size=1, strategy="fsdp", **hp)
-
-
-def _weights(result: TrainResult) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(result.checkpoint_path).glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +138,9 @@ def test_sharded_weights_equal_one_process_with_the_same_global_batch(
 ) -> None:
     assert sharded.steps == single.steps == MAX_STEPS
     base = load_file(str(model_store / "base" / "model.safetensors"))
-    a, b = _weights(sharded), _weights(single)
-    assert _max_diff(a, b) <= TOLERANCE
-    assert _max_diff(b, base) > 10 * TOLERANCE  # training really moved the weights
+    a, b = published_weights(sharded), published_weights(single)
+    assert max_diff(a, b) <= TOLERANCE
+    assert max_diff(b, base) > 10 * TOLERANCE  # training really moved the weights
     assert (Path(sharded.checkpoint_path) / COMPLETE_MARKER).is_file()
 
 
@@ -155,12 +150,12 @@ def test_crash_after_the_final_sharded_checkpoint_republishes_it(
     """Killed between the last checkpoint and the rename: the shards load into a sharded model,
     and the same weights are published without a step more."""
     output = Path(sharded.checkpoint_path)
-    before = _weights(sharded)
+    before = published_weights(sharded)
     shutil.rmtree(output)
     launched = settings.model_copy(update={"launcher": "accelerate", "num_processes": 2})
     again = run_train_job(_sharded_job("fsdp"), launched)
     assert again.resumed_from_step == again.steps == MAX_STEPS
-    assert _max_diff(_weights(again), before) == 0.0
+    assert max_diff(published_weights(again), before) == 0.0
 
 
 def test_two_machines_meet_at_one_rendezvous_and_publish_bf16_shards(
@@ -216,7 +211,7 @@ def test_two_machines_meet_at_one_rendezvous_and_publish_bf16_shards(
     # Same as one process on the same bf16 policy, to bf16 rounding (float32 master weights on
     # both sides; a near-tie can round either way: one bf16 step, 2^-8 relative).
     single = run_train_job(_job("single-bf16", policy=bf16_policy, **variant), settings)
-    a, b = _weights(result), _weights(single)
+    a, b = published_weights(result), published_weights(single)
     for name in a:
         gap = (a[name].float() - b[name].float()).abs()
         assert bool((gap <= b[name].float().abs() * 2**-7 + 1e-6).all()), name
@@ -233,7 +228,7 @@ def _rank_processes(spec_file: Path) -> list[psutil.Process]:
     return found
 
 
-def test_killed_sharded_job_resumes_and_publishes_the_uninterrupted_weights(
+def test_killed_sharded_job_resumes_and_publishes_the_uninterruptedpublished_weights(
     redis_url: str, model_store: Path, tmp_path: Path, sharded: TrainResult
 ) -> None:
     isolated = redis_url.rsplit("/", 1)[0] + "/2"  # the killed worker's unacked job stays here
@@ -281,4 +276,4 @@ def test_killed_sharded_job_resumes_and_publishes_the_uninterrupted_weights(
     resumed = observed.final.result
     assert SAVE_STEPS <= resumed.resumed_from_step < MAX_STEPS
     assert resumed.steps == MAX_STEPS and resumed.strategy == "fsdp"
-    assert _max_diff(_weights(resumed), _weights(sharded)) <= TOLERANCE
+    assert max_diff(published_weights(resumed), published_weights(sharded)) <= TOLERANCE

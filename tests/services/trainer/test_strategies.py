@@ -10,7 +10,7 @@ import pydantic
 import pytest
 
 from pairloop.jobs import DPOHyperparameters
-from services.trainer.launcher import accelerate_command
+from services.trainer.launcher import Rendezvous, accelerate_command
 from services.trainer.settings import ACCELERATE_CONFIGS, TrainerSettings
 from services.trainer.spec import TrainingSpec
 
@@ -80,14 +80,57 @@ def test_launch_command_per_strategy_and_machine(tmp_path: Path) -> None:
     ddp = _flags(accelerate_command(Path("s.json"), settings=settings, spec=_spec("ddp", 2, "cpu")))
     assert "--config_file" not in ddp and "--multi_gpu" in ddp
 
-    # Machine 1 of 2, 8 GPUs each: 16 ranks in all, c10d at machine 0's endpoint.
+    # Machine 1 of 2, 8 GPUs each: 16 ranks in all, at machine 0's endpoint; the shipped config
+    # files say same_network, so torchrun's static rendezvous at MASTER_ADDR/PORT.
     machine1 = settings.model_copy(
         update={"num_machines": 2, "machine_rank": 1, "rendezvous_endpoint": "10.0.0.1:29500"}
     )
     multi = _flags(accelerate_command(Path("s.json"), settings=machine1, spec=_spec("fsdp", 16)))
     assert multi["--num_processes"] == "16" and multi["--num_machines"] == "2"
-    assert multi["--machine_rank"] == "1" and multi["--rdzv_backend"] == "c10d"
+    assert multi["--machine_rank"] == "1" and multi["--rdzv_backend"] == "static"
+    assert "--same_network" in multi
     assert (multi["--main_process_ip"], multi["--main_process_port"]) == ("10.0.0.1", "29500")
+    # CPU ranks (no config file): c10d at the endpoint.
+    cpu = _flags(
+        accelerate_command(
+            Path("s.json"),
+            settings=settings,
+            spec=_spec("ddp", 2, "cpu"),
+            rendezvous=Rendezvous(2, 1, "127.0.0.1:29501"),
+        )
+    )
+    assert cpu["--rdzv_backend"] == "c10d" and "--same_network" not in cpu
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_the_config_files_same_network_holds_in_accelerate(tmp_path: Path, same: bool) -> None:
+    """accelerate's CLI default (false) used to hide the file's `same_network: true`: parsed and
+    validated by accelerate itself, the launch now gets the file's value either way."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = tmp_path / "multi_gpu.yaml"
+    text = ACCELERATE_CONFIGS["ddp"].read_text()
+    assert "same_network: true" in text
+    config.write_text(text.replace("same_network: true", f"same_network: {str(same).lower()}"))
+    settings = TrainerSettings(
+        model_store_root=tmp_path, redis_url="redis://x:1/0", accelerate_config=config
+    )
+    argv = accelerate_command(
+        Path("s.json"),
+        settings=settings,
+        spec=_spec("ddp", 16),
+        rendezvous=Rendezvous(2, 1, "10.0.0.1:29500"),
+    )
+    args = launch_command_parser().parse_args(argv[3:])
+    _validate_launch_command(args)
+    assert args.same_network is same
+    prepare_multi_gpu_env(args)
+    if same:  # torchrun's static rendezvous at machine 0's address
+        assert (args.master_addr, args.master_port) == ("10.0.0.1", "29500")
+        assert args.rdzv_backend == "static"
+    else:
+        assert args.rdzv_endpoint == "10.0.0.1:29500" and args.rdzv_backend == "c10d"
 
 
 @pytest.mark.parametrize(
