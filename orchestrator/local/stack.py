@@ -119,7 +119,7 @@ class StackSpec:
         return cls(
             store=Path(cfg.model_store),
             base_model=Path(cfg.base_model),
-            ranker_args=_ranker_args(local.ranker),
+            ranker_args=_ranker_args(local.ranker, replicas=True),
             judge_args=_ranker_args(local.judge) if local.judge is not None else None,
             redis_url=redis_url,
             redis_fallback=fallback,
@@ -133,16 +133,18 @@ class StackSpec:
         )
 
 
-def _ranker_args(ranker: LocalRankerConfig) -> list[str]:
-    return [
-        "--backend",
-        ranker.backend,
-        "--model",
-        ranker.model,
-        "--device",
-        ranker.device,
-        *ranker.args,
-    ]
+def _ranker_args(ranker: LocalRankerConfig, *, replicas: bool = False) -> list[str]:
+    """The ranker service's flags. The run's ranker on `cuda` keeps a replica on every GPU it
+    sees (`gpus`, else all), as the GPU deployments do; the judge stays on one device."""
+    device = (
+        ["--devices", "cuda:all"]
+        if replicas and ranker.device == "cuda"
+        else [
+            "--device",
+            ranker.device,
+        ]
+    )
+    return ["--backend", ranker.backend, "--model", ranker.model, *device, *ranker.args]
 
 
 def wait_for_worker(

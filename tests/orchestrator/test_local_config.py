@@ -36,7 +36,14 @@ def test_local_section_becomes_the_stack_spec(write_config: Callable[..., Path])
     )
     spec = StackSpec.from_config(cfg)
     # The judge: a second ranker process, a reward model by default, on its own GPU and port.
-    assert spec.judge_args == ["--backend", "reward-model", "--model", "/models/judge-rm", "--device", "cpu"]
+    assert spec.judge_args == [
+        "--backend",
+        "reward-model",
+        "--model",
+        "/models/judge-rm",
+        "--device",
+        "cpu",
+    ]
     assert spec.service_env["judge"]["CUDA_VISIBLE_DEVICES"] == "3" and spec.ports["judge"] == 8102
     assert spec.base_model == Path(cfg.base_model) and spec.store == Path(cfg.model_store)
     assert spec.service_env["generator"]["CUDA_VISIBLE_DEVICES"] == "0,1"
@@ -48,12 +55,34 @@ def test_local_section_becomes_the_stack_spec(write_config: Callable[..., Path])
         "reward-model",
         "--model",
         "my/rm",
-        "--device",
-        "cuda",
+        "--devices",
+        "cuda:all",  # a replica on each GPU it sees: here GPU 2
     ]
     assert spec.trainer_args == ["--device", "cpu"]
     # A Redis the config names is used as it is: never silently replaced by a private one.
     assert (spec.redis_url, spec.redis_fallback) == ("redis://10.0.0.5:6379/2", False)
+
+
+def test_local_ranker_on_cuda_keeps_a_replica_on_every_gpu_it_is_given(
+    write_config: Callable[..., Path],
+) -> None:
+    """A ranker on `cuda` with several GPUs runs one replica on each (`--devices cuda:all` over
+    the GPUs it sees); the judge keeps one device."""
+    cfg = load_run_config(
+        write_config(
+            local={
+                "ranker": {"device": "cuda", "gpus": [2, 3]},
+                "judge": {"device": "cuda", "gpus": [2]},
+            }
+        )
+    )
+    spec = StackSpec.from_config(cfg)
+    assert spec.ranker_args[4:6] == ["--devices", "cuda:all"]
+    assert "--device" not in spec.ranker_args
+    assert spec.service_env["ranker"]["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert spec.judge_args is not None and spec.judge_args[4:6] == ["--device", "cuda"]
+    pinned = load_run_config(write_config(local={"ranker": {"device": "cuda:1"}}))
+    assert StackSpec.from_config(pinned).ranker_args[4:6] == ["--device", "cuda:1"]
 
 
 def test_local_section_defaults_and_errors(write_config: Callable[..., Path]) -> None:
