@@ -161,6 +161,8 @@ def _print_plan(plan: Plan) -> None:
     console.print(f"model: {_count(plan.parameters)} parameters ({plan.shape_source})")
     accumulation = plan.gradient_accumulation_steps
     gpus = f"{plan.gpus} GPU{'s' if plan.gpus != 1 else ''}"
+    if plan.machines > 1:
+        gpus = f"{plan.machines} machines x {gpus}"
     console.print(
         f"trainer: strategy {plan.strategy}, global batch {plan.global_batch_size}, gradient "
         f"accumulation {accumulation if accumulation is not None else '-'} on {gpus}"

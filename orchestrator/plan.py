@@ -221,6 +221,7 @@ class Plan:
     trainer_host_other_ranks: dict[str, dict[str, float]] = field(default_factory=dict)
     trainer_disk: dict[str, float] = field(default_factory=dict)
     host_memory_gib: float | None = None
+    machines: int = 1  # dpo.num_machines: `gpus` is one machine's
 
     @property
     def fits(self) -> bool:
@@ -246,7 +247,9 @@ class Plan:
 
         return {
             "strategy": self.strategy,
-            "ranks": self.gpus,
+            "ranks": self.gpus * self.machines,
+            "machines": self.machines,
+            "ranks_per_machine": self.gpus,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "gpu": {"bytes": trainer.total, "parts": trainer.parts, "budget": trainer.budget},
             "host": {
@@ -481,6 +484,7 @@ def _trainer_stage(
     lora: LoraSettings | None,
     same_reference: bool,
     budget: float,
+    machines: int = 1,
 ) -> StageEstimate:
     parts = trainer_memory(
         shape,
@@ -490,7 +494,8 @@ def _trainer_stage(
         lora=lora,
         same_reference=same_reference,
     )
-    stage = StageEstimate(f"trainer ({strategy}, {gpus} GPUs)", parts, budget)
+    where = f"{machines} machines x {gpus // machines} GPUs" if machines > 1 else f"{gpus} GPUs"
+    stage = StageEstimate(f"trainer ({strategy}, {where})", parts, budget)
     if stage.fits:
         return stage
     # Try each knob alone; name those that would make it fit, with their estimate.
@@ -549,8 +554,10 @@ def plan_run(
 ) -> Plan:
     """Estimate every stage of `cfg` on `gpus` GPUs of `gpu_memory_gib` GiB each.
 
-    `host_memory_gib`: the training machine's host memory; a plan whose training ranks need
-    more (at load, in training or at the save) is refused.
+    `gpus` are one machine's: a job over `dpo.num_machines` machines trains on that many times
+    more ranks (shards and the accumulation follow the whole world; host memory stays one
+    machine's ranks). `host_memory_gib`: the training machine's host memory; a plan whose
+    training ranks need more (at load, in training or at the save) is refused.
     """
     if shape is None:
         shape, shape_source = load_shape(cfg.base_model)
@@ -565,7 +572,8 @@ def plan_run(
             else hp.gradient_checkpointing,
         )
     chosen: Strategy = strategy or hp.strategy or DEFAULT_STRATEGY
-    if gpus == 1:
+    world = gpus * hp.num_machines
+    if world == 1:
         chosen = "ddp" if not hp.cpu_offload else chosen  # one rank: nothing to shard over
     budget = gpu_memory_gib * GIB * HEADROOM
     problems: list[str] = []
@@ -587,10 +595,11 @@ def plan_run(
             shape,
             hp,
             strategy=chosen,
-            gpus=gpus,
+            gpus=world,
             lora=cfg.lora,
             same_reference=same_reference,
             budget=budget,
+            machines=hp.num_machines,
         ),
     ]
     for stage in stages:
@@ -609,17 +618,17 @@ def plan_run(
         )
     accumulation: int | None
     try:
-        accumulation = hp.gradient_accumulation_for(gpus)
+        accumulation = hp.gradient_accumulation_for(world)
     except ValueError as exc:
         accumulation = None
         problems.append(f"dpo.{exc}")
-    world_batch = gpus * hp.per_device_train_batch_size
+    world_batch = world * hp.per_device_train_batch_size
     host = {
         rank: trainer_host_memory(
             shape,
             hp,
             strategy=chosen,
-            gpus=gpus,
+            gpus=world,
             lora=cfg.lora,
             same_reference=same_reference,
             rank=rank,
@@ -640,6 +649,7 @@ def plan_run(
         trainer_host_other_ranks=host[1],
         trainer_disk=trainer_disk(shape, hp),
         host_memory_gib=host_memory_gib,
+        machines=hp.num_machines,
     )
     if host_memory_gib is not None:
         need, limit = plan.trainer_machine_host_peak, host_memory_gib * GIB * HEADROOM

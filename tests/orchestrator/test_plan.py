@@ -309,6 +309,25 @@ def test_the_optimizer_state_is_the_configured_optimizers() -> None:
     assert disk["resume checkpoints (x2, until published)"] == 2 * 8 * p  # fp32 weights + 1 moment
 
 
+def test_a_multi_machine_job_is_planned_over_every_machines_gpus() -> None:
+    """dpo.num_machines 2 on 8 GPUs each: FSDP shards over 16 ranks and the accumulation follows
+    the 16, while host memory stays one machine's 8 ranks."""
+    recipe = load_run_config(RECIPE)
+    two = recipe.model_copy(update={"dpo": replace_hp(recipe.dpo, num_machines=2)})
+    one = plan_run(recipe, gpus=8, gpu_memory_gib=80, shape=MISTRAL)
+    both = plan_run(two, gpus=8, gpu_memory_gib=80, shape=MISTRAL)
+    sixteen = plan_run(recipe, gpus=16, gpu_memory_gib=80, shape=MISTRAL)
+    assert both.stages[-1].parts == sixteen.stages[-1].parts != one.stages[-1].parts
+    assert both.stages[-1].stage == "trainer (fsdp, 2 machines x 8 GPUs)"
+    assert both.gradient_accumulation_steps == sixteen.gradient_accumulation_steps
+    assert one.gradient_accumulation_steps is not None
+    assert both.gradient_accumulation_steps == one.gradient_accumulation_steps // 2
+    memory = both.training_memory()
+    assert (memory["ranks"], memory["machines"], memory["ranks_per_machine"]) == (16, 2, 8)
+    # One machine's host memory: its 8 ranks, each with 16-way shards.
+    assert both.trainer_machine_host_peak < sixteen.trainer_machine_host_peak
+
+
 def test_disk_per_iteration_counts_resume_checkpoints_until_published() -> None:
     from orchestrator.plan import trainer_disk
 
