@@ -52,8 +52,8 @@ __all__ = [
 
 
 _LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
-# The recipe's judge (compose, k8s, `local.judge`): a DeBERTa-v3-large reward model trained by
-# OpenAssistant on human preferences; another model than PairRM, which picks best-of-n (docs/deploy.md).
+# The recipe's judge (compose, k8s, `local.judge`): a reward model trained on other preference
+# data than PairRM, which picks best-of-n (docs/deploy.md "The judge").
 DEFAULT_JUDGE_MODEL = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
 HUB_DIR = "hub"  # MODEL_STORE/hub/ORG/NAME: base models named by their hub id
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from orchestrator.config import RunConfig
 from orchestrator.plan import GIB, HEADROOM, Plan, ranker_memory
-from orchestrator.stages.rank import REQUESTS_PER_REPLICA
+from orchestrator.stages.rank import rank_concurrency
 
 __all__ = [
     "GENERATOR_ASLEEP_BYTES",
@@ -125,6 +125,7 @@ class PhasePlan:
     generator_memory_utilization: float  # the most vLLM may take so the rest still fits
     idle_gpus: dict[str, list[int]] = field(default_factory=dict)
     ranker_gpus: list[int] = field(default_factory=list)  # one PairRM replica on each
+    ranking_requests: int = 0  # in flight at once: what the rank stage will keep (rank_concurrency)
 
     def ranker_json(self) -> dict[str, Any]:
         """How the ranker serves the ranking phase: a replica per GPU, in one process."""
@@ -133,7 +134,7 @@ class PhasePlan:
             "gpus": self.ranker_gpus,
             # The container (compose device_ids, a pod's GPU limit) sees exactly these GPUs.
             "devices_setting": "PAIRLOOP_RANKER_DEVICES=cuda:all",
-            "requests_in_flight": REQUESTS_PER_REPLICA * len(self.ranker_gpus),
+            "requests_in_flight": self.ranking_requests,
         }
 
     @property
@@ -251,6 +252,7 @@ def plan_phases(
         train_parts.update(ranker_resident)
         train_parts.update(judge_resident)
 
+    in_flight = rank_concurrency(cfg.services.concurrency, len(rank_gpus))
     phases = [
         PhaseEstimate(
             "generation",
@@ -270,7 +272,7 @@ def plan_phases(
             passes / (tp.ranking_passes_per_s * len(rank_gpus)),
             f"{passes:,} PairRM passes ({cfg.ranker.mode} mode)",
             note=f"one PairRM replica per GPU in one ranker process (--devices cuda:all), "
-            f"{REQUESTS_PER_REPLICA * len(rank_gpus)} requests in flight; the generator stays "
+            f"{in_flight} requests in flight; the generator stays "
             "loaded, idle",
         ),
         PhaseEstimate(
@@ -308,6 +310,7 @@ def plan_phases(
         generator_memory_utilization=vllm_max,
         idle_gpus=idle,
         ranker_gpus=rank_gpus,
+        ranking_requests=in_flight,
     )
 
 
